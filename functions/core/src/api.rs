@@ -1,0 +1,528 @@
+//! Request handling for every endpoint of API.md over `http` types.
+//!
+//! [`Api::handle`] is the whole HTTP API: the local server calls it for each request, and each
+//! Lambda function calls it with the request API Gateway delivered. Routing, authentication,
+//! validation, idempotency, credits and sync waiting all happen here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::account::{Account, hash_api_key};
+use crate::error::ApiError;
+use crate::ports::{IdempotencyClaim, ListQuery, PortError, Reservation, WorkMessage};
+use crate::task::{Callback, CallbackState, Cost, Task, TaskFailure, TaskInput, TaskStatus, Transition};
+use crate::validate::{SubmitRequest, SubmitRules, check_idempotency_key, parse_submit};
+use crate::view::{TaskView, task_view};
+use crate::{App, is_task_id};
+
+/// The routes of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/v1/tasks`: GET list, POST submit.
+    Tasks,
+    /// `/v1/tasks/sync`: POST submit and wait.
+    Sync,
+    /// `/v1/tasks/{id}`: GET status.
+    Task(String),
+    /// `/v1/tasks/{id}/cancel`: POST cancel.
+    Cancel(String),
+    /// `/v1/account`: GET.
+    Account,
+    /// `/v1/models`: GET.
+    Models,
+}
+
+impl Route {
+    /// Matches a request path.
+    pub fn parse(path: &str) -> Option<Route> {
+        let rest = path.strip_prefix("/v1/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        Some(match parts.as_slice() {
+            ["tasks"] => Route::Tasks,
+            ["tasks", "sync"] => Route::Sync,
+            ["tasks", id] if !id.is_empty() => Route::Task((*id).to_string()),
+            ["tasks", id, "cancel"] if !id.is_empty() => Route::Cancel((*id).to_string()),
+            ["account"] => Route::Account,
+            ["models"] => Route::Models,
+            _ => return None,
+        })
+    }
+
+    /// The methods the route answers, as an `Allow` header value.
+    pub fn allow(&self) -> &'static str {
+        match self {
+            Route::Tasks => "GET, POST",
+            Route::Sync | Route::Cancel(_) => "POST",
+            Route::Task(_) | Route::Account | Route::Models => "GET",
+        }
+    }
+}
+
+/// The HTTP API over the shared [`App`].
+#[derive(Clone)]
+pub struct Api {
+    app: Arc<App>,
+}
+
+/// Which submit flavour a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Submit {
+    /// `POST /v1/tasks` (may carry `Prefer: wait=N`).
+    Async,
+    /// `POST /v1/tasks/sync`.
+    Sync,
+}
+
+impl Api {
+    /// An API over `app`.
+    pub fn new(app: Arc<App>) -> Self {
+        Api { app }
+    }
+
+    /// The shared dependencies.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Answers one request. Never panics on input; every failure has the API error shape.
+    pub async fn handle(&self, req: Request<Bytes>) -> Response<Bytes> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let resp = self.dispatch(req).await.unwrap_or_else(ApiError::into_response);
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        resp
+    }
+
+    async fn dispatch(&self, req: Request<Bytes>) -> Result<Response<Bytes>, ApiError> {
+        let route = Route::parse(req.uri().path()).ok_or(ApiError::NotFound("no such route"))?;
+        let m = req.method();
+        let allowed = match (&route, m) {
+            (Route::Tasks, &Method::GET | &Method::POST) => true,
+            (Route::Sync | Route::Cancel(_), &Method::POST) => true,
+            (Route::Task(_) | Route::Account | Route::Models, &Method::GET) => true,
+            _ => false,
+        };
+        if !allowed {
+            return Err(ApiError::MethodNotAllowed { allow: route.allow() });
+        }
+        if req.body().len() > self.app.config.max_body_bytes {
+            return Err(ApiError::PayloadTooLarge {
+                limit: self.app.config.max_body_bytes,
+            });
+        }
+        let account = self.authenticate(req.headers()).await?;
+        match route {
+            Route::Tasks if req.method() == Method::POST => self.submit(&account, &req, Submit::Async).await,
+            Route::Tasks => self.list(&account, req.uri().query().unwrap_or("")).await,
+            Route::Sync => self.submit(&account, &req, Submit::Sync).await,
+            Route::Task(id) => self.status(&account, &id).await,
+            Route::Cancel(id) => self.cancel(&account, &id).await,
+            Route::Account => json_response(
+                StatusCode::OK,
+                &json!({"account_id": account.id, "credits": account.credits, "webhook_secret": account.webhook_secret}),
+            ),
+            Route::Models => {
+                let data: Vec<_> = self.app.registry.models().map(|m| m.describe()).collect();
+                json_response(StatusCode::OK, &json!({ "data": data }))
+            }
+        }
+    }
+
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Account, ApiError> {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized)?;
+        let (scheme, key) = value.trim().split_once(' ').ok_or(ApiError::Unauthorized)?;
+        let key = key.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || key.is_empty() || key.len() > 256 {
+            return Err(ApiError::Unauthorized);
+        }
+        self.app
+            .store
+            .account_by_key_hash(&hash_api_key(key))
+            .await?
+            .ok_or(ApiError::Unauthorized)
+    }
+
+    async fn submit(&self, account: &Account, req: &Request<Bytes>, kind: Submit) -> Result<Response<Bytes>, ApiError> {
+        require_json(req.headers())?;
+        let rules = SubmitRules {
+            allow_timeout: kind == Submit::Sync,
+            callback_allow_private: self.app.config.callback_allow_private,
+        };
+        let sub = parse_submit(req.body(), &self.app.registry, rules)?;
+        let wait = match kind {
+            Submit::Sync => Some(
+                sub.timeout
+                    .map(Duration::from_secs_f64)
+                    .unwrap_or(self.app.config.sync_wait_default),
+            ),
+            Submit::Async => prefer_wait(req.headers())?,
+        }
+        .map(|w| w.min(self.app.config.sync_wait_cap));
+        let idempotency_key = match req.headers().get("idempotency-key") {
+            None => None,
+            Some(v) => {
+                let k = v
+                    .to_str()
+                    .map_err(|_| ApiError::invalid("Idempotency-Key", "Idempotency-Key must be printable ASCII"))?;
+                check_idempotency_key(k)?;
+                Some(k.to_string())
+            }
+        };
+        let (task, replayed) = match idempotency_key {
+            None => (self.create(account, &sub, None).await?, false),
+            Some(key) => self.create_idempotent(account, &sub, key).await?,
+        };
+        let task = match wait {
+            Some(w) => self.wait_terminal(task, w).await?,
+            None => task,
+        };
+        let mut view = self.view(&task).await?;
+        let status = if task.status.is_terminal() && wait.is_some() {
+            StatusCode::OK
+        } else {
+            if kind == Submit::Sync || wait.is_some() {
+                view.poll_url = Some(format!("/v1/tasks/{}", task.id));
+            }
+            StatusCode::ACCEPTED
+        };
+        let mut resp = self.task_response(status, &view, &task)?;
+        let h = resp.headers_mut();
+        if status == StatusCode::ACCEPTED {
+            h.insert(header::LOCATION, header_value(&format!("/v1/tasks/{}", task.id)));
+        }
+        if let (Submit::Async, Some(w)) = (kind, wait) {
+            h.insert("preference-applied", header_value(&format!("wait={}", w.as_secs())));
+        }
+        if replayed {
+            h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        Ok(resp)
+    }
+
+    async fn create_idempotent(&self, account: &Account, sub: &SubmitRequest, key: String) -> Result<(Task, bool), ApiError> {
+        let cfg = &self.app.config;
+        let store = &self.app.store;
+        let reservation = store
+            .reserve_idempotency(
+                &account.id,
+                &key,
+                &sub.request_hash,
+                chrono::Utc::now(),
+                cfg.idempotency_in_flight,
+                cfg.idempotency_retain,
+            )
+            .await?;
+        match reservation {
+            Reservation::Reserved { token } => {
+                let claim = IdempotencyClaim { key, token };
+                match self.create(account, sub, Some(&claim)).await {
+                    Ok(task) => Ok((task, false)),
+                    Err(e) => {
+                        if let Err(release) = store.release_idempotency(&account.id, &claim.key, &claim.token).await {
+                            tracing::warn!(error = %release, "could not release idempotency reservation");
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Reservation::InProgress { request_hash } if request_hash == sub.request_hash => {
+                Err(ApiError::IdempotencyInProgress)
+            }
+            Reservation::Completed { request_hash, task_id } if request_hash == sub.request_hash => {
+                let task = store.task(&task_id).await?.ok_or_else(|| {
+                    ApiError::Internal(format!("idempotency record names missing task {task_id}").into())
+                })?;
+                Ok((task, true))
+            }
+            Reservation::InProgress { .. } | Reservation::Completed { .. } => Err(ApiError::IdempotencyKeyReused),
+        }
+    }
+
+    /// Debits, stores and enqueues a new task. If the enqueue fails the task is failed and
+    /// refunded at once, so nothing stays `queued` with no work behind it.
+    async fn create(&self, account: &Account, sub: &SubmitRequest, claim: Option<&IdempotencyClaim>) -> Result<Task, ApiError> {
+        let spec = self
+            .app
+            .registry
+            .get(&sub.model)
+            .ok_or_else(|| ApiError::invalid("model", "unknown model"))?;
+        let cost = spec.cost(sub.duration);
+        if account.credits < cost {
+            return Err(ApiError::InsufficientQuota {
+                needed: cost,
+                available: account.credits,
+            });
+        }
+        let task = Task {
+            id: self.app.new_task_id(),
+            account_id: account.id.clone(),
+            model: sub.model.clone(),
+            action: sub.action.clone(),
+            status: TaskStatus::Queued,
+            progress: 0,
+            input: TaskInput {
+                prompt: sub.prompt.clone(),
+                duration: sub.duration,
+                params: sub.params.clone(),
+            },
+            outputs: vec![],
+            error: None,
+            cost: Cost {
+                credits: cost,
+                refunded: false,
+            },
+            callback: sub.callback_url.as_ref().map(|url| Callback {
+                url: url.clone(),
+                state: CallbackState::Pending,
+                attempts: 0,
+                last_status_code: None,
+                last_attempt_at: None,
+            }),
+            metadata: sub.metadata.clone(),
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            completed_at: None,
+            attempts: 0,
+            lease_until: None,
+            version: 1,
+        };
+        self.app.store.insert_task(&task, claim).await.map_err(|e| match e {
+            PortError::InsufficientCredits { available } => ApiError::InsufficientQuota { needed: cost, available },
+            other => other.into(),
+        })?;
+        let run = WorkMessage::Run { task_id: task.id.clone() };
+        if let Err(e) = self.app.queue.enqueue(&run, Duration::ZERO).await {
+            tracing::error!(task_id = %task.id, error = %e, "enqueue failed; failing the task with a refund");
+            let fail = Transition::Fail {
+                attempt: None,
+                error: TaskFailure {
+                    code: "enqueue_failed".into(),
+                    message: "the task could not be queued; its credits were refunded".into(),
+                },
+            };
+            if let Err(e2) = self.app.store.update_task(&task.id, &fail).await {
+                tracing::error!(task_id = %task.id, error = %e2, "compensation failed");
+            }
+            return Err(ApiError::Unavailable {
+                retry_after: 1,
+                source: Box::new(e),
+            });
+        }
+        tracing::info!(task_id = %task.id, model = %task.model, credits = cost, "task submitted");
+        Ok(task)
+    }
+
+    /// Waits until `task` is terminal or `wait` has passed, woken in-process or by polling.
+    async fn wait_terminal(&self, mut task: Task, wait: Duration) -> Result<Task, ApiError> {
+        let deadline = Instant::now() + wait;
+        let sub = self.app.events.subscribe(&task.id);
+        let mut poll = Duration::from_millis(100);
+        loop {
+            let now = Instant::now();
+            if task.status.is_terminal() || now >= deadline {
+                return Ok(task);
+            }
+            let notified = sub.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-read after registering so a change in between is not missed.
+            task = self.app.store.task(&task.id).await?.ok_or(ApiError::NotFound("task not found"))?;
+            if task.status.is_terminal() {
+                return Ok(task);
+            }
+            let nap = poll.min(deadline - Instant::now().min(deadline));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(nap) => { poll = (poll * 2).min(Duration::from_secs(1)); }
+            }
+        }
+    }
+
+    async fn owned_task(&self, account: &Account, id: &str) -> Result<Task, ApiError> {
+        if !is_task_id(id) {
+            return Err(ApiError::NotFound("task not found"));
+        }
+        match self.app.store.task(id).await? {
+            Some(t) if t.account_id == account.id => Ok(t),
+            _ => Err(ApiError::NotFound("task not found")),
+        }
+    }
+
+    async fn status(&self, account: &Account, id: &str) -> Result<Response<Bytes>, ApiError> {
+        let task = self.owned_task(account, id).await?;
+        let view = self.view(&task).await?;
+        self.task_response(StatusCode::OK, &view, &task)
+    }
+
+    async fn cancel(&self, account: &Account, id: &str) -> Result<Response<Bytes>, ApiError> {
+        let before = self.owned_task(account, id).await?;
+        let task = self.app.store.update_task(id, &Transition::Cancel).await?;
+        if before.status == TaskStatus::Queued {
+            tracing::info!(task_id = %id, refunded = task.cost.credits, "task cancelled");
+            self.app.events.notify(id);
+            if task.callback.as_ref().is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0) {
+                let msg = WorkMessage::Deliver {
+                    task_id: id.to_string(),
+                    attempt: 0,
+                    not_before: None,
+                };
+                if let Err(e) = self.app.queue.enqueue(&msg, Duration::ZERO).await {
+                    tracing::error!(task_id = %id, error = %e, "could not enqueue the cancel webhook");
+                }
+            }
+        }
+        let view = self.view(&task).await?;
+        self.task_response(StatusCode::OK, &view, &task)
+    }
+
+    async fn list(&self, account: &Account, query: &str) -> Result<Response<Bytes>, ApiError> {
+        let mut q = ListQuery {
+            limit: 20,
+            ..ListQuery::default()
+        };
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match k.as_ref() {
+                "status" => {
+                    q.status = Some(TaskStatus::parse(&v).ok_or_else(|| {
+                        ApiError::invalid("status", "status must be one of queued, processing, completed, failed, cancelled")
+                    })?)
+                }
+                "model" => {
+                    if v.is_empty() || v.len() > 64 {
+                        return Err(ApiError::invalid("model", "model must be 1 to 64 characters"));
+                    }
+                    q.model = Some(v.into_owned());
+                }
+                "limit" => {
+                    q.limit = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|l| (1..=100).contains(l))
+                        .ok_or_else(|| ApiError::invalid("limit", "limit must be an integer from 1 to 100"))?
+                }
+                "cursor" => q.before = Some(decode_cursor(&v)?),
+                other => {
+                    let name: String = other.chars().take(64).collect();
+                    return Err(ApiError::invalid(name.clone(), format!("unknown query parameter {name:?}")));
+                }
+            }
+        }
+        let page = self.app.store.list_tasks(&account.id, &q).await?;
+        let mut data = Vec::with_capacity(page.tasks.len());
+        for t in &page.tasks {
+            data.push(self.view(t).await?);
+        }
+        let next_cursor = page.next_before.map(|id| URL_SAFE_NO_PAD.encode(id));
+        json_response(StatusCode::OK, &json!({"data": data, "next_cursor": next_cursor}))
+    }
+
+    async fn view(&self, task: &Task) -> Result<TaskView, ApiError> {
+        Ok(task_view(task, self.app.blobs.as_ref(), self.app.config.result_url_ttl).await?)
+    }
+
+    fn task_response(&self, status: StatusCode, view: &TaskView, task: &Task) -> Result<Response<Bytes>, ApiError> {
+        let mut resp = json_response(status, view)?;
+        if !task.status.is_terminal() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(self.app.config.poll_after_secs));
+        }
+        Ok(resp)
+    }
+}
+
+fn decode_cursor(c: &str) -> Result<String, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|id| is_task_id(id))
+        .ok_or_else(|| ApiError::invalid("cursor", "cursor is not one this API returned"))
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Serializes `body` as a JSON response.
+pub fn json_response(status: StatusCode, body: &impl Serialize) -> Result<Response<Bytes>, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    let mut resp = Response::new(Bytes::from(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::UnsupportedMediaType)?;
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Parses `Prefer: wait=N` (RFC 7240); other preferences are ignored.
+fn prefer_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    for v in headers.get_all("prefer") {
+        let s = v
+            .to_str()
+            .map_err(|_| ApiError::invalid("Prefer", "Prefer must be ASCII"))?;
+        for pref in s.split([',', ';']) {
+            let Some((k, val)) = pref.split_once('=') else {
+                continue;
+            };
+            if k.trim().eq_ignore_ascii_case("wait") {
+                let secs: u64 = val
+                    .trim()
+                    .trim_matches('"')
+                    .parse()
+                    .map_err(|_| ApiError::invalid("Prefer", "Prefer: wait must be a whole number of seconds"))?;
+                return Ok(Some(Duration::from_secs(secs)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_api_md() {
+        assert_eq!(Route::parse("/v1/tasks"), Some(Route::Tasks));
+        assert_eq!(Route::parse("/v1/tasks/sync"), Some(Route::Sync));
+        assert_eq!(Route::parse("/v1/tasks/abc"), Some(Route::Task("abc".into())));
+        assert_eq!(Route::parse("/v1/tasks/abc/cancel"), Some(Route::Cancel("abc".into())));
+        assert_eq!(Route::parse("/v1/account"), Some(Route::Account));
+        assert_eq!(Route::parse("/v1/tasks/"), None);
+        assert_eq!(Route::parse("/v2/tasks"), None);
+        assert_eq!(Route::parse("/v1/tasks/a/b/c"), None);
+    }
+
+    #[test]
+    fn prefer_wait_is_parsed_among_other_preferences() {
+        let mut h = HeaderMap::new();
+        h.insert("prefer", HeaderValue::from_static("respond-async, wait=7"));
+        assert_eq!(prefer_wait(&h).unwrap(), Some(Duration::from_secs(7)));
+        h.insert("prefer", HeaderValue::from_static("wait=abc"));
+        assert!(prefer_wait(&h).is_err());
+        assert_eq!(prefer_wait(&HeaderMap::new()).unwrap(), None);
+    }
+}

@@ -1,0 +1,207 @@
+//! The ports: what the core needs from storage, queueing and blob hosting.
+//!
+//! Adapters (embedded SQLite and files locally; DynamoDB, SQS and S3 on AWS) implement these
+//! traits; the core never names a concrete backend.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::account::Account;
+use crate::task::{Task, TaskStatus, Transition, TransitionError};
+
+/// A boxed error from a backend, kept as the cause (logged, never shown to clients).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors every port can return. Adapters map their backend's failures onto these.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// The item does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The account has too few credits for the debit.
+    #[error("insufficient credits: {available} available")]
+    InsufficientCredits {
+        /// Credits the account holds.
+        available: u64,
+    },
+    /// The idempotency reservation is no longer ours (expired and taken by another request).
+    #[error("idempotency reservation lost")]
+    ReservationLost,
+    /// The state machine refused the transition.
+    #[error(transparent)]
+    Rejected(#[from] TransitionError),
+    /// The backend is temporarily unable to serve (throttled, timed out, unreachable).
+    #[error("backend unavailable")]
+    Unavailable(#[source] BoxError),
+    /// Anything else.
+    #[error("backend failure")]
+    Internal(#[source] BoxError),
+}
+
+impl PortError {
+    /// Wraps any error as [`PortError::Internal`].
+    pub fn internal(e: impl Into<BoxError>) -> Self {
+        PortError::Internal(e.into())
+    }
+    /// Wraps any error as [`PortError::Unavailable`].
+    pub fn unavailable(e: impl Into<BoxError>) -> Self {
+        PortError::Unavailable(e.into())
+    }
+}
+
+/// Result alias for port calls.
+pub type PortResult<T> = Result<T, PortError>;
+
+/// Outcome of reserving an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// The key is ours; finish with [`TaskStore::insert_task`] or give it back with
+    /// [`TaskStore::release_idempotency`].
+    Reserved {
+        /// Proves ownership of the reservation.
+        token: String,
+    },
+    /// Another request holds the key and has not finished.
+    InProgress {
+        /// Hash of that request's body.
+        request_hash: String,
+    },
+    /// A request with this key created a task.
+    Completed {
+        /// Hash of that request's body.
+        request_hash: String,
+        /// The task it created.
+        task_id: String,
+    },
+}
+
+/// The idempotency record a submit finalizes atomically with the task it creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    /// The client's `Idempotency-Key`.
+    pub key: String,
+    /// The reservation token from [`TaskStore::reserve_idempotency`].
+    pub token: String,
+}
+
+/// Filters and position for listing an account's tasks, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only tasks in this state.
+    pub status: Option<TaskStatus>,
+    /// Only tasks of this model.
+    pub model: Option<String>,
+    /// Page size, 1..=100.
+    pub limit: usize,
+    /// Only tasks with an id strictly below this one (the previous page's last id).
+    pub before: Option<String>,
+}
+
+/// One page of tasks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPage {
+    /// Tasks, newest first.
+    pub tasks: Vec<Task>,
+    /// The last id of this page when more tasks may follow.
+    pub next_before: Option<String>,
+}
+
+/// Storage for accounts, tasks and idempotency records.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
+    /// Creates an account. Fails if the id or key hash exists.
+    async fn create_account(&self, account: &Account) -> PortResult<()>;
+    /// Looks an account up by the SHA-256 of its API key (one read).
+    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>>;
+    /// Reads an account.
+    async fn account(&self, account_id: &str) -> PortResult<Option<Account>>;
+    /// Adds credits to an account (and to its `granted` total).
+    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account>;
+    /// Replaces an account's key hash (key rotation).
+    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()>;
+
+    /// Reserves `key` for a request with body hash `request_hash`. A reservation not finished
+    /// within `in_flight` may be taken over; a finished record lives for `retain`.
+    async fn reserve_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        in_flight: Duration,
+        retain: Duration,
+    ) -> PortResult<Reservation>;
+    /// Gives a reservation back (the request created nothing).
+    async fn release_idempotency(&self, account_id: &str, key: &str, token: &str) -> PortResult<()>;
+
+    /// Atomically: debits `task.cost.credits` from the account (refusing with
+    /// [`PortError::InsufficientCredits`] rather than going negative), stores the task, and
+    /// marks the idempotency reservation completed with this task's id.
+    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()>;
+    /// Reads a task by id (any account; callers scope by `account_id`).
+    async fn task(&self, task_id: &str) -> PortResult<Option<Task>>;
+    /// Lists an account's tasks, newest first.
+    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage>;
+    /// Applies `transition` with [`crate::task::apply`] and writes the result conditioned on the
+    /// version read, together with any refund, in one atomic write. Returns the task as stored.
+    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task>;
+}
+
+/// A unit of background work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkMessage {
+    /// Run a task's generator.
+    Run {
+        /// Task to run.
+        task_id: String,
+    },
+    /// Deliver a task's webhook; `attempt` is the number of attempts already made.
+    Deliver {
+        /// Task whose callback to deliver.
+        task_id: String,
+        /// Attempts made before this one; a message whose count is stale is dropped.
+        attempt: u32,
+        /// Not before this time: delays longer than the queue allows are re-enqueued until then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_before: Option<DateTime<Utc>>,
+    },
+}
+
+impl WorkMessage {
+    /// The task the message is about.
+    pub fn task_id(&self) -> &str {
+        match self {
+            WorkMessage::Run { task_id } | WorkMessage::Deliver { task_id, .. } => task_id,
+        }
+    }
+}
+
+/// The work queue: at-least-once delivery, with optional delay.
+#[async_trait]
+pub trait WorkQueue: Send + Sync {
+    /// Enqueues `message`, visible after `delay`.
+    async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()>;
+}
+
+/// A URL that grants read access to one blob until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedUrl {
+    /// The URL.
+    pub url: String,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Storage for outputs, handed out as signed expiring URLs.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Stores `bytes` under `key` (overwriting: writes are idempotent).
+    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> PortResult<()>;
+    /// Signs a GET URL for `key`, valid for at most `ttl`.
+    async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl>;
+}

@@ -1,0 +1,310 @@
+//! The processor: runs queued work idempotently, whatever delivers it.
+//!
+//! A `Run` message moves the task `queued -> processing` with a conditional write (a lease),
+//! runs the model's generator with progress updates, stores the outputs, and marks the task
+//! `completed` or `failed` (refunded). A `Deliver` message sends the task's webhook and
+//! schedules the next retry. Duplicate and stale messages change nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::App;
+use crate::generate::{Abort, GenerateOutcome, Job, ProgressSink};
+use crate::ports::{PortError, PortResult, TaskStore, WorkMessage};
+use crate::task::{CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError};
+use crate::view::{rfc3339, task_view};
+use crate::webhook::{DeliveryResult, WebhookSender};
+
+/// What to do with a message after handling it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Handled (or nothing left to do): delete it.
+    Done,
+    /// Leave it to come back after this delay (another worker holds the task's lease).
+    RetryAfter(Duration),
+}
+
+/// Runs work messages against the shared [`App`].
+#[derive(Clone)]
+pub struct Processor {
+    app: Arc<App>,
+    webhooks: WebhookSender,
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Processor {
+    /// A processor over `app`, sending webhooks as its config allows.
+    pub fn new(app: Arc<App>) -> Self {
+        let webhooks = WebhookSender::new(app.config.callback_timeout, app.config.callback_allow_private);
+        Processor { app, webhooks }
+    }
+
+    /// Handles one message. `Err` means a backend failed: let the message come back.
+    pub async fn handle(&self, msg: &WorkMessage) -> PortResult<Disposition> {
+        match msg {
+            WorkMessage::Run { task_id } => self.run(task_id).await,
+            WorkMessage::Deliver {
+                task_id,
+                attempt,
+                not_before,
+            } => {
+                if let Some(nb) = not_before {
+                    let now = Utc::now();
+                    if *nb > now {
+                        let remaining = (*nb - now).to_std().unwrap_or_default();
+                        self.app
+                            .queue
+                            .enqueue(msg, remaining.min(self.app.config.max_queue_delay))
+                            .await?;
+                        return Ok(Disposition::Done);
+                    }
+                }
+                self.deliver(task_id, *attempt).await
+            }
+        }
+    }
+
+    async fn run(&self, task_id: &str) -> PortResult<Disposition> {
+        let store = &self.app.store;
+        let cfg = &self.app.config;
+        let Some(task) = store.task(task_id).await? else {
+            tracing::warn!(task_id, "work for an unknown task dropped");
+            return Ok(Disposition::Done);
+        };
+        let now = Utc::now();
+        match task.status {
+            s if s.is_terminal() => {
+                // A duplicate delivery: make sure the webhook was scheduled, change nothing else.
+                self.schedule_callback(&task).await?;
+                return Ok(Disposition::Done);
+            }
+            TaskStatus::Processing => match task.lease_until {
+                Some(l) if l > now => {
+                    return Ok(Disposition::RetryAfter((l - now).to_std().unwrap_or_default() + Duration::from_secs(1)));
+                }
+                _ if task.attempts >= cfg.max_attempts => {
+                    tracing::warn!(task_id, attempts = task.attempts, "processing attempts exhausted");
+                    let fail = Transition::Fail {
+                        attempt: Some(task.attempts),
+                        error: TaskFailure {
+                            code: "attempts_exhausted".into(),
+                            message: format!("processing was interrupted {} times; credits were refunded", task.attempts),
+                        },
+                    };
+                    return self.finish(task_id, &fail).await;
+                }
+                _ => tracing::warn!(task_id, attempt = task.attempts, "lease expired; taking the task over"),
+            },
+            _ => {}
+        }
+        let start = Transition::Start {
+            lease_until: now + chrono_dur(cfg.lease),
+        };
+        let task = match store.update_task(task_id, &start).await {
+            Ok(t) => t,
+            Err(PortError::Rejected(TransitionError::LeaseHeld)) => return Ok(Disposition::RetryAfter(cfg.lease)),
+            Err(PortError::Rejected(e)) => {
+                tracing::info!(task_id, reason = %e, "not started");
+                return Ok(Disposition::Done);
+            }
+            Err(e) => return Err(e),
+        };
+        let attempt = task.attempts;
+        tracing::info!(task_id, attempt, model = %task.model, "processing");
+        let Some(spec) = self.app.registry.get(&task.model) else {
+            let fail = Transition::Fail {
+                attempt: Some(attempt),
+                error: TaskFailure {
+                    code: "model_unavailable".into(),
+                    message: format!("model {} is no longer available; credits were refunded", task.model),
+                },
+            };
+            return self.finish(task_id, &fail).await;
+        };
+        let job = Job {
+            task_id,
+            action: &task.action,
+            prompt: task.input.prompt.as_deref(),
+            duration: task.input.duration,
+            params: &task.input.params,
+        };
+        let mut sink = StoreProgress {
+            store: store.as_ref(),
+            task_id,
+            attempt,
+            lease: cfg.lease,
+            last_pct: 0,
+            last_write: Instant::now(),
+        };
+        let outcome = spec.generator.generate(job, &mut sink).await;
+        let transition = match outcome {
+            GenerateOutcome::Aborted => {
+                tracing::warn!(task_id, attempt, "attempt aborted: the task was taken over");
+                return Ok(Disposition::Done);
+            }
+            GenerateOutcome::Failed(e) => Transition::Fail {
+                attempt: Some(attempt),
+                error: TaskFailure {
+                    code: e.code,
+                    message: e.message,
+                },
+            },
+            GenerateOutcome::Done(files) => {
+                let mut outputs = Vec::with_capacity(files.len());
+                for (i, f) in files.into_iter().enumerate() {
+                    let key = format!("tasks/{task_id}/output-{i}.{}", f.extension);
+                    let size = f.bytes.len() as u64;
+                    self.app.blobs.put(&key, f.bytes, f.content_type).await?;
+                    outputs.push(Output {
+                        key,
+                        content_type: f.content_type.to_string(),
+                        size_bytes: size,
+                    });
+                }
+                Transition::Complete { attempt, outputs }
+            }
+        };
+        self.finish(task_id, &transition).await
+    }
+
+    /// Applies a terminal transition, wakes waiters and schedules the webhook.
+    async fn finish(&self, task_id: &str, t: &Transition) -> PortResult<Disposition> {
+        match self.app.store.update_task(task_id, t).await {
+            Ok(task) => {
+                tracing::info!(task_id, status = %task.status, refunded = task.cost.refunded, "task finished");
+                self.app.events.notify(task_id);
+                self.schedule_callback(&task).await?;
+                Ok(Disposition::Done)
+            }
+            Err(PortError::Rejected(e)) => {
+                tracing::info!(task_id, reason = %e, "result discarded");
+                Ok(Disposition::Done)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn schedule_callback(&self, task: &Task) -> PortResult<()> {
+        if task.callback.as_ref().is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0) {
+            let msg = WorkMessage::Deliver {
+                task_id: task.id.clone(),
+                attempt: 0,
+                not_before: None,
+            };
+            self.app.queue.enqueue(&msg, Duration::ZERO).await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver(&self, task_id: &str, attempt: u32) -> PortResult<Disposition> {
+        let store = &self.app.store;
+        let Some(task) = store.task(task_id).await? else {
+            return Ok(Disposition::Done);
+        };
+        let Some(cb) = task.callback.clone() else {
+            return Ok(Disposition::Done);
+        };
+        if cb.state != CallbackState::Pending || cb.attempts != attempt || !task.status.is_terminal() {
+            return Ok(Disposition::Done);
+        }
+        let Some(account) = store.account(&task.account_id).await? else {
+            return Ok(Disposition::Done);
+        };
+        let view = task_view(&task, self.app.blobs.as_ref(), self.app.config.result_url_ttl).await?;
+        let now = Utc::now();
+        let body = json!({
+            "type": format!("task.{}", task.status),
+            "timestamp": rfc3339(now),
+            "data": view,
+        });
+        let body = serde_json::to_vec(&body).map_err(PortError::internal)?;
+        let msg_id = format!("msg_{}", task.id.trim_start_matches("task_"));
+        let result = self.webhooks.send(&cb.url, &account.webhook_secret, &msg_id, body).await;
+        let mut next = cb.clone();
+        next.attempts += 1;
+        next.last_attempt_at = Some(now);
+        let schedule = &self.app.config.callback_retry_schedule;
+        let retry_delay = match &result {
+            DeliveryResult::Status(s) => {
+                next.last_status_code = Some(*s);
+                match s {
+                    200..=299 => {
+                        next.state = CallbackState::Delivered;
+                        None
+                    }
+                    410 => {
+                        next.state = CallbackState::Failed;
+                        None
+                    }
+                    _ => schedule.get(attempt as usize).copied(),
+                }
+            }
+            DeliveryResult::NoAnswer(_) => schedule.get(attempt as usize).copied(),
+        };
+        if next.state == CallbackState::Pending {
+            match retry_delay {
+                Some(delay) => {
+                    let msg = WorkMessage::Deliver {
+                        task_id: task_id.to_string(),
+                        attempt: next.attempts,
+                        not_before: Some(now + chrono_dur(delay)),
+                    };
+                    self.app
+                        .queue
+                        .enqueue(&msg, delay.min(self.app.config.max_queue_delay))
+                        .await?;
+                }
+                None => next.state = CallbackState::Failed,
+            }
+        }
+        tracing::info!(task_id, attempt = next.attempts, result = ?result, state = ?next.state, "webhook attempt");
+        match store.update_task(task_id, &Transition::Callback(next)).await {
+            Ok(_) | Err(PortError::Rejected(_)) => Ok(Disposition::Done),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Writes progress to the store at most every 5 points or every second, renewing the lease.
+struct StoreProgress<'a> {
+    store: &'a dyn TaskStore,
+    task_id: &'a str,
+    attempt: u32,
+    lease: Duration,
+    last_pct: u8,
+    last_write: Instant,
+}
+
+#[async_trait]
+impl ProgressSink for StoreProgress<'_> {
+    async fn report(&mut self, progress: u8) -> Result<(), Abort> {
+        if progress < self.last_pct.saturating_add(5) && self.last_write.elapsed() < Duration::from_secs(1) {
+            return Ok(());
+        }
+        let t = Transition::Progress {
+            attempt: self.attempt,
+            progress,
+            lease_until: Utc::now() + chrono_dur(self.lease),
+        };
+        match self.store.update_task(self.task_id, &t).await {
+            Ok(_) => {
+                self.last_pct = progress;
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            Err(PortError::Rejected(_)) => Err(Abort),
+            Err(e) => {
+                tracing::warn!(task_id = self.task_id, error = %e, "progress not recorded");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The task: its stored form, its closed set of states, and the one function that changes it.
+//!
+//! Every adapter changes a task the same way: read it, call [`apply`] with a [`Transition`],
+//! and write the result back conditioned on the version it read (refunding credits in the same
+//! atomic write when [`Applied::refund`] says so). The rules live here once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The closed set of task states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Submitted, waiting for a worker.
+    Queued,
+    /// A worker holds a lease on it and runs the generator.
+    Processing,
+    /// Outputs are stored; terminal.
+    Completed,
+    /// Generation failed (credits refunded); terminal.
+    Failed,
+    /// Cancelled while queued (credits refunded); terminal.
+    Cancelled,
+}
+
+impl TaskStatus {
+    /// All states, in lifecycle order.
+    pub const ALL: [TaskStatus; 5] = [
+        TaskStatus::Queued,
+        TaskStatus::Processing,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    /// Whether the task can never change state again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+
+    /// The wire name (`queued`, `processing`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Processing => "processing",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the client asked the model to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInput {
+    /// The prompt, when the model takes one.
+    pub prompt: Option<String>,
+    /// Duration in seconds, when the model takes one (defaulted from the registry).
+    pub duration: Option<u32>,
+    /// Model-specific parameters, validated against the registry.
+    pub params: Map<String, Value>,
+}
+
+/// One stored output; the URL is signed afresh on every read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    /// Blob store key.
+    pub key: String,
+    /// MIME type.
+    pub content_type: String,
+    /// Size of the stored object.
+    pub size_bytes: u64,
+}
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    /// Machine code, e.g. `generation_failed`.
+    pub code: String,
+    /// Human text safe to show the client.
+    pub message: String,
+}
+
+/// What the task cost and whether that was given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Credits debited at submit.
+    pub credits: u64,
+    /// Whether they were refunded (cancel or failure). Never refunded twice.
+    pub refunded: bool,
+}
+
+/// Delivery state of the webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackState {
+    /// Not delivered yet (maybe retrying).
+    Pending,
+    /// A 2xx answer was received.
+    Delivered,
+    /// Retries exhausted or the receiver answered 410.
+    Failed,
+}
+
+/// The webhook attached to a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Callback {
+    /// Where to POST.
+    pub url: String,
+    /// Delivery state.
+    pub state: CallbackState,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// HTTP status of the last attempt, if one answered.
+    pub last_status_code: Option<u16>,
+    /// When the last attempt was made.
+    #[serde(default)]
+    pub last_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// A task as stored. The API view (with signed URLs) is built from it by [`crate::view`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// `task_` + ULID: unique, URL-safe, sortable by creation time.
+    pub id: String,
+    /// Owner.
+    pub account_id: String,
+    /// Model name from the registry.
+    pub model: String,
+    /// Action of the model.
+    pub action: String,
+    /// Current state.
+    pub status: TaskStatus,
+    /// 0..=100; 100 when completed.
+    pub progress: u8,
+    /// What was asked.
+    pub input: TaskInput,
+    /// Stored outputs (when completed).
+    pub outputs: Vec<Output>,
+    /// Failure (when failed).
+    pub error: Option<TaskFailure>,
+    /// Credits.
+    pub cost: Cost,
+    /// Webhook, when a `callback_url` was given.
+    pub callback: Option<Callback>,
+    /// Client metadata, echoed back.
+    pub metadata: BTreeMap<String, String>,
+    /// Submit time.
+    pub created_at: DateTime<Utc>,
+    /// First pickup time.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Terminal time.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Processing attempts started so far.
+    pub attempts: u32,
+    /// While processing: the worker's lease. Another worker may take over after it.
+    pub lease_until: Option<DateTime<Utc>>,
+    /// Optimistic-concurrency version, bumped on every write.
+    pub version: u64,
+}
+
+/// A change requested of a task. See [`apply`] for the rules.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// `queued -> processing`, or re-take a `processing` task whose lease expired.
+    Start {
+        /// Lease end for the new attempt.
+        lease_until: DateTime<Utc>,
+    },
+    /// Progress of the current attempt; renews the lease.
+    Progress {
+        /// The attempt reporting.
+        attempt: u32,
+        /// 0..=99.
+        progress: u8,
+        /// New lease end.
+        lease_until: DateTime<Utc>,
+    },
+    /// `processing -> completed` for the current attempt.
+    Complete {
+        /// The attempt finishing.
+        attempt: u32,
+        /// Stored outputs.
+        outputs: Vec<Output>,
+    },
+    /// `processing -> failed` (for `attempt`, when given) or `queued -> failed`; refunds.
+    Fail {
+        /// The attempt failing; `None` fails a task regardless of attempt (queued or processing).
+        attempt: Option<u32>,
+        /// Why.
+        error: TaskFailure,
+    },
+    /// `queued -> cancelled`; refunds. Cancelling a cancelled task changes nothing.
+    Cancel,
+    /// Records a webhook delivery attempt.
+    Callback(Callback),
+}
+
+/// Why a transition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// Cancel of a task that is not queued.
+    #[error("task is {0} and can no longer be cancelled")]
+    NotCancellable(TaskStatus),
+    /// The task is not in a state this transition starts from.
+    #[error("task is {0}")]
+    WrongState(TaskStatus),
+    /// Another worker holds an unexpired lease.
+    #[error("task is leased by another worker")]
+    LeaseHeld,
+    /// The attempt is no longer the current one (another worker took over).
+    #[error("attempt is stale")]
+    StaleAttempt,
+    /// The task has no callback to record.
+    #[error("task has no callback")]
+    NoCallback,
+}
+
+/// The effect of an applied transition, for the adapter to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing changed; no write is needed.
+    Unchanged,
+    /// The task changed; write it and add `refund` credits to its account in the same atomic write.
+    Changed {
+        /// Credits to give back (0 for none).
+        refund: u64,
+    },
+}
+
+impl Applied {
+    /// Credits to give back.
+    pub fn refund(self) -> u64 {
+        match self {
+            Applied::Unchanged => 0,
+            Applied::Changed { refund } => refund,
+        }
+    }
+}
+
+fn refund(task: &mut Task) -> u64 {
+    if task.cost.refunded {
+        0
+    } else {
+        task.cost.refunded = true;
+        task.cost.credits
+    }
+}
+
+/// Applies `t` to `task` at time `now`. On `Ok(Changed)` the caller writes the task with
+/// `version + 1` conditioned on the old version; on `Err` nothing was changed.
+pub fn apply(task: &mut Task, t: &Transition, now: DateTime<Utc>) -> Result<Applied, TransitionError> {
+    let before = task.clone();
+    let result = apply_inner(task, t, now);
+    match result {
+        Ok(Applied::Changed { .. }) => task.version += 1,
+        Ok(Applied::Unchanged) | Err(_) => *task = before,
+    }
+    result
+}
+
+fn apply_inner(task: &mut Task, t: &Transition, now: DateTime<Utc>) -> Result<Applied, TransitionError> {
+    use TaskStatus::*;
+    match t {
+        Transition::Start { lease_until } => {
+            match task.status {
+                Queued => {}
+                Processing => {
+                    if task.lease_until.is_some_and(|l| l > now) {
+                        return Err(TransitionError::LeaseHeld);
+                    }
+                }
+                s => return Err(TransitionError::WrongState(s)),
+            }
+            task.status = Processing;
+            task.attempts += 1;
+            task.lease_until = Some(*lease_until);
+            task.started_at.get_or_insert(now);
+            task.progress = 0;
+            Ok(Applied::Changed { refund: 0 })
+        }
+        Transition::Progress {
+            attempt,
+            progress,
+            lease_until,
+        } => {
+            current_attempt(task, *attempt)?;
+            task.progress = (*progress).min(99).max(task.progress);
+            task.lease_until = Some(*lease_until);
+            Ok(Applied::Changed { refund: 0 })
+        }
+        Transition::Complete { attempt, outputs } => {
+            current_attempt(task, *attempt)?;
+            task.status = Completed;
+            task.progress = 100;
+            task.outputs = outputs.clone();
+            task.lease_until = None;
+            task.completed_at = Some(now);
+            Ok(Applied::Changed { refund: 0 })
+        }
+        Transition::Fail { attempt, error } => {
+            match (task.status, attempt) {
+                (Processing, Some(a)) => current_attempt(task, *a)?,
+                (Queued | Processing, None) => {}
+                (s, _) => return Err(TransitionError::WrongState(s)),
+            }
+            task.status = Failed;
+            task.error = Some(error.clone());
+            task.lease_until = None;
+            task.completed_at = Some(now);
+            Ok(Applied::Changed {
+                refund: refund(task),
+            })
+        }
+        Transition::Cancel => match task.status {
+            Queued => {
+                task.status = Cancelled;
+                task.completed_at = Some(now);
+                Ok(Applied::Changed {
+                    refund: refund(task),
+                })
+            }
+            Cancelled => Ok(Applied::Unchanged),
+            s => Err(TransitionError::NotCancellable(s)),
+        },
+        Transition::Callback(cb) => match &mut task.callback {
+            None => Err(TransitionError::NoCallback),
+            Some(existing) if existing == cb => Ok(Applied::Unchanged),
+            Some(existing) => {
+                *existing = cb.clone();
+                Ok(Applied::Changed { refund: 0 })
+            }
+        },
+    }
+}
+
+fn current_attempt(task: &Task, attempt: u32) -> Result<(), TransitionError> {
+    if task.status != TaskStatus::Processing {
+        return Err(TransitionError::WrongState(task.status));
+    }
+    if task.attempts != attempt {
+        return Err(TransitionError::StaleAttempt);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    pub(crate) fn sample(status: TaskStatus) -> Task {
+        Task {
+            id: "task_01JABCDEFGHJKMNPQRSTVWXYZ0".into(),
+            account_id: "acct_1".into(),
+            model: "echo".into(),
+            action: "generate".into(),
+            status,
+            progress: 0,
+            input: TaskInput {
+                prompt: Some("hi".into()),
+                duration: None,
+                params: Map::new(),
+            },
+            outputs: vec![],
+            error: None,
+            cost: Cost {
+                credits: 7,
+                refunded: false,
+            },
+            callback: None,
+            metadata: BTreeMap::new(),
+            created_at: Utc::now(),
+            started_at: None,
+            completed_at: None,
+            attempts: 0,
+            lease_until: None,
+            version: 1,
+        }
+    }
+
+    fn fail() -> Transition {
+        Transition::Fail {
+            attempt: None,
+            error: TaskFailure {
+                code: "x".into(),
+                message: "y".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn terminal_states_never_change() {
+        let now = Utc::now();
+        for status in [TaskStatus::Completed, TaskStatus::Failed, TaskStatus::Cancelled] {
+            for t in [
+                Transition::Start {
+                    lease_until: now + Duration::seconds(60),
+                },
+                Transition::Complete {
+                    attempt: 0,
+                    outputs: vec![],
+                },
+                fail(),
+            ] {
+                let mut task = sample(status);
+                let before = task.clone();
+                assert!(apply(&mut task, &t, now).is_err(), "{status} accepted {t:?}");
+                assert_eq!(task, before);
+            }
+        }
+    }
+
+    #[test]
+    fn cancel_refunds_once_and_is_idempotent() {
+        let now = Utc::now();
+        let mut task = sample(TaskStatus::Queued);
+        assert_eq!(apply(&mut task, &Transition::Cancel, now), Ok(Applied::Changed { refund: 7 }));
+        assert_eq!(task.status, TaskStatus::Cancelled);
+        assert!(task.cost.refunded);
+        assert_eq!(task.version, 2);
+        assert_eq!(apply(&mut task, &Transition::Cancel, now), Ok(Applied::Unchanged));
+        assert_eq!(task.version, 2);
+    }
+
+    #[test]
+    fn cancel_of_processing_task_is_refused() {
+        let now = Utc::now();
+        let mut task = sample(TaskStatus::Processing);
+        assert_eq!(
+            apply(&mut task, &Transition::Cancel, now),
+            Err(TransitionError::NotCancellable(TaskStatus::Processing))
+        );
+    }
+
+    #[test]
+    fn failure_refunds_and_a_second_failure_is_refused() {
+        let now = Utc::now();
+        let mut task = sample(TaskStatus::Queued);
+        assert_eq!(apply(&mut task, &fail(), now).unwrap().refund(), 7);
+        assert_eq!(apply(&mut task, &fail(), now), Err(TransitionError::WrongState(TaskStatus::Failed)));
+    }
+
+    #[test]
+    fn a_held_lease_blocks_a_second_worker_until_it_expires() {
+        let now = Utc::now();
+        let mut task = sample(TaskStatus::Queued);
+        let start = Transition::Start {
+            lease_until: now + Duration::seconds(30),
+        };
+        apply(&mut task, &start, now).unwrap();
+        assert_eq!(task.attempts, 1);
+        assert_eq!(apply(&mut task, &start, now), Err(TransitionError::LeaseHeld));
+        let later = now + Duration::seconds(31);
+        apply(&mut task, &start, later).unwrap();
+        assert_eq!(task.attempts, 2);
+        // The first worker's attempt is now stale: it can neither complete nor fail the task.
+        let complete = Transition::Complete {
+            attempt: 1,
+            outputs: vec![],
+        };
+        assert_eq!(apply(&mut task, &complete, later), Err(TransitionError::StaleAttempt));
+        apply(
+            &mut task,
+            &Transition::Complete {
+                attempt: 2,
+                outputs: vec![],
+            },
+            later,
+        )
+        .unwrap();
+        assert_eq!(task.progress, 100);
+        assert_eq!(task.status, TaskStatus::Completed);
+    }
+
+    #[test]
+    fn progress_never_goes_backwards_or_reaches_100_before_completion() {
+        let now = Utc::now();
+        let mut task = sample(TaskStatus::Queued);
+        apply(&mut task, &Transition::Start { lease_until: now }, now).unwrap();
+        let p = |progress| Transition::Progress {
+            attempt: 1,
+            progress,
+            lease_until: now,
+        };
+        apply(&mut task, &p(40), now).unwrap();
+        apply(&mut task, &p(20), now).unwrap();
+        assert_eq!(task.progress, 40);
+        apply(&mut task, &p(100), now).unwrap();
+        assert_eq!(task.progress, 99);
+    }
+}

@@ -1,0 +1,315 @@
+//! Parsing and validation of request input. A [`SubmitRequest`] only exists when every field
+//! is within what API.md and the model registry accept.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::registry::Registry;
+
+/// At most this many metadata entries.
+pub const MAX_METADATA_ENTRIES: usize = 16;
+/// Longest metadata key, in characters.
+pub const MAX_METADATA_KEY_CHARS: usize = 64;
+/// Longest metadata value, in characters.
+pub const MAX_METADATA_VALUE_CHARS: usize = 512;
+/// Longest `callback_url`.
+pub const MAX_CALLBACK_URL_CHARS: usize = 2048;
+/// Longest `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+const FIELDS: &[&str] = &["model", "action", "prompt", "duration", "params", "callback_url", "metadata"];
+
+/// A validated submit body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmitRequest {
+    /// Registered model.
+    pub model: String,
+    /// One of the model's actions.
+    pub action: String,
+    /// Prompt within the model's limit.
+    pub prompt: Option<String>,
+    /// Duration within the model's range (defaulted).
+    pub duration: Option<u32>,
+    /// Params accepted by the model.
+    pub params: Map<String, Value>,
+    /// Webhook target.
+    pub callback_url: Option<String>,
+    /// Client metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Sync wait in seconds (only on the sync endpoint); not part of the idempotency hash.
+    pub timeout: Option<f64>,
+    /// SHA-256 of the canonical body without `timeout`, for idempotency.
+    pub request_hash: String,
+}
+
+/// Options of submit validation that come from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SubmitRules {
+    /// Accept `timeout` (sync endpoint).
+    pub allow_timeout: bool,
+    /// Accept `http` and private/loopback callback targets (local development).
+    pub callback_allow_private: bool,
+}
+
+/// Parses and validates a submit body against the registry.
+pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Result<SubmitRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_body(format!("request body is not valid JSON (line {}, column {})", e.line(), e.column()))
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(ApiError::invalid_body("request body must be a JSON object"));
+    };
+    let timeout = match obj.remove("timeout") {
+        None | Some(Value::Null) => None,
+        Some(_) if !rules.allow_timeout => return Err(unknown("timeout")),
+        Some(v) => match v.as_f64() {
+            Some(t) if t >= 0.0 && t.is_finite() => Some(t),
+            _ => return Err(ApiError::invalid("timeout", "timeout must be a number of seconds, 0 or more")),
+        },
+    };
+    if let Some(field) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(unknown(field));
+    }
+    let request_hash = hex::encode(Sha256::digest(Value::Object(obj.clone()).to_string().as_bytes()));
+
+    let model_name = match obj.get("model") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => return Err(ApiError::invalid("model", "model is required")),
+        Some(_) => return Err(ApiError::invalid("model", "model must be a string")),
+    };
+    let Some(model) = registry.get(&model_name) else {
+        return Err(ApiError::invalid(
+            "model",
+            format!("unknown model {:?}; available: {}", truncate(&model_name), registry.names().join(", ")),
+        ));
+    };
+    let action = match obj.get("action") {
+        None | Some(Value::Null) => model.actions[0].to_string(),
+        Some(Value::String(a)) if model.actions.contains(&a.as_str()) => a.clone(),
+        Some(Value::String(a)) => {
+            return Err(ApiError::invalid(
+                "action",
+                format!("model {} does not support action {:?}; supported: {}", model.name, truncate(a), model.actions.join(", ")),
+            ));
+        }
+        Some(_) => return Err(ApiError::invalid("action", "action must be a string")),
+    };
+    let prompt = match obj.get("prompt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => Some(p.clone()),
+        Some(_) => return Err(ApiError::invalid("prompt", "prompt must be a string")),
+    };
+    match &prompt {
+        Some(p) if p.chars().count() > model.max_prompt_chars => {
+            return Err(ApiError::invalid("prompt", format!("prompt is longer than {} characters", model.max_prompt_chars)));
+        }
+        Some(p) if model.prompt_required && p.trim().is_empty() => {
+            return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+        }
+        None if model.prompt_required => {
+            return Err(ApiError::invalid("prompt", format!("model {} requires a prompt", model.name)));
+        }
+        _ => {}
+    }
+    let duration = match (obj.get("duration"), model.duration) {
+        (None | Some(Value::Null), rule) => rule.map(|r| r.default),
+        (Some(_), None) => return Err(ApiError::invalid("duration", format!("model {} takes no duration", model.name))),
+        (Some(v), Some(rule)) => match v.as_u64() {
+            Some(d) if (u64::from(rule.min)..=u64::from(rule.max)).contains(&d) => Some(d as u32),
+            _ => {
+                return Err(ApiError::invalid(
+                    "duration",
+                    format!("duration must be a whole number of seconds from {} to {}", rule.min, rule.max),
+                ));
+            }
+        },
+    };
+    let params = match obj.get("params") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(p)) => p.clone(),
+        Some(_) => return Err(ApiError::invalid("params", "params must be an object")),
+    };
+    model.check_params(&params).map_err(|(param, msg)| ApiError::invalid(param, msg))?;
+    let callback_url = match obj.get("callback_url") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(check_callback_url(u, rules.callback_allow_private)?),
+        Some(_) => return Err(ApiError::invalid("callback_url", "callback_url must be a string")),
+    };
+    let metadata = parse_metadata(obj.get("metadata"))?;
+    Ok(SubmitRequest {
+        model: model_name,
+        action,
+        prompt,
+        duration,
+        params,
+        callback_url,
+        metadata,
+        timeout,
+        request_hash,
+    })
+}
+
+fn unknown(field: &str) -> ApiError {
+    ApiError::invalid(truncate(field), format!("unknown field {:?}", truncate(field)))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn parse_metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, ApiError> {
+    let obj = match v {
+        None | Some(Value::Null) => return Ok(BTreeMap::new()),
+        Some(Value::Object(o)) => o,
+        Some(_) => return Err(ApiError::invalid("metadata", "metadata must be an object of strings")),
+    };
+    if obj.len() > MAX_METADATA_ENTRIES {
+        return Err(ApiError::invalid("metadata", format!("metadata has more than {MAX_METADATA_ENTRIES} entries")));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in obj {
+        let param = format!("metadata.{}", truncate(k));
+        if k.is_empty() || k.chars().count() > MAX_METADATA_KEY_CHARS {
+            return Err(ApiError::invalid(param, format!("metadata keys must be 1 to {MAX_METADATA_KEY_CHARS} characters")));
+        }
+        let Value::String(s) = v else {
+            return Err(ApiError::invalid(param, "metadata values must be strings"));
+        };
+        if s.chars().count() > MAX_METADATA_VALUE_CHARS {
+            return Err(ApiError::invalid(param, format!("metadata values must be at most {MAX_METADATA_VALUE_CHARS} characters")));
+        }
+        out.insert(k.clone(), s.clone());
+    }
+    Ok(out)
+}
+
+/// Checks a callback URL: absolute `https` (or `http` when private targets are allowed), a
+/// host, no credentials, and, unless allowed, not a loopback, private or otherwise non-public
+/// literal address. Names are checked again on the address actually connected to.
+pub fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiError> {
+    let bad = |m: &str| ApiError::invalid("callback_url", m.to_string());
+    if raw.len() > MAX_CALLBACK_URL_CHARS {
+        return Err(bad("callback_url is longer than 2048 characters"));
+    }
+    let url = url::Url::parse(raw).map_err(|_| bad("callback_url must be an absolute http(s) URL"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_private => {}
+        "http" => return Err(bad("callback_url must use https")),
+        _ => return Err(bad("callback_url must be an absolute http(s) URL")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("callback_url must not contain credentials"));
+    }
+    let host = match url.host() {
+        Some(h) => h,
+        None => return Err(bad("callback_url must have a host")),
+    };
+    if !allow_private {
+        let ip: Option<IpAddr> = match host {
+            url::Host::Ipv4(a) => Some(a.into()),
+            url::Host::Ipv6(a) => Some(a.into()),
+            url::Host::Domain(d) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                if d == "localhost" || d.ends_with(".localhost") {
+                    return Err(bad("callback_url must point to a public address"));
+                }
+                None
+            }
+        };
+        if ip.is_some_and(|ip| !crate::webhook::is_public(ip)) {
+            return Err(bad("callback_url must point to a public address"));
+        }
+    }
+    Ok(url.to_string())
+}
+
+/// Checks an `Idempotency-Key` header value.
+pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::builtin_registry;
+
+    fn parse(body: &str) -> Result<SubmitRequest, ApiError> {
+        parse_submit(body.as_bytes(), &builtin_registry(0.0), SubmitRules { allow_timeout: false, callback_allow_private: false })
+    }
+
+    fn param_of(body: &str) -> String {
+        match parse(body) {
+            Err(ApiError::InvalidRequest { param, .. }) => param.unwrap_or_default(),
+            other => panic!("{body} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_is_accepted_with_defaults() {
+        let r = parse(r#"{"model":"veo3","action":"generate","prompt":"A cat walking on the beach","duration":5}"#).unwrap();
+        assert_eq!(r.duration, Some(5));
+        let r = parse(r#"{"model":"veo3","prompt":"x"}"#).unwrap();
+        assert_eq!((r.action.as_str(), r.duration), ("generate", Some(5)));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(param_of(r#"{"prompt":"x"}"#), "model");
+        assert_eq!(param_of(r#"{"model":"nope"}"#), "model");
+        assert_eq!(param_of(r#"{"model":5}"#), "model");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","action":"edit"}"#), "action");
+        assert_eq!(param_of(r#"{"model":"veo3"}"#), "prompt");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":21}"#), "duration");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":0}"#), "duration");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":2.5}"#), "duration");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":"5"}"#), "duration");
+        assert_eq!(param_of(r#"{"model":"echo","duration":5}"#), "duration");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","params":{"fps":99}}"#), "params.fps");
+        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","params":{"bogus":1}}"#), "params.bogus");
+        assert_eq!(param_of(r#"{"model":"echo","metadata":{"a":1}}"#), "metadata.a");
+        assert_eq!(param_of(r#"{"model":"echo","colour":"red"}"#), "colour");
+        assert_eq!(param_of(r#"{"model":"echo","timeout":3}"#), "timeout");
+        let long = "x".repeat(2001);
+        assert_eq!(param_of(&format!(r#"{{"model":"veo3","prompt":"{long}"}}"#)), "prompt");
+        let meta: Vec<String> = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect();
+        assert_eq!(param_of(&format!(r#"{{"model":"echo","metadata":{{{}}}}}"#, meta.join(","))), "metadata");
+    }
+
+    #[test]
+    fn callback_urls_must_be_public_https_unless_private_is_allowed() {
+        for url in ["http://example.com/x", "https://127.0.0.1/x", "https://localhost/x", "https://10.1.2.3/", "https://[::1]/", "https://169.254.169.254/", "ftp://example.com/", "https://u:p@example.com/"] {
+            assert!(check_callback_url(url, false).is_err(), "{url} accepted");
+        }
+        assert!(check_callback_url("https://example.com/hook", false).is_ok());
+        assert!(check_callback_url("http://127.0.0.1:9/hook", true).is_ok());
+    }
+
+    #[test]
+    fn the_request_hash_ignores_key_order_and_timeout() {
+        let rules = SubmitRules { allow_timeout: true, callback_allow_private: true };
+        let reg = builtin_registry(0.0);
+        let a = parse_submit(br#"{"model":"echo","prompt":"a","timeout":3}"#, &reg, rules).unwrap();
+        let b = parse_submit(br#"{"prompt":"a","model":"echo"}"#, &reg, rules).unwrap();
+        let c = parse_submit(br#"{"prompt":"b","model":"echo"}"#, &reg, rules).unwrap();
+        assert_eq!(a.request_hash, b.request_hash);
+        assert_ne!(a.request_hash, c.request_hash);
+    }
+
+    #[test]
+    fn non_objects_and_broken_json_are_rejected() {
+        for body in ["", "[]", "null", "{", "\"x\""] {
+            assert!(matches!(parse(body), Err(ApiError::InvalidRequest { .. })), "{body}");
+        }
+    }
+}
