@@ -424,7 +424,7 @@ impl Api {
             data.push(self.view(t).await?);
         }
         let next_cursor = page.next_before.map(|id| URL_SAFE_NO_PAD.encode(id));
-        json_response(StatusCode::OK, &json!({"data": data, "next_cursor": next_cursor}))
+        json_response(StatusCode::OK, &TaskList { data, next_cursor })
     }
 
     async fn view(&self, task: &Task) -> Result<TaskView, ApiError> {
@@ -439,6 +439,13 @@ impl Api {
         }
         Ok(resp)
     }
+}
+
+/// The body of `GET /v1/tasks`.
+#[derive(Serialize)]
+struct TaskList {
+    data: Vec<TaskView>,
+    next_cursor: Option<String>,
 }
 
 fn decode_cursor(c: &str) -> Result<String, ApiError> {

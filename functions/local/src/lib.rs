@@ -1,1 +1,21 @@
-pub fn y(){}
+//! # tasklane-local
+//!
+//! tasklane on a laptop: the core's API and processor with embedded backends.
+//!
+//! - [`sqlite`]: the task store and work queue in one SQLite file (durable across restarts).
+//! - [`files`]: the results folder, handed out as URLs signed and served by this server.
+//! - [`server`]: configuration from the environment, the HTTP server, in-process workers,
+//!   recovery at start-up and graceful shutdown.
+
+pub mod files;
+pub mod server;
+pub mod sqlite;
+
+pub use server::{Hooks, LocalConfig, Running, start, start_with};
+
+/// Installs a `tracing` subscriber: human-readable, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}

@@ -1,0 +1,578 @@
+//! Embedded durable backends: the task store and the work queue in one SQLite file.
+//!
+//! One connection behind a mutex, driven from blocking threads; every multi-row change is a
+//! single `IMMEDIATE` transaction, so the atomicity the ports promise holds across crashes.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tasklane_core::account::Account;
+use tasklane_core::ports::{
+    IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore, WorkMessage, WorkQueue,
+};
+use tasklane_core::task::{Task, TaskStatus, Transition, apply};
+use tokio::sync::Notify;
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    credits INTEGER NOT NULL CHECK (credits >= 0),
+    granted INTEGER NOT NULL,
+    webhook_secret TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_account ON tasks (account_id, id DESC);
+CREATE TABLE IF NOT EXISTS idempotency (
+    account_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    token TEXT NOT NULL,
+    task_id TEXT,
+    locked_until INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (account_id, key)
+);
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body TEXT NOT NULL,
+    visible_at INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT
+);
+CREATE INDEX IF NOT EXISTS queue_visible ON queue (visible_at, id);
+";
+
+fn internal(e: impl Into<tasklane_core::ports::BoxError>) -> PortError {
+    PortError::internal(e)
+}
+
+fn db_err(e: rusqlite::Error) -> PortError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => PortError::unavailable(e),
+        _ => internal(e),
+    }
+}
+
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn now_ms() -> i64 {
+    millis(Utc::now())
+}
+
+fn dur_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// The SQLite database file shared by [`SqliteStore`] and [`SqliteQueue`].
+#[derive(Clone)]
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Db {
+    /// Opens (creating when missing) the database at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Db> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection from a blocking thread.
+    async fn with<T, F>(&self, f: F) -> PortResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> PortResult<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| internal("database mutex poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(internal)?
+    }
+}
+
+/// The task store on SQLite.
+#[derive(Clone)]
+pub struct SqliteStore {
+    db: Db,
+}
+
+impl SqliteStore {
+    /// A store over `db`.
+    pub fn new(db: Db) -> Self {
+        SqliteStore { db }
+    }
+
+    /// At start-up no worker of an earlier process is alive: drop the leases they held so
+    /// their tasks are taken up again at once. Returns the ids of every unfinished task.
+    pub async fn recover(&self) -> PortResult<Vec<String>> {
+        self.db
+            .with(|c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let rows: Vec<(String, String)> = {
+                    let mut st = tx
+                        .prepare("SELECT id, doc FROM tasks WHERE status IN ('queued', 'processing')")
+                        .map_err(db_err)?;
+                    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .map_err(db_err)?
+                        .collect::<Result<_, _>>()
+                        .map_err(db_err)?
+                };
+                let mut ids = Vec::with_capacity(rows.len());
+                for (id, doc) in rows {
+                    let mut task: Task = serde_json::from_str(&doc).map_err(internal)?;
+                    if task.status == TaskStatus::Processing && task.lease_until.is_some() {
+                        task.lease_until = None;
+                        task.version += 1;
+                        write_task(&tx, &task, task.version - 1)?;
+                    }
+                    ids.push(id);
+                }
+                tx.commit().map_err(db_err)?;
+                Ok(ids)
+            })
+            .await
+    }
+}
+
+fn read_account(c: &Connection, sql: &str, arg: &str) -> PortResult<Option<Account>> {
+    c.query_row(sql, [arg], |r| {
+        Ok(Account {
+            id: r.get(0)?,
+            key_hash: r.get(1)?,
+            credits: r.get::<_, i64>(2)? as u64,
+            granted: r.get::<_, i64>(3)? as u64,
+            webhook_secret: r.get(4)?,
+            created_at: r.get::<_, String>(5)?.parse().unwrap_or_default(),
+        })
+    })
+    .optional()
+    .map_err(db_err)
+}
+
+const ACCOUNT_COLS: &str = "SELECT id, key_hash, credits, granted, webhook_secret, created_at FROM accounts";
+
+fn read_task(c: &Connection, id: &str) -> PortResult<Option<Task>> {
+    let doc: Option<String> = c
+        .query_row("SELECT doc FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?;
+    doc.map(|d| serde_json::from_str(&d).map_err(internal)).transpose()
+}
+
+/// Writes `task` if the stored version is still `expected_version`.
+fn write_task(c: &Connection, task: &Task, expected_version: u64) -> PortResult<()> {
+    let doc = serde_json::to_string(task).map_err(internal)?;
+    let n = c
+        .execute(
+            "UPDATE tasks SET status = ?2, version = ?3, doc = ?4 WHERE id = ?1 AND version = ?5",
+            params![task.id, task.status.as_str(), task.version as i64, doc, expected_version as i64],
+        )
+        .map_err(db_err)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(internal("task version changed during a locked transaction"))
+    }
+}
+
+#[async_trait]
+impl TaskStore for SqliteStore {
+    async fn create_account(&self, account: &Account) -> PortResult<()> {
+        let a = account.clone();
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "INSERT INTO accounts (id, key_hash, credits, granted, webhook_secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![a.id, a.key_hash, a.credits as i64, a.granted as i64, a.webhook_secret, a.created_at.to_rfc3339()],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
+        let h = key_hash.to_string();
+        self.db
+            .with(move |c| read_account(c, &format!("{ACCOUNT_COLS} WHERE key_hash = ?1"), &h))
+            .await
+    }
+
+    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
+        let id = account_id.to_string();
+        self.db
+            .with(move |c| read_account(c, &format!("{ACCOUNT_COLS} WHERE id = ?1"), &id))
+            .await
+    }
+
+    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
+        let id = account_id.to_string();
+        self.db
+            .with(move |c| {
+                let n = c
+                    .execute(
+                        "UPDATE accounts SET credits = credits + ?2, granted = granted + ?2 WHERE id = ?1",
+                        params![id, credits as i64],
+                    )
+                    .map_err(db_err)?;
+                if n == 0 {
+                    return Err(PortError::NotFound);
+                }
+                read_account(c, &format!("{ACCOUNT_COLS} WHERE id = ?1"), &id)?.ok_or(PortError::NotFound)
+            })
+            .await
+    }
+
+    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
+        let (id, h) = (account_id.to_string(), key_hash.to_string());
+        self.db
+            .with(move |c| {
+                let n = c
+                    .execute("UPDATE accounts SET key_hash = ?2 WHERE id = ?1", params![id, h])
+                    .map_err(db_err)?;
+                if n == 0 { Err(PortError::NotFound) } else { Ok(()) }
+            })
+            .await
+    }
+
+    async fn reserve_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        in_flight: Duration,
+        retain: Duration,
+    ) -> PortResult<Reservation> {
+        let (acct, key, hash) = (account_id.to_string(), key.to_string(), request_hash.to_string());
+        let now = millis(now);
+        self.db
+            .with(move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let row: Option<(String, Option<String>, i64, i64)> = tx
+                    .query_row(
+                        "SELECT request_hash, task_id, locked_until, expires_at FROM idempotency WHERE account_id = ?1 AND key = ?2",
+                        params![acct, key],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )
+                    .optional()
+                    .map_err(db_err)?;
+                let outcome = match row {
+                    Some((h, _, _, expires)) if expires <= now => {
+                        let _ = h;
+                        None
+                    }
+                    Some((h, Some(task_id), _, _)) => Some(Reservation::Completed { request_hash: h, task_id }),
+                    Some((h, None, locked_until, _)) if locked_until > now => Some(Reservation::InProgress { request_hash: h }),
+                    _ => None,
+                };
+                let outcome = match outcome {
+                    Some(o) => o,
+                    None => {
+                        let token = ulid::Ulid::new().to_string();
+                        tx.execute(
+                            "INSERT OR REPLACE INTO idempotency (account_id, key, request_hash, token, task_id, locked_until, expires_at) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6)",
+                            params![acct, key, hash, token, now + dur_ms(in_flight), now + dur_ms(retain)],
+                        )
+                        .map_err(db_err)?;
+                        Reservation::Reserved { token }
+                    }
+                };
+                tx.commit().map_err(db_err)?;
+                Ok(outcome)
+            })
+            .await
+    }
+
+    async fn release_idempotency(&self, account_id: &str, key: &str, token: &str) -> PortResult<()> {
+        let (a, k, t) = (account_id.to_string(), key.to_string(), token.to_string());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM idempotency WHERE account_id = ?1 AND key = ?2 AND token = ?3 AND task_id IS NULL",
+                    params![a, k, t],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+        let task = task.clone();
+        let claim = claim.cloned();
+        self.db
+            .with(move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let cost = task.cost.credits as i64;
+                let debited = tx
+                    .execute(
+                        "UPDATE accounts SET credits = credits - ?2 WHERE id = ?1 AND credits >= ?2",
+                        params![task.account_id, cost],
+                    )
+                    .map_err(db_err)?;
+                if debited == 0 {
+                    let available: Option<i64> = tx
+                        .query_row("SELECT credits FROM accounts WHERE id = ?1", [&task.account_id], |r| r.get(0))
+                        .optional()
+                        .map_err(db_err)?;
+                    return Err(match available {
+                        Some(a) => PortError::InsufficientCredits { available: a as u64 },
+                        None => PortError::NotFound,
+                    });
+                }
+                if let Some(claim) = &claim {
+                    let n = tx
+                        .execute(
+                            "UPDATE idempotency SET task_id = ?4 WHERE account_id = ?1 AND key = ?2 AND token = ?3 AND task_id IS NULL",
+                            params![task.account_id, claim.key, claim.token, task.id],
+                        )
+                        .map_err(db_err)?;
+                    if n == 0 {
+                        return Err(PortError::ReservationLost);
+                    }
+                }
+                let doc = serde_json::to_string(&task).map_err(internal)?;
+                tx.execute(
+                    "INSERT INTO tasks (id, account_id, status, model, version, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![task.id, task.account_id, task.status.as_str(), task.model, task.version as i64, doc],
+                )
+                .map_err(db_err)?;
+                tx.commit().map_err(db_err)
+            })
+            .await
+    }
+
+    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
+        let id = task_id.to_string();
+        self.db.with(move |c| read_task(c, &id)).await
+    }
+
+    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
+        let (acct, q) = (account_id.to_string(), query.clone());
+        self.db
+            .with(move |c| {
+                let mut sql = String::from("SELECT doc FROM tasks WHERE account_id = ?1");
+                let mut args: Vec<String> = vec![acct];
+                if let Some(s) = q.status {
+                    args.push(s.as_str().to_string());
+                    sql.push_str(&format!(" AND status = ?{}", args.len()));
+                }
+                if let Some(m) = &q.model {
+                    args.push(m.clone());
+                    sql.push_str(&format!(" AND model = ?{}", args.len()));
+                }
+                if let Some(b) = &q.before {
+                    args.push(b.clone());
+                    sql.push_str(&format!(" AND id < ?{}", args.len()));
+                }
+                sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", q.limit + 1));
+                let mut st = c.prepare(&sql).map_err(db_err)?;
+                let docs: Vec<String> = st
+                    .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
+                    .map_err(db_err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(db_err)?;
+                let more = docs.len() > q.limit;
+                let tasks: Vec<Task> = docs
+                    .iter()
+                    .take(q.limit)
+                    .map(|d| serde_json::from_str(d).map_err(internal))
+                    .collect::<Result<_, _>>()?;
+                let next_before = if more { tasks.last().map(|t| t.id.clone()) } else { None };
+                Ok(TaskPage { tasks, next_before })
+            })
+            .await
+    }
+
+    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
+        let (id, t) = (task_id.to_string(), transition.clone());
+        self.db
+            .with(move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let mut task = read_task(&tx, &id)?.ok_or(PortError::NotFound)?;
+                let old_version = task.version;
+                let applied = apply(&mut task, &t, Utc::now())?;
+                if task.version != old_version {
+                    write_task(&tx, &task, old_version)?;
+                    let refund = applied.refund();
+                    if refund > 0 {
+                        tx.execute(
+                            "UPDATE accounts SET credits = credits + ?2 WHERE id = ?1",
+                            params![task.account_id, refund as i64],
+                        )
+                        .map_err(db_err)?;
+                    }
+                    tx.commit().map_err(db_err)?;
+                }
+                Ok(task)
+            })
+            .await
+    }
+}
+
+/// A message received from the queue, to ack or retry.
+#[derive(Debug, Clone)]
+pub struct Received {
+    id: i64,
+    receipt: String,
+    /// The message, or `None` when its body could not be parsed (a poison message).
+    pub message: Option<WorkMessage>,
+    /// How many times it has been received, this time included.
+    pub receive_count: u32,
+}
+
+/// The work queue on SQLite: at-least-once, delayed messages, visibility timeout.
+#[derive(Clone)]
+pub struct SqliteQueue {
+    db: Db,
+    wake: Arc<Notify>,
+}
+
+impl SqliteQueue {
+    /// A queue over `db`.
+    pub fn new(db: Db) -> Self {
+        SqliteQueue {
+            db,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Notified when a message becomes visible at once.
+    pub fn wake(&self) -> &Notify {
+        &self.wake
+    }
+
+    /// Receives up to `max` visible messages, hiding them for `visibility`.
+    pub async fn receive(&self, max: usize, visibility: Duration) -> PortResult<Vec<Received>> {
+        self.db
+            .with(move |c| {
+                let now = now_ms();
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let rows: Vec<(i64, String, i64)> = {
+                    let mut st = tx
+                        .prepare("SELECT id, body, receive_count FROM queue WHERE visible_at <= ?1 ORDER BY visible_at, id LIMIT ?2")
+                        .map_err(db_err)?;
+                    st.query_map(params![now, max as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .map_err(db_err)?
+                        .collect::<Result<_, _>>()
+                        .map_err(db_err)?
+                };
+                let mut out = Vec::with_capacity(rows.len());
+                for (id, body, count) in rows {
+                    let receipt = ulid::Ulid::new().to_string();
+                    tx.execute(
+                        "UPDATE queue SET visible_at = ?2, receive_count = receive_count + 1, receipt = ?3 WHERE id = ?1",
+                        params![id, now + dur_ms(visibility), receipt],
+                    )
+                    .map_err(db_err)?;
+                    out.push(Received {
+                        id,
+                        receipt,
+                        message: serde_json::from_str(&body).ok(),
+                        receive_count: (count + 1) as u32,
+                    });
+                }
+                tx.commit().map_err(db_err)?;
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Deletes a handled message.
+    pub async fn ack(&self, r: &Received) -> PortResult<()> {
+        let (id, receipt) = (r.id, r.receipt.clone());
+        self.db
+            .with(move |c| {
+                c.execute("DELETE FROM queue WHERE id = ?1 AND receipt = ?2", params![id, receipt])
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Makes a received message visible again after `delay`.
+    pub async fn retry(&self, r: &Received, delay: Duration) -> PortResult<()> {
+        let (id, receipt) = (r.id, r.receipt.clone());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "UPDATE queue SET visible_at = ?3, receipt = NULL WHERE id = ?1 AND receipt = ?2",
+                    params![id, receipt, now_ms() + dur_ms(delay)],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// At start-up: messages received by a process that died become visible at once.
+    pub async fn release_in_flight(&self) -> PortResult<usize> {
+        self.db
+            .with(|c| {
+                c.execute(
+                    "UPDATE queue SET visible_at = ?1, receipt = NULL WHERE receipt IS NOT NULL",
+                    [now_ms()],
+                )
+                .map_err(db_err)
+            })
+            .await
+    }
+
+    /// When the next message becomes visible, if any is queued.
+    pub async fn next_visible_at(&self) -> PortResult<Option<DateTime<Utc>>> {
+        self.db
+            .with(|c| {
+                let ms: Option<i64> = c
+                    .query_row("SELECT MIN(visible_at) FROM queue", [], |r| r.get(0))
+                    .map_err(db_err)?;
+                Ok(ms.and_then(DateTime::from_timestamp_millis))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl WorkQueue for SqliteQueue {
+    async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
+        let body = serde_json::to_string(message).map_err(internal)?;
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "INSERT INTO queue (body, visible_at) VALUES (?1, ?2)",
+                    params![body, now_ms() + dur_ms(delay)],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await?;
+        if delay.is_zero() {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
