@@ -1,0 +1,174 @@
+//! Test harness: a real local server on 127.0.0.1:0 with its own data directory, and an HTTP
+//! client speaking to it. Every test gets its own server, port and data.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tasklane_local::{Hooks, LocalConfig, Running};
+
+/// An answer: status, headers, JSON body (Null when the body is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    /// Asserts the API error shape with `code` and the given status; returns the error object.
+    pub fn assert_error(&self, status: u16, code: &str) -> &Value {
+        assert_eq!(self.status.as_u16(), status, "unexpected status; body: {}", self.body);
+        assert_eq!(self.headers["content-type"], "application/json");
+        let e = &self.body["error"];
+        assert_eq!(e["code"], code, "body: {}", self.body);
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "message missing: {}", self.body);
+        e
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Configuration tests start from: port 0, fast demo models, short webhook retries.
+pub fn test_config(dir: &std::path::Path) -> LocalConfig {
+    let mut c = LocalConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        workers: 2,
+        demo_time_scale: 0.2,
+        shutdown_grace: Duration::from_secs(10),
+        ..LocalConfig::default()
+    };
+    c.core.callback_retry_schedule = vec![Duration::from_millis(200), Duration::from_millis(400)];
+    c.core.callback_timeout = Duration::from_secs(2);
+    c
+}
+
+pub struct Server {
+    pub running: Option<Running>,
+    pub base: String,
+    pub key: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    /// A server with the test configuration.
+    pub async fn start() -> Server {
+        Self::start_with(|_| {}, Hooks::default()).await
+    }
+
+    /// A server with the test configuration changed by `f` and adapters wrapped by `hooks`.
+    pub async fn start_with(f: impl FnOnce(&mut LocalConfig), hooks: Hooks) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(tmp.path());
+        f(&mut cfg);
+        let dir = cfg.data_dir.clone();
+        let mut s = Self::boot(cfg, hooks).await;
+        s.dir = dir;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    async fn boot(cfg: LocalConfig, hooks: Hooks) -> Server {
+        let dir = cfg.data_dir.clone();
+        let running = tasklane_local::start_with(cfg, hooks).await.expect("server starts");
+        Server {
+            base: running.base_url.clone(),
+            key: running.dev_api_key.clone(),
+            running: Some(running),
+            dir,
+            _tmp: None,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+        }
+    }
+
+    /// Shuts down gracefully and starts again on the same data directory (and a new port).
+    pub async fn restart(mut self, f: impl FnOnce(&mut LocalConfig)) -> Server {
+        self.running.take().unwrap().shutdown().await;
+        let mut cfg = test_config(&self.dir);
+        f(&mut cfg);
+        let tmp = self._tmp.take();
+        let mut s = Self::boot(cfg, Hooks::default()).await;
+        s._tmp = tmp;
+        s
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer { status, headers, body }
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.get_as(path, &self.key).await
+    }
+
+    pub async fn get_as(&self, path: &str, key: &str) -> Answer {
+        self.send(self.client.get(self.url(path)).bearer_auth(key)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Answer {
+        self.post_as(path, body, &self.key).await
+    }
+
+    pub async fn post_as(&self, path: &str, body: &Value, key: &str) -> Answer {
+        self.send(self.client.post(self.url(path)).bearer_auth(key).json(body)).await
+    }
+
+    /// Submits and asserts 202; returns the task.
+    pub async fn submit(&self, body: Value) -> Value {
+        let a = self.post("/tasks", &body).await;
+        assert_eq!(a.status, 202, "submit failed: {}", a.body);
+        a.body
+    }
+
+    pub async fn credits(&self) -> u64 {
+        self.get("/account").await.body["credits"].as_u64().unwrap()
+    }
+
+    /// Polls until the task is terminal (at most `secs` seconds); returns it.
+    pub async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let t = self.get(&format!("/tasks/{id}")).await;
+            assert_eq!(t.status, 200, "{}", t.body);
+            let s = t.body["status"].as_str().unwrap().to_string();
+            if ["completed", "failed", "cancelled"].contains(&s.as_str()) {
+                return t.body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "task {id} still {s} after {secs}s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates a second account with `credits` directly in the store; returns its API key.
+    pub async fn new_account(&self, credits: u64) -> String {
+        let new = tasklane_core::account::Account::create(credits, None);
+        self.app().store.create_account(&new.account).await.unwrap();
+        new.api_key
+    }
+
+    pub fn app(&self) -> &std::sync::Arc<tasklane_core::App> {
+        &self.running.as_ref().unwrap().app
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
