@@ -165,6 +165,11 @@ impl ApiError {
             ApiError::RateLimited { retry_after } | ApiError::Unavailable { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
+            // A 409 that retrying cannot fix: tell clients that retry 409s by default
+            // (openai-python and other Stainless-generated SDKs) not to.
+            ApiError::NotCancellable { .. } => {
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             _ => {}
         }
         resp
