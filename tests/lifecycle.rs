@@ -22,7 +22,12 @@ async fn the_documented_flow_submits_polls_and_downloads_a_gif() {
     assert_eq!(done["progress"], 100);
     let out = &done["result"]["outputs"][0];
     assert_eq!(out["content_type"], "image/gif");
-    let bytes = reqwest::get(out["url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
+    let bytes = reqwest::get(out["url"].as_str().unwrap())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(&bytes[..6], b"GIF89a");
     assert_eq!(bytes.len() as u64, out["size_bytes"].as_u64().unwrap());
     s.stop().await;

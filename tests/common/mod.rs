@@ -21,11 +21,20 @@ pub struct Answer {
 impl Answer {
     /// Asserts the API error shape with `code` and the given status; returns the error object.
     pub fn assert_error(&self, status: u16, code: &str) -> &Value {
-        assert_eq!(self.status.as_u16(), status, "unexpected status; body: {}", self.body);
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected status; body: {}",
+            self.body
+        );
         assert_eq!(self.headers["content-type"], "application/json");
         let e = &self.body["error"];
         assert_eq!(e["code"], code, "body: {}", self.body);
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "message missing: {}", self.body);
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "message missing: {}",
+            self.body
+        );
         e
     }
 
@@ -78,14 +87,19 @@ impl Server {
 
     async fn boot(cfg: LocalConfig, hooks: Hooks) -> Server {
         let dir = cfg.data_dir.clone();
-        let running = tasklane_local::start_with(cfg, hooks).await.expect("server starts");
+        let running = tasklane_local::start_with(cfg, hooks)
+            .await
+            .expect("server starts");
         Server {
             base: running.base_url.clone(),
             key: running.dev_api_key.clone(),
             running: Some(running),
             dir,
             _tmp: None,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
         }
     }
 
@@ -110,7 +124,11 @@ impl Server {
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.unwrap();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer { status, headers, body }
+        Answer {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Answer {
@@ -118,7 +136,8 @@ impl Server {
     }
 
     pub async fn get_as(&self, path: &str, key: &str) -> Answer {
-        self.send(self.client.get(self.url(path)).bearer_auth(key)).await
+        self.send(self.client.get(self.url(path)).bearer_auth(key))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Answer {
@@ -126,7 +145,8 @@ impl Server {
     }
 
     pub async fn post_as(&self, path: &str, body: &Value, key: &str) -> Answer {
-        self.send(self.client.post(self.url(path)).bearer_auth(key).json(body)).await
+        self.send(self.client.post(self.url(path)).bearer_auth(key).json(body))
+            .await
     }
 
     /// Submits and asserts 202; returns the task.
@@ -150,7 +170,10 @@ impl Server {
             if ["completed", "failed", "cancelled"].contains(&s.as_str()) {
                 return t.body;
             }
-            assert!(tokio::time::Instant::now() < deadline, "task {id} still {s} after {secs}s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "task {id} still {s} after {secs}s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use crate::account::{Account, hash_api_key};
 use crate::error::ApiError;
 use crate::ports::{IdempotencyClaim, ListQuery, PortError, Reservation, WorkMessage};
-use crate::task::{Callback, CallbackState, Cost, Task, TaskFailure, TaskInput, TaskStatus, Transition};
+use crate::task::{
+    Callback, CallbackState, Cost, Task, TaskFailure, TaskInput, TaskStatus, Transition,
+};
 use crate::validate::{SubmitRequest, SubmitRules, check_idempotency_key, parse_submit};
 use crate::view::{TaskView, task_view};
 use crate::{App, is_task_id};
@@ -96,7 +98,10 @@ impl Api {
     pub async fn handle(&self, req: Request<Bytes>) -> Response<Bytes> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let resp = self.dispatch(req).await.unwrap_or_else(ApiError::into_response);
+        let resp = self
+            .dispatch(req)
+            .await
+            .unwrap_or_else(ApiError::into_response);
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
         resp
     }
@@ -104,14 +109,19 @@ impl Api {
     async fn dispatch(&self, req: Request<Bytes>) -> Result<Response<Bytes>, ApiError> {
         let route = Route::parse(req.uri().path()).ok_or(ApiError::NotFound("no such route"))?;
         let m = req.method();
-        let allowed = match (&route, m) {
-            (Route::Tasks, &Method::GET | &Method::POST) => true,
-            (Route::Sync | Route::Cancel(_), &Method::POST) => true,
-            (Route::Task(_) | Route::Account | Route::Models, &Method::GET) => true,
-            _ => false,
-        };
+        let allowed = matches!(
+            (&route, m),
+            (Route::Tasks, &Method::GET | &Method::POST)
+                | (Route::Sync | Route::Cancel(_), &Method::POST)
+                | (
+                    Route::Task(_) | Route::Account | Route::Models,
+                    &Method::GET
+                )
+        );
         if !allowed {
-            return Err(ApiError::MethodNotAllowed { allow: route.allow() });
+            return Err(ApiError::MethodNotAllowed {
+                allow: route.allow(),
+            });
         }
         if req.body().len() > self.app.config.max_body_bytes {
             return Err(ApiError::PayloadTooLarge {
@@ -120,7 +130,9 @@ impl Api {
         }
         let account = self.authenticate(req.headers()).await?;
         match route {
-            Route::Tasks if req.method() == Method::POST => self.submit(&account, &req, Submit::Async).await,
+            Route::Tasks if req.method() == Method::POST => {
+                self.submit(&account, &req, Submit::Async).await
+            }
             Route::Tasks => self.list(&account, req.uri().query().unwrap_or("")).await,
             Route::Sync => self.submit(&account, &req, Submit::Sync).await,
             Route::Task(id) => self.status(&account, &id).await,
@@ -153,7 +165,12 @@ impl Api {
             .ok_or(ApiError::Unauthorized)
     }
 
-    async fn submit(&self, account: &Account, req: &Request<Bytes>, kind: Submit) -> Result<Response<Bytes>, ApiError> {
+    async fn submit(
+        &self,
+        account: &Account,
+        req: &Request<Bytes>,
+        kind: Submit,
+    ) -> Result<Response<Bytes>, ApiError> {
         require_json(req.headers())?;
         let rules = SubmitRules {
             allow_timeout: kind == Submit::Sync,
@@ -172,9 +189,9 @@ impl Api {
         let idempotency_key = match req.headers().get("idempotency-key") {
             None => None,
             Some(v) => {
-                let k = v
-                    .to_str()
-                    .map_err(|_| ApiError::invalid("Idempotency-Key", "Idempotency-Key must be printable ASCII"))?;
+                let k = v.to_str().map_err(|_| {
+                    ApiError::invalid("Idempotency-Key", "Idempotency-Key must be printable ASCII")
+                })?;
                 check_idempotency_key(k)?;
                 Some(k.to_string())
             }
@@ -199,10 +216,16 @@ impl Api {
         let mut resp = self.task_response(status, &view, &task)?;
         let h = resp.headers_mut();
         if status == StatusCode::ACCEPTED {
-            h.insert(header::LOCATION, header_value(&format!("/v1/tasks/{}", task.id)));
+            h.insert(
+                header::LOCATION,
+                header_value(&format!("/v1/tasks/{}", task.id)),
+            );
         }
         if let (Submit::Async, Some(w)) = (kind, wait) {
-            h.insert("preference-applied", header_value(&format!("wait={}", w.as_secs())));
+            h.insert(
+                "preference-applied",
+                header_value(&format!("wait={}", w.as_secs())),
+            );
         }
         if replayed {
             h.insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -210,7 +233,12 @@ impl Api {
         Ok(resp)
     }
 
-    async fn create_idempotent(&self, account: &Account, sub: &SubmitRequest, key: String) -> Result<(Task, bool), ApiError> {
+    async fn create_idempotent(
+        &self,
+        account: &Account,
+        sub: &SubmitRequest,
+        key: String,
+    ) -> Result<(Task, bool), ApiError> {
         let cfg = &self.app.config;
         let store = &self.app.store;
         let reservation = store
@@ -229,7 +257,10 @@ impl Api {
                 match self.create(account, sub, Some(&claim)).await {
                     Ok(task) => Ok((task, false)),
                     Err(e) => {
-                        if let Err(release) = store.release_idempotency(&account.id, &claim.key, &claim.token).await {
+                        if let Err(release) = store
+                            .release_idempotency(&account.id, &claim.key, &claim.token)
+                            .await
+                        {
                             tracing::warn!(error = %release, "could not release idempotency reservation");
                         }
                         Err(e)
@@ -239,19 +270,31 @@ impl Api {
             Reservation::InProgress { request_hash } if request_hash == sub.request_hash => {
                 Err(ApiError::IdempotencyInProgress)
             }
-            Reservation::Completed { request_hash, task_id } if request_hash == sub.request_hash => {
+            Reservation::Completed {
+                request_hash,
+                task_id,
+            } if request_hash == sub.request_hash => {
                 let task = store.task(&task_id).await?.ok_or_else(|| {
-                    ApiError::Internal(format!("idempotency record names missing task {task_id}").into())
+                    ApiError::Internal(
+                        format!("idempotency record names missing task {task_id}").into(),
+                    )
                 })?;
                 Ok((task, true))
             }
-            Reservation::InProgress { .. } | Reservation::Completed { .. } => Err(ApiError::IdempotencyKeyReused),
+            Reservation::InProgress { .. } | Reservation::Completed { .. } => {
+                Err(ApiError::IdempotencyKeyReused)
+            }
         }
     }
 
     /// Debits, stores and enqueues a new task. If the enqueue fails the task is failed and
     /// refunded at once, so nothing stays `queued` with no work behind it.
-    async fn create(&self, account: &Account, sub: &SubmitRequest, claim: Option<&IdempotencyClaim>) -> Result<Task, ApiError> {
+    async fn create(
+        &self,
+        account: &Account,
+        sub: &SubmitRequest,
+        claim: Option<&IdempotencyClaim>,
+    ) -> Result<Task, ApiError> {
         let spec = self
             .app
             .registry
@@ -297,11 +340,20 @@ impl Api {
             lease_until: None,
             version: 1,
         };
-        self.app.store.insert_task(&task, claim).await.map_err(|e| match e {
-            PortError::InsufficientCredits { available } => ApiError::InsufficientQuota { needed: cost, available },
-            other => other.into(),
-        })?;
-        let run = WorkMessage::Run { task_id: task.id.clone() };
+        self.app
+            .store
+            .insert_task(&task, claim)
+            .await
+            .map_err(|e| match e {
+                PortError::InsufficientCredits { available } => ApiError::InsufficientQuota {
+                    needed: cost,
+                    available,
+                },
+                other => other.into(),
+            })?;
+        let run = WorkMessage::Run {
+            task_id: task.id.clone(),
+        };
         if let Err(e) = self.app.queue.enqueue(&run, Duration::ZERO).await {
             tracing::error!(task_id = %task.id, error = %e, "enqueue failed; failing the task with a refund");
             let fail = Transition::Fail {
@@ -337,7 +389,12 @@ impl Api {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Re-read after registering so a change in between is not missed.
-            task = self.app.store.task(&task.id).await?.ok_or(ApiError::NotFound("task not found"))?;
+            task = self
+                .app
+                .store
+                .task(&task.id)
+                .await?
+                .ok_or(ApiError::NotFound("task not found"))?;
             if task.status.is_terminal() {
                 return Ok(task);
             }
@@ -371,7 +428,11 @@ impl Api {
         if before.status == TaskStatus::Queued {
             tracing::info!(task_id = %id, refunded = task.cost.credits, "task cancelled");
             self.app.events.notify(id);
-            if task.callback.as_ref().is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0) {
+            if task
+                .callback
+                .as_ref()
+                .is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0)
+            {
                 let msg = WorkMessage::Deliver {
                     task_id: id.to_string(),
                     attempt: 0,
@@ -393,14 +454,18 @@ impl Api {
         };
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             match k.as_ref() {
-                "status" => {
-                    q.status = Some(TaskStatus::parse(&v).ok_or_else(|| {
-                        ApiError::invalid("status", "status must be one of queued, processing, completed, failed, cancelled")
-                    })?)
-                }
+                "status" => q.status = Some(TaskStatus::parse(&v).ok_or_else(|| {
+                    ApiError::invalid(
+                        "status",
+                        "status must be one of queued, processing, completed, failed, cancelled",
+                    )
+                })?),
                 "model" => {
                     if v.is_empty() || v.len() > 64 {
-                        return Err(ApiError::invalid("model", "model must be 1 to 64 characters"));
+                        return Err(ApiError::invalid(
+                            "model",
+                            "model must be 1 to 64 characters",
+                        ));
                     }
                     q.model = Some(v.into_owned());
                 }
@@ -409,12 +474,17 @@ impl Api {
                         .parse::<usize>()
                         .ok()
                         .filter(|l| (1..=100).contains(l))
-                        .ok_or_else(|| ApiError::invalid("limit", "limit must be an integer from 1 to 100"))?
+                        .ok_or_else(|| {
+                            ApiError::invalid("limit", "limit must be an integer from 1 to 100")
+                        })?
                 }
                 "cursor" => q.before = Some(decode_cursor(&v)?),
                 other => {
                     let name: String = other.chars().take(64).collect();
-                    return Err(ApiError::invalid(name.clone(), format!("unknown query parameter {name:?}")));
+                    return Err(ApiError::invalid(
+                        name.clone(),
+                        format!("unknown query parameter {name:?}"),
+                    ));
                 }
             }
         }
@@ -428,14 +498,26 @@ impl Api {
     }
 
     async fn view(&self, task: &Task) -> Result<TaskView, ApiError> {
-        Ok(task_view(task, self.app.blobs.as_ref(), self.app.config.result_url_ttl).await?)
+        Ok(task_view(
+            task,
+            self.app.blobs.as_ref(),
+            self.app.config.result_url_ttl,
+        )
+        .await?)
     }
 
-    fn task_response(&self, status: StatusCode, view: &TaskView, task: &Task) -> Result<Response<Bytes>, ApiError> {
+    fn task_response(
+        &self,
+        status: StatusCode,
+        view: &TaskView,
+        task: &Task,
+    ) -> Result<Response<Bytes>, ApiError> {
         let mut resp = json_response(status, view)?;
         if !task.status.is_terminal() {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(self.app.config.poll_after_secs));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(self.app.config.poll_after_secs),
+            );
         }
         Ok(resp)
     }
@@ -462,12 +544,17 @@ fn header_value(s: &str) -> HeaderValue {
 }
 
 /// Serializes `body` as a JSON response.
-pub fn json_response(status: StatusCode, body: &impl Serialize) -> Result<Response<Bytes>, ApiError> {
+pub fn json_response(
+    status: StatusCode,
+    body: &impl Serialize,
+) -> Result<Response<Bytes>, ApiError> {
     let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(Box::new(e)))?;
     let mut resp = Response::new(Bytes::from(bytes));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }
 
@@ -495,11 +582,9 @@ fn prefer_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
                 continue;
             };
             if k.trim().eq_ignore_ascii_case("wait") {
-                let secs: u64 = val
-                    .trim()
-                    .trim_matches('"')
-                    .parse()
-                    .map_err(|_| ApiError::invalid("Prefer", "Prefer: wait must be a whole number of seconds"))?;
+                let secs: u64 = val.trim().trim_matches('"').parse().map_err(|_| {
+                    ApiError::invalid("Prefer", "Prefer: wait must be a whole number of seconds")
+                })?;
                 return Ok(Some(Duration::from_secs(secs)));
             }
         }
@@ -515,8 +600,14 @@ mod tests {
     fn routes_match_api_md() {
         assert_eq!(Route::parse("/v1/tasks"), Some(Route::Tasks));
         assert_eq!(Route::parse("/v1/tasks/sync"), Some(Route::Sync));
-        assert_eq!(Route::parse("/v1/tasks/abc"), Some(Route::Task("abc".into())));
-        assert_eq!(Route::parse("/v1/tasks/abc/cancel"), Some(Route::Cancel("abc".into())));
+        assert_eq!(
+            Route::parse("/v1/tasks/abc"),
+            Some(Route::Task("abc".into()))
+        );
+        assert_eq!(
+            Route::parse("/v1/tasks/abc/cancel"),
+            Some(Route::Cancel("abc".into()))
+        );
         assert_eq!(Route::parse("/v1/account"), Some(Route::Account));
         assert_eq!(Route::parse("/v1/tasks/"), None);
         assert_eq!(Route::parse("/v2/tasks"), None);

@@ -111,7 +111,9 @@ impl ApiError {
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::NotCancellable { .. } | ApiError::IdempotencyInProgress => StatusCode::CONFLICT,
+            ApiError::NotCancellable { .. } | ApiError::IdempotencyInProgress => {
+                StatusCode::CONFLICT
+            }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -145,8 +147,12 @@ impl ApiError {
     /// headers where they apply. Internal causes are logged here.
     pub fn into_response(self) -> Response<Bytes> {
         match &self {
-            ApiError::Internal(source) => tracing::error!(error = %source, cause = ?source.source(), "internal error"),
-            ApiError::Unavailable { source, .. } => tracing::warn!(error = %source, "backend unavailable"),
+            ApiError::Internal(source) => {
+                tracing::error!(error = %source, cause = ?source.source(), "internal error")
+            }
+            ApiError::Unavailable { source, .. } => {
+                tracing::warn!(error = %source, "backend unavailable")
+            }
             _ => {}
         }
         let mut error = json!({"code": self.code(), "message": self.to_string()});
@@ -157,7 +163,10 @@ impl ApiError {
         let mut resp = Response::new(Bytes::from(body));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         match self {
             ApiError::MethodNotAllowed { allow } => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));

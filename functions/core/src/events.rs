@@ -40,7 +40,12 @@ impl TaskEvents {
 
     /// Wakes everyone waiting on `task_id`.
     pub fn notify(&self, task_id: &str) {
-        let n = self.waiters.lock().expect("events lock").get(task_id).cloned();
+        let n = self
+            .waiters
+            .lock()
+            .expect("events lock")
+            .get(task_id)
+            .cloned();
         if let Some(n) = n {
             n.notify_waiters();
         }
@@ -51,7 +56,10 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut map = self.events.waiters.lock().expect("events lock");
         // Two references left: the map's and ours.
-        if map.get(&self.task_id).is_some_and(|n| Arc::strong_count(n) <= 2) {
+        if map
+            .get(&self.task_id)
+            .is_some_and(|n| Arc::strong_count(n) <= 2)
+        {
             map.remove(&self.task_id);
         }
     }

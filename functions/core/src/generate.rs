@@ -105,9 +105,24 @@ pub fn builtin_registry(time_scale: f64) -> Registry {
         max_prompt_chars: 2000,
         duration: None,
         params: vec![
-            ParamSpec { name: "width", kind: ParamKind::Int { min: 16, max: 1024 }, description: "pixels (default 512)" },
-            ParamSpec { name: "height", kind: ParamKind::Int { min: 16, max: 1024 }, description: "pixels (default 512)" },
-            ParamSpec { name: "seed", kind: ParamKind::Int { min: 0, max: i64::MAX }, description: "changes the picture for the same prompt" },
+            ParamSpec {
+                name: "width",
+                kind: ParamKind::Int { min: 16, max: 1024 },
+                description: "pixels (default 512)",
+            },
+            ParamSpec {
+                name: "height",
+                kind: ParamKind::Int { min: 16, max: 1024 },
+                description: "pixels (default 512)",
+            },
+            ParamSpec {
+                name: "seed",
+                kind: ParamKind::Int {
+                    min: 0,
+                    max: i64::MAX,
+                },
+                description: "changes the picture for the same prompt",
+            },
         ],
         pricing: Pricing::Flat(5),
         generator: Arc::new(ImageDemo),
@@ -120,8 +135,19 @@ pub fn builtin_registry(time_scale: f64) -> Registry {
         max_prompt_chars: 10_000,
         duration: None,
         params: vec![
-            ParamSpec { name: "sleep_ms", kind: ParamKind::Int { min: 0, max: 60_000 }, description: "wait this long before finishing" },
-            ParamSpec { name: "fail", kind: ParamKind::Str { max_chars: 500 }, description: "fail with this message (code generation_failed)" },
+            ParamSpec {
+                name: "sleep_ms",
+                kind: ParamKind::Int {
+                    min: 0,
+                    max: 60_000,
+                },
+                description: "wait this long before finishing",
+            },
+            ParamSpec {
+                name: "fail",
+                kind: ParamKind::Str { max_chars: 500 },
+                description: "fail with this message (code generation_failed)",
+            },
         ],
         pricing: Pricing::Flat(1),
         generator: Arc::new(Echo),
@@ -133,12 +159,21 @@ pub fn builtin_registry(time_scale: f64) -> Registry {
 fn palette_seed(job: &Job<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(job.prompt.unwrap_or("").as_bytes());
-    h.update(job.params.get("seed").and_then(Value::as_i64).unwrap_or(0).to_le_bytes());
+    h.update(
+        job.params
+            .get("seed")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .to_le_bytes(),
+    );
     h.finalize().into()
 }
 
 fn param_u32(job: &Job<'_>, name: &str, default: u32) -> u32 {
-    job.params.get(name).and_then(Value::as_u64).map_or(default, |v| v as u32)
+    job.params
+        .get(name)
+        .and_then(Value::as_u64)
+        .map_or(default, |v| v as u32)
 }
 
 struct Echo;
@@ -151,7 +186,10 @@ impl Generator for Echo {
             tokio::time::sleep(Duration::from_millis(u64::from(sleep))).await;
         }
         if let Some(msg) = job.params.get("fail").and_then(Value::as_str) {
-            return GenerateOutcome::Failed(GenerateError { code: "generation_failed".into(), message: msg.to_string() });
+            return GenerateOutcome::Failed(GenerateError {
+                code: "generation_failed".into(),
+                message: msg.to_string(),
+            });
         }
         GenerateOutcome::Done(vec![Generated {
             bytes: Bytes::copy_from_slice(job.prompt.unwrap_or("").as_bytes()),
@@ -202,18 +240,28 @@ impl Generator for VideoDemo {
                 }
             }
         }
-        GenerateOutcome::Done(vec![Generated { bytes: Bytes::from(gif_bytes), content_type: "image/gif", extension: "gif" }])
+        GenerateOutcome::Done(vec![Generated {
+            bytes: Bytes::from(gif_bytes),
+            content_type: "image/gif",
+            extension: "gif",
+        }])
     }
 }
 
 fn encode_failed(e: impl std::fmt::Display) -> GenerateOutcome {
     tracing::error!(error = %e, "encoding failed");
-    GenerateOutcome::Failed(GenerateError { code: "generation_failed".into(), message: "the output could not be encoded".into() })
+    GenerateOutcome::Failed(GenerateError {
+        code: "generation_failed".into(),
+        message: "the output could not be encoded".into(),
+    })
 }
 
 /// 16 colours: a dark-to-light ramp of a prompt-derived hue (0..8) and of its complement (8..16).
 fn palette(seed: &[u8; 32]) -> Vec<u8> {
-    let (a, b) = ([seed[0], seed[1], seed[2]], [255 - seed[0], 255 - seed[1], 255 - seed[2]]);
+    let (a, b) = (
+        [seed[0], seed[1], seed[2]],
+        [255 - seed[0], 255 - seed[1], 255 - seed[2]],
+    );
     let mut p = Vec::with_capacity(48);
     for base in [a, b] {
         for step in 0..8u16 {
@@ -230,7 +278,9 @@ fn draw_frame(seed: &[u8; 32], i: u32, frames: u32) -> Vec<u8> {
     let (w, h) = (i32::from(VIDEO_W), i32::from(VIDEO_H));
     let t = i as f64 / frames.max(1) as f64;
     let cx = (t * f64::from(w)) as i32;
-    let cy = h / 2 + ((t * std::f64::consts::TAU * (1.0 + f64::from(seed[3] % 3))).sin() * f64::from(h / 3)) as i32;
+    let cy = h / 2
+        + ((t * std::f64::consts::TAU * (1.0 + f64::from(seed[3] % 3))).sin() * f64::from(h / 3))
+            as i32;
     let r = 12 + i32::from(seed[4] % 16);
     let band = 8 + i32::from(seed[5] % 24);
     let mut px = Vec::with_capacity((w * h) as usize);
@@ -253,7 +303,10 @@ struct ImageDemo;
 #[async_trait]
 impl Generator for ImageDemo {
     async fn generate(&self, job: Job<'_>, progress: &mut dyn ProgressSink) -> GenerateOutcome {
-        let (w, h) = (param_u32(&job, "width", 512), param_u32(&job, "height", 512));
+        let (w, h) = (
+            param_u32(&job, "width", 512),
+            param_u32(&job, "height", 512),
+        );
         let seed = palette_seed(&job);
         let rgb = tokio::task::spawn_blocking(move || render_image(&seed, w, h)).await;
         let Ok(rgb) = rgb else {
@@ -266,11 +319,17 @@ impl Generator for ImageDemo {
         let mut enc = png::Encoder::new(&mut out, w, h);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let written = enc.write_header().and_then(|mut wr| wr.write_image_data(&rgb));
+        let written = enc
+            .write_header()
+            .and_then(|mut wr| wr.write_image_data(&rgb));
         if let Err(e) = written {
             return encode_failed(e);
         }
-        GenerateOutcome::Done(vec![Generated { bytes: Bytes::from(out), content_type: "image/png", extension: "png" }])
+        GenerateOutcome::Done(vec![Generated {
+            bytes: Bytes::from(out),
+            content_type: "image/png",
+            extension: "png",
+        }])
     }
 }
 
@@ -307,7 +366,13 @@ mod tests {
     }
 
     fn job<'a>(prompt: &'a str, duration: Option<u32>, params: &'a Map<String, Value>) -> Job<'a> {
-        Job { task_id: "t", action: "generate", prompt: Some(prompt), duration, params }
+        Job {
+            task_id: "t",
+            action: "generate",
+            prompt: Some(prompt),
+            duration,
+            params,
+        }
     }
 
     #[tokio::test]
@@ -315,10 +380,22 @@ mod tests {
         let reg = builtin_registry(0.0);
         let params = Map::new();
         let mut sink = Count(vec![]);
-        let out = reg.get("veo3").unwrap().generator.generate(job("A cat walking on the beach", Some(2), &params), &mut sink).await;
-        let GenerateOutcome::Done(files) = out else { panic!("{out:?}") };
+        let out = reg
+            .get("veo3")
+            .unwrap()
+            .generator
+            .generate(
+                job("A cat walking on the beach", Some(2), &params),
+                &mut sink,
+            )
+            .await;
+        let GenerateOutcome::Done(files) = out else {
+            panic!("{out:?}")
+        };
         assert_eq!(&files[0].bytes[..6], b"GIF89a");
-        let decoder = gif::DecodeOptions::new().read_info(&files[0].bytes[..]).unwrap();
+        let decoder = gif::DecodeOptions::new()
+            .read_info(&files[0].bytes[..])
+            .unwrap();
         let mut decoder = decoder;
         let mut n = 0;
         while decoder.read_next_frame().unwrap().is_some() {
@@ -335,9 +412,18 @@ mod tests {
         let mut params = Map::new();
         params.insert("width".into(), 40.into());
         params.insert("height".into(), 30.into());
-        let out = reg.get("demo-image").unwrap().generator.generate(job("x", None, &params), &mut Count(vec![])).await;
-        let GenerateOutcome::Done(files) = out else { panic!() };
-        let dec = png::Decoder::new(std::io::Cursor::new(files[0].bytes.to_vec())).read_info().unwrap();
+        let out = reg
+            .get("demo-image")
+            .unwrap()
+            .generator
+            .generate(job("x", None, &params), &mut Count(vec![]))
+            .await;
+        let GenerateOutcome::Done(files) = out else {
+            panic!()
+        };
+        let dec = png::Decoder::new(std::io::Cursor::new(files[0].bytes.to_vec()))
+            .read_info()
+            .unwrap();
         assert_eq!((dec.info().width, dec.info().height), (40, 30));
     }
 

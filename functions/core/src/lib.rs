@@ -78,7 +78,7 @@ impl App {
             .lock()
             .ok()
             .and_then(|mut g| g.generate().ok())
-            .unwrap_or_else(ulid::Ulid::new);
+            .unwrap_or_else(|| ulid::Ulid::from_datetime(std::time::SystemTime::now()));
         format!("task_{id}")
     }
 }

@@ -136,7 +136,8 @@ pub trait TaskStore: Send + Sync {
         retain: Duration,
     ) -> PortResult<Reservation>;
     /// Gives a reservation back (the request created nothing).
-    async fn release_idempotency(&self, account_id: &str, key: &str, token: &str) -> PortResult<()>;
+    async fn release_idempotency(&self, account_id: &str, key: &str, token: &str)
+    -> PortResult<()>;
 
     /// Atomically: debits `task.cost.credits` from the account (refusing with
     /// [`PortError::InsufficientCredits`] rather than going negative), stores the task, and

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 use crate::App;
 use crate::generate::{Abort, GenerateOutcome, Job, ProgressSink};
 use crate::ports::{PortError, PortResult, TaskStore, WorkMessage};
-use crate::task::{CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError};
+use crate::task::{
+    CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
+};
 use crate::view::{rfc3339, task_view};
 use crate::webhook::{DeliveryResult, WebhookSender};
 
@@ -43,7 +45,10 @@ fn chrono_dur(d: Duration) -> chrono::Duration {
 impl Processor {
     /// A processor over `app`, sending webhooks as its config allows.
     pub fn new(app: Arc<App>) -> Self {
-        let webhooks = WebhookSender::new(app.config.callback_timeout, app.config.callback_allow_private);
+        let webhooks = WebhookSender::new(
+            app.config.callback_timeout,
+            app.config.callback_allow_private,
+        );
         Processor { app, webhooks }
     }
 
@@ -88,20 +93,33 @@ impl Processor {
             }
             TaskStatus::Processing => match task.lease_until {
                 Some(l) if l > now => {
-                    return Ok(Disposition::RetryAfter((l - now).to_std().unwrap_or_default() + Duration::from_secs(1)));
+                    return Ok(Disposition::RetryAfter(
+                        (l - now).to_std().unwrap_or_default() + Duration::from_secs(1),
+                    ));
                 }
                 _ if task.attempts >= cfg.max_attempts => {
-                    tracing::warn!(task_id, attempts = task.attempts, "processing attempts exhausted");
+                    tracing::warn!(
+                        task_id,
+                        attempts = task.attempts,
+                        "processing attempts exhausted"
+                    );
                     let fail = Transition::Fail {
                         attempt: Some(task.attempts),
                         error: TaskFailure {
                             code: "attempts_exhausted".into(),
-                            message: format!("processing was interrupted {} times; credits were refunded", task.attempts),
+                            message: format!(
+                                "processing was interrupted {} times; credits were refunded",
+                                task.attempts
+                            ),
                         },
                     };
                     return self.finish(task_id, &fail).await;
                 }
-                _ => tracing::warn!(task_id, attempt = task.attempts, "lease expired; taking the task over"),
+                _ => tracing::warn!(
+                    task_id,
+                    attempt = task.attempts,
+                    "lease expired; taking the task over"
+                ),
             },
             _ => {}
         }
@@ -110,7 +128,9 @@ impl Processor {
         };
         let task = match store.update_task(task_id, &start).await {
             Ok(t) => t,
-            Err(PortError::Rejected(TransitionError::LeaseHeld)) => return Ok(Disposition::RetryAfter(cfg.lease)),
+            Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
+                return Ok(Disposition::RetryAfter(cfg.lease));
+            }
             Err(PortError::Rejected(e)) => {
                 tracing::info!(task_id, reason = %e, "not started");
                 return Ok(Disposition::Done);
@@ -124,7 +144,10 @@ impl Processor {
                 attempt: Some(attempt),
                 error: TaskFailure {
                     code: "model_unavailable".into(),
-                    message: format!("model {} is no longer available; credits were refunded", task.model),
+                    message: format!(
+                        "model {} is no longer available; credits were refunded",
+                        task.model
+                    ),
                 },
             };
             return self.finish(task_id, &fail).await;
@@ -193,7 +216,11 @@ impl Processor {
     }
 
     async fn schedule_callback(&self, task: &Task) -> PortResult<()> {
-        if task.callback.as_ref().is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0) {
+        if task
+            .callback
+            .as_ref()
+            .is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0)
+        {
             let msg = WorkMessage::Deliver {
                 task_id: task.id.clone(),
                 attempt: 0,
@@ -212,13 +239,21 @@ impl Processor {
         let Some(cb) = task.callback.clone() else {
             return Ok(Disposition::Done);
         };
-        if cb.state != CallbackState::Pending || cb.attempts != attempt || !task.status.is_terminal() {
+        if cb.state != CallbackState::Pending
+            || cb.attempts != attempt
+            || !task.status.is_terminal()
+        {
             return Ok(Disposition::Done);
         }
         let Some(account) = store.account(&task.account_id).await? else {
             return Ok(Disposition::Done);
         };
-        let view = task_view(&task, self.app.blobs.as_ref(), self.app.config.result_url_ttl).await?;
+        let view = task_view(
+            &task,
+            self.app.blobs.as_ref(),
+            self.app.config.result_url_ttl,
+        )
+        .await?;
         let now = Utc::now();
         let body = json!({
             "type": format!("task.{}", task.status),
@@ -227,7 +262,10 @@ impl Processor {
         });
         let body = serde_json::to_vec(&body).map_err(PortError::internal)?;
         let msg_id = format!("msg_{}", task.id.trim_start_matches("task_"));
-        let result = self.webhooks.send(&cb.url, &account.webhook_secret, &msg_id, body).await;
+        let result = self
+            .webhooks
+            .send(&cb.url, &account.webhook_secret, &msg_id, body)
+            .await;
         let mut next = cb.clone();
         next.attempts += 1;
         next.last_attempt_at = Some(now);
@@ -266,7 +304,10 @@ impl Processor {
             }
         }
         tracing::info!(task_id, attempt = next.attempts, result = ?result, state = ?next.state, "webhook attempt");
-        match store.update_task(task_id, &Transition::Callback(next)).await {
+        match store
+            .update_task(task_id, &Transition::Callback(next))
+            .await
+        {
             Ok(_) | Err(PortError::Rejected(_)) => Ok(Disposition::Done),
             Err(e) => Err(e),
         }
@@ -286,7 +327,9 @@ struct StoreProgress<'a> {
 #[async_trait]
 impl ProgressSink for StoreProgress<'_> {
     async fn report(&mut self, progress: u8) -> Result<(), Abort> {
-        if progress < self.last_pct.saturating_add(5) && self.last_write.elapsed() < Duration::from_secs(1) {
+        if progress < self.last_pct.saturating_add(5)
+            && self.last_write.elapsed() < Duration::from_secs(1)
+        {
             return Ok(());
         }
         let t = Transition::Progress {

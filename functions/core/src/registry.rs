@@ -82,7 +82,9 @@ pub struct ModelSpec {
 
 impl std::fmt::Debug for ModelSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelSpec").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ModelSpec")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,19 +106,29 @@ impl ModelSpec {
                 let msg = if known.is_empty() {
                     format!("model {} takes no params", self.name)
                 } else {
-                    format!("unknown param {name:?}; model {} accepts: {}", self.name, known.join(", "))
+                    format!(
+                        "unknown param {name:?}; model {} accepts: {}",
+                        self.name,
+                        known.join(", ")
+                    )
                 };
                 return Err((param, msg));
             };
             let ok = match &spec.kind {
-                ParamKind::Int { min, max } => value.as_i64().is_some_and(|v| (*min..=*max).contains(&v)),
-                ParamKind::Str { max_chars } => value.as_str().is_some_and(|s| s.chars().count() <= *max_chars),
+                ParamKind::Int { min, max } => {
+                    value.as_i64().is_some_and(|v| (*min..=*max).contains(&v))
+                }
+                ParamKind::Str { max_chars } => value
+                    .as_str()
+                    .is_some_and(|s| s.chars().count() <= *max_chars),
                 ParamKind::Bool => value.is_boolean(),
             };
             if !ok {
                 let expected = match &spec.kind {
                     ParamKind::Int { min, max } => format!("an integer from {min} to {max}"),
-                    ParamKind::Str { max_chars } => format!("a string of at most {max_chars} characters"),
+                    ParamKind::Str { max_chars } => {
+                        format!("a string of at most {max_chars} characters")
+                    }
                     ParamKind::Bool => "true or false".to_string(),
                 };
                 return Err((param, format!("{name} must be {expected}")));
@@ -132,8 +144,12 @@ impl ModelSpec {
             .iter()
             .map(|p| {
                 let kind = match &p.kind {
-                    ParamKind::Int { min, max } => json!({"type": "integer", "minimum": min, "maximum": max}),
-                    ParamKind::Str { max_chars } => json!({"type": "string", "max_length": max_chars}),
+                    ParamKind::Int { min, max } => {
+                        json!({"type": "integer", "minimum": min, "maximum": max})
+                    }
+                    ParamKind::Str { max_chars } => {
+                        json!({"type": "string", "max_length": max_chars})
+                    }
                     ParamKind::Bool => json!({"type": "boolean"}),
                 };
                 let mut v = kind;

@@ -267,7 +267,11 @@ fn refund(task: &mut Task) -> u64 {
 
 /// Applies `t` to `task` at time `now`. On `Ok(Changed)` the caller writes the task with
 /// `version + 1` conditioned on the old version; on `Err` nothing was changed.
-pub fn apply(task: &mut Task, t: &Transition, now: DateTime<Utc>) -> Result<Applied, TransitionError> {
+pub fn apply(
+    task: &mut Task,
+    t: &Transition,
+    now: DateTime<Utc>,
+) -> Result<Applied, TransitionError> {
     let before = task.clone();
     let result = apply_inner(task, t, now);
     match result {
@@ -277,7 +281,11 @@ pub fn apply(task: &mut Task, t: &Transition, now: DateTime<Utc>) -> Result<Appl
     result
 }
 
-fn apply_inner(task: &mut Task, t: &Transition, now: DateTime<Utc>) -> Result<Applied, TransitionError> {
+fn apply_inner(
+    task: &mut Task,
+    t: &Transition,
+    now: DateTime<Utc>,
+) -> Result<Applied, TransitionError> {
     use TaskStatus::*;
     match t {
         Transition::Start { lease_until } => {
@@ -410,7 +418,11 @@ pub(crate) mod tests {
     #[test]
     fn terminal_states_never_change() {
         let now = Utc::now();
-        for status in [TaskStatus::Completed, TaskStatus::Failed, TaskStatus::Cancelled] {
+        for status in [
+            TaskStatus::Completed,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+        ] {
             for t in [
                 Transition::Start {
                     lease_until: now + Duration::seconds(60),
@@ -423,7 +435,10 @@ pub(crate) mod tests {
             ] {
                 let mut task = sample(status);
                 let before = task.clone();
-                assert!(apply(&mut task, &t, now).is_err(), "{status} accepted {t:?}");
+                assert!(
+                    apply(&mut task, &t, now).is_err(),
+                    "{status} accepted {t:?}"
+                );
                 assert_eq!(task, before);
             }
         }
@@ -433,11 +448,17 @@ pub(crate) mod tests {
     fn cancel_refunds_once_and_is_idempotent() {
         let now = Utc::now();
         let mut task = sample(TaskStatus::Queued);
-        assert_eq!(apply(&mut task, &Transition::Cancel, now), Ok(Applied::Changed { refund: 7 }));
+        assert_eq!(
+            apply(&mut task, &Transition::Cancel, now),
+            Ok(Applied::Changed { refund: 7 })
+        );
         assert_eq!(task.status, TaskStatus::Cancelled);
         assert!(task.cost.refunded);
         assert_eq!(task.version, 2);
-        assert_eq!(apply(&mut task, &Transition::Cancel, now), Ok(Applied::Unchanged));
+        assert_eq!(
+            apply(&mut task, &Transition::Cancel, now),
+            Ok(Applied::Unchanged)
+        );
         assert_eq!(task.version, 2);
     }
 
@@ -456,7 +477,10 @@ pub(crate) mod tests {
         let now = Utc::now();
         let mut task = sample(TaskStatus::Queued);
         assert_eq!(apply(&mut task, &fail(), now).unwrap().refund(), 7);
-        assert_eq!(apply(&mut task, &fail(), now), Err(TransitionError::WrongState(TaskStatus::Failed)));
+        assert_eq!(
+            apply(&mut task, &fail(), now),
+            Err(TransitionError::WrongState(TaskStatus::Failed))
+        );
     }
 
     #[test]
@@ -468,7 +492,10 @@ pub(crate) mod tests {
         };
         apply(&mut task, &start, now).unwrap();
         assert_eq!(task.attempts, 1);
-        assert_eq!(apply(&mut task, &start, now), Err(TransitionError::LeaseHeld));
+        assert_eq!(
+            apply(&mut task, &start, now),
+            Err(TransitionError::LeaseHeld)
+        );
         let later = now + Duration::seconds(31);
         apply(&mut task, &start, later).unwrap();
         assert_eq!(task.attempts, 2);
@@ -477,7 +504,10 @@ pub(crate) mod tests {
             attempt: 1,
             outputs: vec![],
         };
-        assert_eq!(apply(&mut task, &complete, later), Err(TransitionError::StaleAttempt));
+        assert_eq!(
+            apply(&mut task, &complete, later),
+            Err(TransitionError::StaleAttempt)
+        );
         apply(
             &mut task,
             &Transition::Complete {

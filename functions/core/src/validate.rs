@@ -21,7 +21,15 @@ pub const MAX_CALLBACK_URL_CHARS: usize = 2048;
 /// Longest `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
 
-const FIELDS: &[&str] = &["model", "action", "prompt", "duration", "params", "callback_url", "metadata"];
+const FIELDS: &[&str] = &[
+    "model",
+    "action",
+    "prompt",
+    "duration",
+    "params",
+    "callback_url",
+    "metadata",
+];
 
 /// A validated submit body.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,9 +64,17 @@ pub struct SubmitRules {
 }
 
 /// Parses and validates a submit body against the registry.
-pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Result<SubmitRequest, ApiError> {
+pub fn parse_submit(
+    body: &[u8],
+    registry: &Registry,
+    rules: SubmitRules,
+) -> Result<SubmitRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_body(format!("request body is not valid JSON (line {}, column {})", e.line(), e.column()))
+        ApiError::invalid_body(format!(
+            "request body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
     })?;
     let Value::Object(mut obj) = value else {
         return Err(ApiError::invalid_body("request body must be a JSON object"));
@@ -68,13 +84,20 @@ pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Res
         Some(_) if !rules.allow_timeout => return Err(unknown("timeout")),
         Some(v) => match v.as_f64() {
             Some(t) if t >= 0.0 && t.is_finite() => Some(t),
-            _ => return Err(ApiError::invalid("timeout", "timeout must be a number of seconds, 0 or more")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "timeout",
+                    "timeout must be a number of seconds, 0 or more",
+                ));
+            }
         },
     };
     if let Some(field) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(unknown(field));
     }
-    let request_hash = hex::encode(Sha256::digest(Value::Object(obj.clone()).to_string().as_bytes()));
+    let request_hash = hex::encode(Sha256::digest(
+        Value::Object(obj.clone()).to_string().as_bytes(),
+    ));
 
     let model_name = match obj.get("model") {
         Some(Value::String(s)) => s.clone(),
@@ -84,7 +107,11 @@ pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Res
     let Some(model) = registry.get(&model_name) else {
         return Err(ApiError::invalid(
             "model",
-            format!("unknown model {:?}; available: {}", truncate(&model_name), registry.names().join(", ")),
+            format!(
+                "unknown model {:?}; available: {}",
+                truncate(&model_name),
+                registry.names().join(", ")
+            ),
         ));
     };
     let action = match obj.get("action") {
@@ -93,7 +120,12 @@ pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Res
         Some(Value::String(a)) => {
             return Err(ApiError::invalid(
                 "action",
-                format!("model {} does not support action {:?}; supported: {}", model.name, truncate(a), model.actions.join(", ")),
+                format!(
+                    "model {} does not support action {:?}; supported: {}",
+                    model.name,
+                    truncate(a),
+                    model.actions.join(", ")
+                ),
             ));
         }
         Some(_) => return Err(ApiError::invalid("action", "action must be a string")),
@@ -105,25 +137,42 @@ pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Res
     };
     match &prompt {
         Some(p) if p.chars().count() > model.max_prompt_chars => {
-            return Err(ApiError::invalid("prompt", format!("prompt is longer than {} characters", model.max_prompt_chars)));
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "prompt is longer than {} characters",
+                    model.max_prompt_chars
+                ),
+            ));
         }
         Some(p) if model.prompt_required && p.trim().is_empty() => {
             return Err(ApiError::invalid("prompt", "prompt must not be empty"));
         }
         None if model.prompt_required => {
-            return Err(ApiError::invalid("prompt", format!("model {} requires a prompt", model.name)));
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("model {} requires a prompt", model.name),
+            ));
         }
         _ => {}
     }
     let duration = match (obj.get("duration"), model.duration) {
         (None | Some(Value::Null), rule) => rule.map(|r| r.default),
-        (Some(_), None) => return Err(ApiError::invalid("duration", format!("model {} takes no duration", model.name))),
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "duration",
+                format!("model {} takes no duration", model.name),
+            ));
+        }
         (Some(v), Some(rule)) => match v.as_u64() {
             Some(d) if (u64::from(rule.min)..=u64::from(rule.max)).contains(&d) => Some(d as u32),
             _ => {
                 return Err(ApiError::invalid(
                     "duration",
-                    format!("duration must be a whole number of seconds from {} to {}", rule.min, rule.max),
+                    format!(
+                        "duration must be a whole number of seconds from {} to {}",
+                        rule.min, rule.max
+                    ),
                 ));
             }
         },
@@ -133,11 +182,18 @@ pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Res
         Some(Value::Object(p)) => p.clone(),
         Some(_) => return Err(ApiError::invalid("params", "params must be an object")),
     };
-    model.check_params(&params).map_err(|(param, msg)| ApiError::invalid(param, msg))?;
+    model
+        .check_params(&params)
+        .map_err(|(param, msg)| ApiError::invalid(param, msg))?;
     let callback_url = match obj.get("callback_url") {
         None | Some(Value::Null) => None,
         Some(Value::String(u)) => Some(check_callback_url(u, rules.callback_allow_private)?),
-        Some(_) => return Err(ApiError::invalid("callback_url", "callback_url must be a string")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "callback_url",
+                "callback_url must be a string",
+            ));
+        }
     };
     let metadata = parse_metadata(obj.get("metadata"))?;
     Ok(SubmitRequest {
@@ -154,7 +210,10 @@ pub fn parse_submit(body: &[u8], registry: &Registry, rules: SubmitRules) -> Res
 }
 
 fn unknown(field: &str) -> ApiError {
-    ApiError::invalid(truncate(field), format!("unknown field {:?}", truncate(field)))
+    ApiError::invalid(
+        truncate(field),
+        format!("unknown field {:?}", truncate(field)),
+    )
 }
 
 fn truncate(s: &str) -> String {
@@ -165,22 +224,36 @@ fn parse_metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, ApiErro
     let obj = match v {
         None | Some(Value::Null) => return Ok(BTreeMap::new()),
         Some(Value::Object(o)) => o,
-        Some(_) => return Err(ApiError::invalid("metadata", "metadata must be an object of strings")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "metadata",
+                "metadata must be an object of strings",
+            ));
+        }
     };
     if obj.len() > MAX_METADATA_ENTRIES {
-        return Err(ApiError::invalid("metadata", format!("metadata has more than {MAX_METADATA_ENTRIES} entries")));
+        return Err(ApiError::invalid(
+            "metadata",
+            format!("metadata has more than {MAX_METADATA_ENTRIES} entries"),
+        ));
     }
     let mut out = BTreeMap::new();
     for (k, v) in obj {
         let param = format!("metadata.{}", truncate(k));
         if k.is_empty() || k.chars().count() > MAX_METADATA_KEY_CHARS {
-            return Err(ApiError::invalid(param, format!("metadata keys must be 1 to {MAX_METADATA_KEY_CHARS} characters")));
+            return Err(ApiError::invalid(
+                param,
+                format!("metadata keys must be 1 to {MAX_METADATA_KEY_CHARS} characters"),
+            ));
         }
         let Value::String(s) = v else {
             return Err(ApiError::invalid(param, "metadata values must be strings"));
         };
         if s.chars().count() > MAX_METADATA_VALUE_CHARS {
-            return Err(ApiError::invalid(param, format!("metadata values must be at most {MAX_METADATA_VALUE_CHARS} characters")));
+            return Err(ApiError::invalid(
+                param,
+                format!("metadata values must be at most {MAX_METADATA_VALUE_CHARS} characters"),
+            ));
         }
         out.insert(k.clone(), s.clone());
     }
@@ -195,7 +268,8 @@ pub fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiE
     if raw.len() > MAX_CALLBACK_URL_CHARS {
         return Err(bad("callback_url is longer than 2048 characters"));
     }
-    let url = url::Url::parse(raw).map_err(|_| bad("callback_url must be an absolute http(s) URL"))?;
+    let url =
+        url::Url::parse(raw).map_err(|_| bad("callback_url must be an absolute http(s) URL"))?;
     match url.scheme() {
         "https" => {}
         "http" if allow_private => {}
@@ -230,10 +304,15 @@ pub fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiE
 
 /// Checks an `Idempotency-Key` header value.
 pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_CHARS
+        || !key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
         return Err(ApiError::invalid(
             "Idempotency-Key",
-            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters"),
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters"
+            ),
         ));
     }
     Ok(())
@@ -245,7 +324,14 @@ mod tests {
     use crate::generate::builtin_registry;
 
     fn parse(body: &str) -> Result<SubmitRequest, ApiError> {
-        parse_submit(body.as_bytes(), &builtin_registry(0.0), SubmitRules { allow_timeout: false, callback_allow_private: false })
+        parse_submit(
+            body.as_bytes(),
+            &builtin_registry(0.0),
+            SubmitRules {
+                allow_timeout: false,
+                callback_allow_private: false,
+            },
+        )
     }
 
     fn param_of(body: &str) -> String {
@@ -268,27 +354,69 @@ mod tests {
         assert_eq!(param_of(r#"{"prompt":"x"}"#), "model");
         assert_eq!(param_of(r#"{"model":"nope"}"#), "model");
         assert_eq!(param_of(r#"{"model":5}"#), "model");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","action":"edit"}"#), "action");
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","action":"edit"}"#),
+            "action"
+        );
         assert_eq!(param_of(r#"{"model":"veo3"}"#), "prompt");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":21}"#), "duration");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":0}"#), "duration");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":2.5}"#), "duration");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","duration":"5"}"#), "duration");
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","duration":21}"#),
+            "duration"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","duration":0}"#),
+            "duration"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","duration":2.5}"#),
+            "duration"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","duration":"5"}"#),
+            "duration"
+        );
         assert_eq!(param_of(r#"{"model":"echo","duration":5}"#), "duration");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","params":{"fps":99}}"#), "params.fps");
-        assert_eq!(param_of(r#"{"model":"veo3","prompt":"x","params":{"bogus":1}}"#), "params.bogus");
-        assert_eq!(param_of(r#"{"model":"echo","metadata":{"a":1}}"#), "metadata.a");
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","params":{"fps":99}}"#),
+            "params.fps"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","params":{"bogus":1}}"#),
+            "params.bogus"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"echo","metadata":{"a":1}}"#),
+            "metadata.a"
+        );
         assert_eq!(param_of(r#"{"model":"echo","colour":"red"}"#), "colour");
         assert_eq!(param_of(r#"{"model":"echo","timeout":3}"#), "timeout");
         let long = "x".repeat(2001);
-        assert_eq!(param_of(&format!(r#"{{"model":"veo3","prompt":"{long}"}}"#)), "prompt");
+        assert_eq!(
+            param_of(&format!(r#"{{"model":"veo3","prompt":"{long}"}}"#)),
+            "prompt"
+        );
         let meta: Vec<String> = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect();
-        assert_eq!(param_of(&format!(r#"{{"model":"echo","metadata":{{{}}}}}"#, meta.join(","))), "metadata");
+        assert_eq!(
+            param_of(&format!(
+                r#"{{"model":"echo","metadata":{{{}}}}}"#,
+                meta.join(",")
+            )),
+            "metadata"
+        );
     }
 
     #[test]
     fn callback_urls_must_be_public_https_unless_private_is_allowed() {
-        for url in ["http://example.com/x", "https://127.0.0.1/x", "https://localhost/x", "https://10.1.2.3/", "https://[::1]/", "https://169.254.169.254/", "ftp://example.com/", "https://u:p@example.com/"] {
+        for url in [
+            "http://example.com/x",
+            "https://127.0.0.1/x",
+            "https://localhost/x",
+            "https://10.1.2.3/",
+            "https://[::1]/",
+            "https://169.254.169.254/",
+            "ftp://example.com/",
+            "https://u:p@example.com/",
+        ] {
             assert!(check_callback_url(url, false).is_err(), "{url} accepted");
         }
         assert!(check_callback_url("https://example.com/hook", false).is_ok());
@@ -297,7 +425,10 @@ mod tests {
 
     #[test]
     fn the_request_hash_ignores_key_order_and_timeout() {
-        let rules = SubmitRules { allow_timeout: true, callback_allow_private: true };
+        let rules = SubmitRules {
+            allow_timeout: true,
+            callback_allow_private: true,
+        };
         let reg = builtin_registry(0.0);
         let a = parse_submit(br#"{"model":"echo","prompt":"a","timeout":3}"#, &reg, rules).unwrap();
         let b = parse_submit(br#"{"prompt":"a","model":"echo"}"#, &reg, rules).unwrap();
@@ -309,7 +440,10 @@ mod tests {
     #[test]
     fn non_objects_and_broken_json_are_rejected() {
         for body in ["", "[]", "null", "{", "\"x\""] {
-            assert!(matches!(parse(body), Err(ApiError::InvalidRequest { .. })), "{body}");
+            assert!(
+                matches!(parse(body), Err(ApiError::InvalidRequest { .. })),
+                "{body}"
+            );
         }
     }
 }

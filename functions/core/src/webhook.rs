@@ -83,7 +83,8 @@ struct PublicOnly;
 impl reqwest::dns::Resolve for PublicOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| is_public(a.ip())).collect();
             if public.is_empty() {
                 return Err("callback host does not resolve to a public address".into());
@@ -111,7 +112,13 @@ impl WebhookSender {
     }
 
     /// POSTs `body` to `url` with the Standard Webhooks headers.
-    pub async fn send(&self, url: &str, secret: &str, msg_id: &str, body: Vec<u8>) -> DeliveryResult {
+    pub async fn send(
+        &self,
+        url: &str,
+        secret: &str,
+        msg_id: &str,
+        body: Vec<u8>,
+    ) -> DeliveryResult {
         if !self.allow_private {
             // Literal addresses never reach the resolver: check them here.
             if let Ok(u) = url::Url::parse(url) {
@@ -121,7 +128,9 @@ impl WebhookSender {
                     _ => None,
                 };
                 if literal.is_some_and(|ip| !is_public(ip)) || u.scheme() != "https" {
-                    return DeliveryResult::NoAnswer("callback target refused: not a public https address".into());
+                    return DeliveryResult::NoAnswer(
+                        "callback target refused: not a public https address".into(),
+                    );
                 }
             }
         }
@@ -140,7 +149,11 @@ impl WebhookSender {
         match res {
             // The body is dropped unread.
             Ok(r) => DeliveryResult::Status(r.status().as_u16()),
-            Err(e) => DeliveryResult::NoAnswer(if e.is_timeout() { "timed out".into() } else { "connection failed".into() }),
+            Err(e) => DeliveryResult::NoAnswer(if e.is_timeout() {
+                "timed out".into()
+            } else {
+                "connection failed".into()
+            }),
         }
     }
 }
@@ -160,7 +173,23 @@ mod tests {
 
     #[test]
     fn private_and_special_addresses_are_not_public() {
-        for a in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"] {
+        for a in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
             assert!(!is_public(a.parse().unwrap()), "{a}");
         }
         for a in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"] {

@@ -93,17 +93,27 @@ impl BlobStore for FileBlobs {
         let path = self
             .path_of(key)
             .ok_or_else(|| PortError::internal(format!("unsafe blob key {key:?}")))?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
-        tokio::fs::create_dir_all(&dir).await.map_err(PortError::internal)?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(PortError::internal)?;
         // Write then rename: a reader never sees half a file, a crash leaves no partial output.
         let tmp = dir.join(format!(".{}.tmp", ulid::Ulid::new()));
-        tokio::fs::write(&tmp, &bytes).await.map_err(PortError::internal)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(PortError::internal)?;
+        tokio::fs::write(&tmp, &bytes)
+            .await
+            .map_err(PortError::internal)?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(PortError::internal)?;
         Ok(())
     }
 
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
-        let expires_at: DateTime<Utc> = Utc::now() + chrono::Duration::from_std(ttl).map_err(PortError::internal)?;
+        let expires_at: DateTime<Utc> =
+            Utc::now() + chrono::Duration::from_std(ttl).map_err(PortError::internal)?;
         let expires = expires_at.timestamp();
         let url = format!(
             "{}{FILES_PREFIX}{key}?expires={expires}&signature={}",
@@ -128,13 +138,26 @@ mod tests {
     #[tokio::test]
     async fn signed_urls_verify_and_tampering_is_refused() {
         let b = blobs();
-        let url = b.presign_get("tasks/t/output-0.gif", Duration::from_secs(60)).await.unwrap().url;
+        let url = b
+            .presign_get("tasks/t/output-0.gif", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .url;
         let query = url.split_once('?').unwrap().1;
         assert!(b.verify("tasks/t/output-0.gif", query).is_ok());
-        assert!(matches!(b.verify("tasks/u/output-0.gif", query), Err(ApiError::Forbidden)));
+        assert!(matches!(
+            b.verify("tasks/u/output-0.gif", query),
+            Err(ApiError::Forbidden)
+        ));
         let later = query.replace("expires=", "expires=9");
-        assert!(matches!(b.verify("tasks/t/output-0.gif", &later), Err(ApiError::Forbidden)));
-        assert!(matches!(b.verify("tasks/t/output-0.gif", ""), Err(ApiError::Forbidden)));
+        assert!(matches!(
+            b.verify("tasks/t/output-0.gif", &later),
+            Err(ApiError::Forbidden)
+        ));
+        assert!(matches!(
+            b.verify("tasks/t/output-0.gif", ""),
+            Err(ApiError::Forbidden)
+        ));
     }
 
     #[test]

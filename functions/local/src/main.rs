@@ -11,7 +11,10 @@ async fn main() -> anyhow::Result<()> {
     println!("tasklane is listening on {}", running.base_url);
     println!("development API key: {}", running.dev_api_key);
     println!("data directory: {}", data_dir.display());
-    println!("try: curl -s {}/account -H \"Authorization: Bearer {}\"", running.base_url, running.dev_api_key);
+    println!(
+        "try: curl -s {}/account -H \"Authorization: Bearer {}\"",
+        running.base_url, running.dev_api_key
+    );
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight work");
     running.shutdown().await;

@@ -82,9 +82,12 @@ where
 }
 
 fn env_secs(name: &str) -> anyhow::Result<Option<Duration>> {
-    Ok(env_parse::<f64>(name)?
-        .map(|s| Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("{name} must be 0 or more seconds")))
-        .transpose()?)
+    env_parse::<f64>(name)?
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| anyhow::anyhow!("{name} must be 0 or more seconds"))
+        })
+        .transpose()
 }
 
 impl LocalConfig {
@@ -99,7 +102,9 @@ impl LocalConfig {
         {
             c.data_dir = PathBuf::from(d);
         }
-        c.dev_key = std::env::var("TASKLANE_DEV_KEY").ok().filter(|k| !k.is_empty());
+        c.dev_key = std::env::var("TASKLANE_DEV_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
         if let Some(n) = env_parse("TASKLANE_DEV_CREDITS")? {
             c.dev_credits = n;
         }
@@ -107,7 +112,9 @@ impl LocalConfig {
             anyhow::ensure!(n >= 1, "TASKLANE_WORKERS must be at least 1");
             c.workers = n;
         }
-        c.public_url = std::env::var("TASKLANE_PUBLIC_URL").ok().filter(|u| !u.is_empty());
+        c.public_url = std::env::var("TASKLANE_PUBLIC_URL")
+            .ok()
+            .filter(|u| !u.is_empty());
         if let Some(s) = env_parse("TASKLANE_DEMO_TIME_SCALE")? {
             c.demo_time_scale = s;
         }
@@ -137,7 +144,11 @@ impl LocalConfig {
                         .parse::<f64>()
                         .ok()
                         .and_then(|x| Duration::try_from_secs_f64(x).ok())
-                        .ok_or_else(|| anyhow::anyhow!("TASKLANE_CALLBACK_RETRY_SCHEDULE: {p:?} is not a number of seconds"))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "TASKLANE_CALLBACK_RETRY_SCHEDULE: {p:?} is not a number of seconds"
+                            )
+                        })
                 })
                 .collect::<anyhow::Result<_>>()?;
         }
@@ -183,7 +194,9 @@ impl Running {
         let grace = self.grace;
         let all = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!("grace period over; abandoning in-flight work (it is taken up again at the next start)");
+            tracing::warn!(
+                "grace period over; abandoning in-flight work (it is taken up again at the next start)"
+            );
             self.tasks.abort_all();
         }
     }
@@ -201,7 +214,8 @@ fn secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     }
     let mut key = vec![0u8; 32];
     rand::rng().fill_bytes(&mut key);
-    std::fs::write(path, hex::encode(&key)).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(path, hex::encode(&key))
+        .with_context(|| format!("writing {}", path.display()))?;
     restrict(path);
     Ok(key)
 }
@@ -250,15 +264,24 @@ async fn dev_account(store: &SqliteStore, cfg: &LocalConfig) -> anyhow::Result<(
 
 /// Starts the local server, letting `hooks` wrap the adapters.
 pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let db = Db::open(&cfg.data_dir.join("tasklane.db"))?;
     let sqlite = SqliteStore::new(db.clone());
     let queue = SqliteQueue::new(db);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
-        .with_context(|| format!("binding {} (set TASKLANE_ADDR to use another address)", cfg.addr))?;
+        .with_context(|| {
+            format!(
+                "binding {} (set TASKLANE_ADDR to use another address)",
+                cfg.addr
+            )
+        })?;
     let addr = listener.local_addr()?;
-    let public = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let public = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let blobs = FileBlobs::new(
         cfg.data_dir.join("results"),
         public.clone(),
@@ -287,10 +310,21 @@ pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Runnin
     let released = queue.release_in_flight().await?;
     let unfinished = sqlite.recover().await?;
     for id in &unfinished {
-        queue.enqueue(&WorkMessage::Run { task_id: id.clone() }, Duration::ZERO).await?;
+        queue
+            .enqueue(
+                &WorkMessage::Run {
+                    task_id: id.clone(),
+                },
+                Duration::ZERO,
+            )
+            .await?;
     }
     if released + unfinished.len() > 0 {
-        tracing::info!(released, unfinished = unfinished.len(), "recovered work from the previous run");
+        tracing::info!(
+            released,
+            unfinished = unfinished.len(),
+            "recovered work from the previous run"
+        );
     }
 
     let (stop, stop_rx) = watch::channel(false);
@@ -310,7 +344,10 @@ pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Runnin
         let shutdown = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "http server failed");
         }
     });
@@ -339,15 +376,27 @@ async fn serve(State(s): State<Arc<Served>>, req: Request) -> Response {
     }
     let bytes = match Limited::new(body, s.max_body).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return to_axum(ApiError::PayloadTooLarge { limit: s.max_body }.into_response());
         }
-        Err(_) => return to_axum(ApiError::invalid_body("the request body could not be read").into_response()),
+        Err(_) => {
+            return to_axum(
+                ApiError::invalid_body("the request body could not be read").into_response(),
+            );
+        }
     };
     to_axum(s.api.handle(http::Request::from_parts(parts, bytes)).await)
 }
 
-async fn serve_file(s: &Served, key: &str, query: &str, method: &http::Method) -> http::Response<Bytes> {
+async fn serve_file(
+    s: &Served,
+    key: &str,
+    query: &str,
+    method: &http::Method,
+) -> http::Response<Bytes> {
     if method != http::Method::GET {
         return ApiError::MethodNotAllowed { allow: "GET" }.into_response();
     }
@@ -359,8 +408,14 @@ async fn serve_file(s: &Served, key: &str, query: &str, method: &http::Method) -
         Ok(bytes) => {
             let mut resp = http::Response::new(Bytes::from(bytes));
             let h = resp.headers_mut();
-            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type_of(&path)));
-            h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("private, max-age=60"));
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(content_type_of(&path)),
+            );
+            h.insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("private, max-age=60"),
+            );
             resp
         }
         Err(_) => ApiError::NotFound("no such file").into_response(),
@@ -374,7 +429,12 @@ fn to_axum(resp: http::Response<Bytes>) -> Response {
 /// How long an in-process worker hides a message it received.
 const VISIBILITY: Duration = Duration::from_secs(300);
 
-async fn worker(n: usize, queue: SqliteQueue, processor: Processor, mut stop: watch::Receiver<bool>) {
+async fn worker(
+    n: usize,
+    queue: SqliteQueue,
+    processor: Processor,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         if *stop.borrow() {
             return;
@@ -388,7 +448,10 @@ async fn worker(n: usize, queue: SqliteQueue, processor: Processor, mut stop: wa
         };
         if batch.is_empty() {
             let nap = match queue.next_visible_at().await {
-                Ok(Some(t)) => (t - chrono::Utc::now()).to_std().unwrap_or_default().min(Duration::from_secs(1)),
+                Ok(Some(t)) => (t - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .min(Duration::from_secs(1)),
                 _ => Duration::from_secs(1),
             };
             tokio::select! {

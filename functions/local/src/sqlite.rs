@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tasklane_core::account::Account;
 use tasklane_core::ports::{
-    IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore, WorkMessage, WorkQueue,
+    IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore,
+    WorkMessage, WorkQueue,
 };
 use tasklane_core::task::{Task, TaskStatus, Transition, apply};
 use tokio::sync::Notify;
@@ -64,7 +65,9 @@ fn internal(e: impl Into<tasklane_core::ports::BoxError>) -> PortError {
 
 fn db_err(e: rusqlite::Error) -> PortError {
     match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => PortError::unavailable(e),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            PortError::unavailable(e)
+        }
         _ => internal(e),
     }
 }
@@ -106,7 +109,9 @@ impl Db {
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| internal("database mutex poisoned"))?;
+            let mut guard = conn
+                .lock()
+                .map_err(|_| internal("database mutex poisoned"))?;
             f(&mut guard)
         })
         .await
@@ -131,10 +136,14 @@ impl SqliteStore {
     pub async fn recover(&self) -> PortResult<Vec<String>> {
         self.db
             .with(|c| {
-                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_err)?;
                 let rows: Vec<(String, String)> = {
                     let mut st = tx
-                        .prepare("SELECT id, doc FROM tasks WHERE status IN ('queued', 'processing')")
+                        .prepare(
+                            "SELECT id, doc FROM tasks WHERE status IN ('queued', 'processing')",
+                        )
                         .map_err(db_err)?;
                     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                         .map_err(db_err)?
@@ -173,14 +182,16 @@ fn read_account(c: &Connection, sql: &str, arg: &str) -> PortResult<Option<Accou
     .map_err(db_err)
 }
 
-const ACCOUNT_COLS: &str = "SELECT id, key_hash, credits, granted, webhook_secret, created_at FROM accounts";
+const ACCOUNT_COLS: &str =
+    "SELECT id, key_hash, credits, granted, webhook_secret, created_at FROM accounts";
 
 fn read_task(c: &Connection, id: &str) -> PortResult<Option<Task>> {
     let doc: Option<String> = c
         .query_row("SELECT doc FROM tasks WHERE id = ?1", [id], |r| r.get(0))
         .optional()
         .map_err(db_err)?;
-    doc.map(|d| serde_json::from_str(&d).map_err(internal)).transpose()
+    doc.map(|d| serde_json::from_str(&d).map_err(internal))
+        .transpose()
 }
 
 /// Writes `task` if the stored version is still `expected_version`.
@@ -189,7 +200,13 @@ fn write_task(c: &Connection, task: &Task, expected_version: u64) -> PortResult<
     let n = c
         .execute(
             "UPDATE tasks SET status = ?2, version = ?3, doc = ?4 WHERE id = ?1 AND version = ?5",
-            params![task.id, task.status.as_str(), task.version as i64, doc, expected_version as i64],
+            params![
+                task.id,
+                task.status.as_str(),
+                task.version as i64,
+                doc,
+                expected_version as i64
+            ],
         )
         .map_err(db_err)?;
     if n == 1 {
@@ -252,9 +269,16 @@ impl TaskStore for SqliteStore {
         self.db
             .with(move |c| {
                 let n = c
-                    .execute("UPDATE accounts SET key_hash = ?2 WHERE id = ?1", params![id, h])
+                    .execute(
+                        "UPDATE accounts SET key_hash = ?2 WHERE id = ?1",
+                        params![id, h],
+                    )
                     .map_err(db_err)?;
-                if n == 0 { Err(PortError::NotFound) } else { Ok(()) }
+                if n == 0 {
+                    Err(PortError::NotFound)
+                } else {
+                    Ok(())
+                }
             })
             .await
     }
@@ -268,7 +292,11 @@ impl TaskStore for SqliteStore {
         in_flight: Duration,
         retain: Duration,
     ) -> PortResult<Reservation> {
-        let (acct, key, hash) = (account_id.to_string(), key.to_string(), request_hash.to_string());
+        let (acct, key, hash) = (
+            account_id.to_string(),
+            key.to_string(),
+            request_hash.to_string(),
+        );
         let now = millis(now);
         self.db
             .with(move |c| {
@@ -308,7 +336,12 @@ impl TaskStore for SqliteStore {
             .await
     }
 
-    async fn release_idempotency(&self, account_id: &str, key: &str, token: &str) -> PortResult<()> {
+    async fn release_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        token: &str,
+    ) -> PortResult<()> {
         let (a, k, t) = (account_id.to_string(), key.to_string(), token.to_string());
         self.db
             .with(move |c| {
@@ -403,7 +436,11 @@ impl TaskStore for SqliteStore {
                     .take(q.limit)
                     .map(|d| serde_json::from_str(d).map_err(internal))
                     .collect::<Result<_, _>>()?;
-                let next_before = if more { tasks.last().map(|t| t.id.clone()) } else { None };
+                let next_before = if more {
+                    tasks.last().map(|t| t.id.clone())
+                } else {
+                    None
+                };
                 Ok(TaskPage { tasks, next_before })
             })
             .await
@@ -413,7 +450,9 @@ impl TaskStore for SqliteStore {
         let (id, t) = (task_id.to_string(), transition.clone());
         self.db
             .with(move |c| {
-                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let tx = c
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db_err)?;
                 let mut task = read_task(&tx, &id)?.ok_or(PortError::NotFound)?;
                 let old_version = task.version;
                 let applied = apply(&mut task, &t, Utc::now())?;
@@ -508,8 +547,11 @@ impl SqliteQueue {
         let (id, receipt) = (r.id, r.receipt.clone());
         self.db
             .with(move |c| {
-                c.execute("DELETE FROM queue WHERE id = ?1 AND receipt = ?2", params![id, receipt])
-                    .map_err(db_err)?;
+                c.execute(
+                    "DELETE FROM queue WHERE id = ?1 AND receipt = ?2",
+                    params![id, receipt],
+                )
+                .map_err(db_err)?;
                 Ok(())
             })
             .await
