@@ -1,3 +1,726 @@
-//! placeholder
+//! Submitting tasks over real HTTP: the async and sync endpoints, `Prefer: wait`,
+//! idempotency keys, listing, failures, models, cancel and the demo outputs.
 
 mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use common::{Answer, Server};
+use serde_json::{Value, json};
+use tasklane_core::account::Account;
+use tasklane_core::ports::{
+    IdempotencyClaim, ListQuery, PortResult, Reservation, TaskPage, TaskStore,
+};
+use tasklane_core::task::{Task, Transition};
+use tasklane_local::Hooks;
+use tokio::sync::watch;
+
+const TERMINAL: [&str; 3] = ["completed", "failed", "cancelled"];
+
+fn id_of(task: &Value) -> String {
+    task["task_id"].as_str().expect("task_id").to_string()
+}
+
+/// The absolute URL of a path the API answered with (`Location`, `poll_url`: `/v1/...`).
+fn absolute(s: &Server, path: &str) -> String {
+    format!("{}{}", s.base.trim_end_matches("/v1"), path)
+}
+
+/// POST /v1/tasks with an `Idempotency-Key` and the given raw JSON body.
+async fn submit_with_key(s: &Server, api_key: &str, idem: &str, raw_body: &str) -> Answer {
+    s.send(
+        s.client
+            .post(s.url("/tasks"))
+            .bearer_auth(api_key)
+            .header("idempotency-key", idem)
+            .header("content-type", "application/json")
+            .body(raw_body.to_string()),
+    )
+    .await
+}
+
+async fn list_ids(s: &Server, query: &str) -> (Vec<String>, Value) {
+    let a = s.get(&format!("/tasks{query}")).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let ids = a.body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(id_of)
+        .collect();
+    (ids, a.body["next_cursor"].clone())
+}
+
+async fn download(url: &str) -> (reqwest::StatusCode, Vec<u8>) {
+    let resp = reqwest::get(url).await.expect("download");
+    let status = resp.status();
+    (status, resp.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn submit_answers_202_with_location_and_the_queued_task_that_get_returns_unchanged() {
+    // No workers: the task stays queued, so the GET must return exactly what the POST did.
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let a = s
+        .post("/tasks", &json!({"model": "veo3", "prompt": "A cat walking on the beach", "metadata": {"order": "42", "user": "ada"}}))
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let t = &a.body;
+    let id = id_of(t);
+    assert!(id.starts_with("task_"), "{id}");
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/v1/tasks/{id}").as_str())
+    );
+    let retry = a
+        .header("retry-after")
+        .expect("Retry-After on a queued task");
+    assert!(
+        retry.parse::<u64>().is_ok_and(|r| r >= 1),
+        "Retry-After: {retry}"
+    );
+
+    assert_eq!(t["status"], "queued");
+    assert_eq!(t["progress"], 0);
+    assert_eq!(t["model"], "veo3");
+    assert_eq!(t["action"], "generate", "action defaults to generate");
+    assert_eq!(
+        t["input"],
+        json!({"prompt": "A cat walking on the beach", "duration": 5, "params": {}})
+    );
+    assert_eq!(
+        t["cost"],
+        json!({"credits": 50, "refunded": false}),
+        "veo3 costs 10 credits per second of the default 5"
+    );
+    assert_eq!(t["metadata"], json!({"order": "42", "user": "ada"}));
+    assert_eq!(t["result"], Value::Null);
+    assert_eq!(t["error"], Value::Null);
+    assert_eq!(t["callback"], Value::Null);
+    assert_eq!(t["started_at"], Value::Null);
+    assert_eq!(t["completed_at"], Value::Null);
+    let created = t["created_at"].as_str().expect("created_at");
+    assert!(
+        DateTime::parse_from_rfc3339(created).is_ok(),
+        "created_at {created} is not RFC 3339"
+    );
+    assert!(
+        t.get("poll_url").is_none(),
+        "an async submit has no poll_url: {t}"
+    );
+
+    let g = s
+        .send(
+            s.client
+                .get(absolute(&s, a.header("location").unwrap()))
+                .bearer_auth(&s.key),
+        )
+        .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    assert_eq!(&g.body, t, "GET at Location returns the submitted task");
+    assert!(
+        g.header("retry-after").is_some(),
+        "Retry-After while the task is not terminal"
+    );
+
+    let c = s.post(&format!("/tasks/{id}/cancel"), &json!({})).await;
+    assert_eq!(c.status, 200, "{}", c.body);
+    let g = s.get(&format!("/tasks/{id}")).await;
+    assert_eq!(g.body["status"], "cancelled");
+    assert!(
+        g.header("retry-after").is_none(),
+        "no Retry-After on a terminal task"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_completed_task_is_answered_without_retry_after() {
+    let s = Server::start().await;
+    let t = s
+        .submit(json!({"model": "echo", "prompt": "done soon"}))
+        .await;
+    let id = id_of(&t);
+    let done = s.wait_terminal(&id, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let g = s.get(&format!("/tasks/{id}")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body["progress"], 100);
+    assert!(
+        g.header("retry-after").is_none(),
+        "no Retry-After once completed"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sync_submit_of_a_fast_model_answers_200_with_the_result() {
+    let s = Server::start().await;
+    let a = s
+        .post(
+            "/tasks/sync",
+            &json!({"model": "echo", "prompt": "hello, sync"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["status"], "completed");
+    assert_eq!(a.body["progress"], 100);
+    assert!(
+        a.body.get("poll_url").is_none(),
+        "a finished sync answer has no poll_url: {}",
+        a.body
+    );
+    assert!(a.header("location").is_none());
+    assert!(a.header("retry-after").is_none());
+    let outputs = a.body["result"]["outputs"]
+        .as_array()
+        .expect("result.outputs");
+    assert_eq!(outputs.len(), 1);
+    assert!(
+        outputs[0]["content_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("text/plain"),
+        "{}",
+        outputs[0]
+    );
+    let (status, bytes) = download(outputs[0]["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(bytes, b"hello, sync");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sync_submit_that_outlasts_its_timeout_answers_202_with_a_poll_url_and_completes_later() {
+    let s = Server::start().await;
+    let body = json!({"model": "veo3", "prompt": "a long walk", "duration": 20, "params": {"fps": 24}, "timeout": 0.2});
+    let a = s.post("/tasks/sync", &body).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let id = id_of(&a.body);
+    let poll = format!("/v1/tasks/{id}");
+    assert_eq!(a.body["poll_url"], poll.as_str());
+    assert_eq!(a.header("location"), Some(poll.as_str()));
+    assert!(a.header("retry-after").is_some());
+    assert!(
+        !TERMINAL.contains(&a.body["status"].as_str().unwrap()),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.body["input"]["duration"], 20);
+    assert_eq!(a.body["input"]["params"], json!({"fps": 24}));
+    assert_eq!(a.body["cost"]["credits"], 200);
+
+    let g = s
+        .send(s.client.get(absolute(&s, &poll)).bearer_auth(&s.key))
+        .await;
+    assert_eq!(g.status, 200, "the poll_url answers the task: {}", g.body);
+    let done = s.wait_terminal(&id, 120).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"]["outputs"][0]["content_type"], "image/gif");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sync_timeout_above_the_cap_is_shortened_to_the_cap_not_refused() {
+    let s = Server::start_with(
+        |c| c.core.sync_wait_cap = Duration::from_secs(1),
+        Hooks::default(),
+    )
+    .await;
+    // Would the server wait the asked 100 s (or the 5 s the task takes), this client gives up
+    // at 30 s, or the answer is 200; a capped wait answers 202 after about one second.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let body =
+        json!({"model": "echo", "prompt": "slow", "params": {"sleep_ms": 5000}, "timeout": 100});
+    let resp = client
+        .post(s.url("/tasks/sync"))
+        .bearer_auth(&s.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no answer within 30 s: a timeout of 100 s was not shortened to the 1 s cap ({e})"
+            )
+        });
+    assert_eq!(resp.status(), 202, "answered before the 5 s task finished");
+    let task: Value = resp.json().await.unwrap();
+    let id = id_of(&task);
+    assert_eq!(task["poll_url"], format!("/v1/tasks/{id}"));
+    let done = s.wait_terminal(&id, 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn prefer_wait_on_submit_answers_200_with_the_finished_task_and_preference_applied() {
+    let s = Server::start().await;
+    let a = s
+        .send(
+            s.client
+                .post(s.url("/tasks"))
+                .bearer_auth(&s.key)
+                .header("prefer", "wait=5")
+                .json(&json!({"model": "echo", "prompt": "waited for"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["status"], "completed");
+    assert!(
+        a.body["result"]["outputs"][0]["url"].is_string(),
+        "{}",
+        a.body
+    );
+    let applied = a
+        .header("preference-applied")
+        .expect("Preference-Applied header");
+    assert!(applied.contains("wait=5"), "Preference-Applied: {applied}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_and_body_answer_the_original_task_and_debit_once() {
+    let s = Server::start().await;
+    let before = s.credits().await;
+    let body = r#"{"model":"echo","prompt":"only once"}"#;
+    let first = submit_with_key(&s, &s.key, "order-1", body).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert!(
+        first.header("idempotent-replayed").is_none(),
+        "the first answer is not a replay"
+    );
+    let second = submit_with_key(&s, &s.key, "order-1", body).await;
+    assert_eq!(second.status, 202, "{}", second.body);
+    assert_eq!(second.body["task_id"], first.body["task_id"]);
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.credits().await, before - 1, "credits are debited once");
+    let (ids, _) = list_ids(&s, "").await;
+    assert_eq!(ids, vec![id_of(&first.body)], "one task exists");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn key_order_in_the_body_does_not_break_an_idempotent_replay() {
+    let s = Server::start().await;
+    let a = r#"{"model":"echo","prompt":"same","metadata":{"a":"1","b":"2"}}"#;
+    let b = r#"{"metadata":{"b":"2","a":"1"},"prompt":"same","model":"echo"}"#;
+    let first = submit_with_key(&s, &s.key, "k-order", a).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let second = submit_with_key(&s, &s.key, "k-order", b).await;
+    assert_eq!(
+        second.status, 202,
+        "the same body in another key order is the same request: {}",
+        second.body
+    );
+    assert_eq!(second.body["task_id"], first.body["task_id"]);
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_with_another_body_is_refused_with_422() {
+    let s = Server::start().await;
+    let before = s.credits().await;
+    let first = submit_with_key(&s, &s.key, "k-reused", r#"{"model":"echo","prompt":"one"}"#).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let other = submit_with_key(&s, &s.key, "k-reused", r#"{"model":"echo","prompt":"two"}"#).await;
+    other.assert_error(422, "idempotency_key_reused");
+    assert_eq!(
+        s.credits().await,
+        before - 1,
+        "the refused request debited nothing"
+    );
+    let (ids, _) = list_ids(&s, "").await;
+    assert_eq!(ids.len(), 1, "the refused request created nothing");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_used_by_another_account_is_independent() {
+    let s = Server::start().await;
+    let other = s.new_account(100).await;
+    let body = r#"{"model":"echo","prompt":"shared key"}"#;
+    let mine = submit_with_key(&s, &s.key, "k-shared", body).await;
+    assert_eq!(mine.status, 202, "{}", mine.body);
+    let theirs = submit_with_key(&s, &other, "k-shared", body).await;
+    assert_eq!(theirs.status, 202, "{}", theirs.body);
+    assert_ne!(
+        theirs.body["task_id"], mine.body["task_id"],
+        "another account gets its own task"
+    );
+    assert!(theirs.header("idempotent-replayed").is_none());
+    let theirs_again = submit_with_key(&s, &other, "k-shared", body).await;
+    assert_eq!(theirs_again.body["task_id"], theirs.body["task_id"]);
+    assert_eq!(theirs_again.header("idempotent-replayed"), Some("true"));
+    let a = s.get_as("/account", &other).await;
+    assert_eq!(
+        a.body["credits"], 99,
+        "the other account paid for its own task once"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_whose_first_request_lacked_credits_is_released_for_a_retry() {
+    let s = Server::start().await;
+    let poor = s.new_account(0).await;
+    let body = r#"{"model":"echo","prompt":"pay later"}"#;
+    let refused = submit_with_key(&s, &poor, "k-402", body).await;
+    refused.assert_error(402, "insufficient_quota");
+    let account = s.get_as("/account", &poor).await;
+    let account_id = account.body["account_id"].as_str().unwrap().to_string();
+    s.app().store.grant_credits(&account_id, 10).await.unwrap();
+    let retried = submit_with_key(&s, &poor, "k-402", body).await;
+    assert_eq!(
+        retried.status, 202,
+        "the key was released after the 402: {}",
+        retried.body
+    );
+    assert!(retried.header("idempotent-replayed").is_none());
+    assert_eq!(s.get_as("/account", &poor).await.body["credits"], 9);
+    s.stop().await;
+}
+
+/// A task store whose `insert_task` waits until the test opens a gate, so a submit can be
+/// held in flight for as long as the test needs.
+struct SlowInsert {
+    inner: Arc<dyn TaskStore>,
+    entered: watch::Sender<u32>,
+    gate: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl TaskStore for SlowInsert {
+    async fn create_account(&self, account: &Account) -> PortResult<()> {
+        self.inner.create_account(account).await
+    }
+    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
+        self.inner.account_by_key_hash(key_hash).await
+    }
+    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
+        self.inner.account(account_id).await
+    }
+    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
+        self.inner.grant_credits(account_id, credits).await
+    }
+    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
+        self.inner.set_key_hash(account_id, key_hash).await
+    }
+    async fn reserve_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        in_flight: Duration,
+        retain: Duration,
+    ) -> PortResult<Reservation> {
+        self.inner
+            .reserve_idempotency(account_id, key, request_hash, now, in_flight, retain)
+            .await
+    }
+    async fn release_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        token: &str,
+    ) -> PortResult<()> {
+        self.inner.release_idempotency(account_id, key, token).await
+    }
+    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+        self.entered.send_modify(|n| *n += 1);
+        let mut gate = self.gate.clone();
+        // Held until the test opens the gate (at most 30 s, so a broken test cannot hang).
+        let _ = tokio::time::timeout(Duration::from_secs(30), gate.wait_for(|open| *open)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.inner.insert_task(task, claim).await
+    }
+    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
+        self.inner.task(task_id).await
+    }
+    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
+        self.inner.list_tasks(account_id, query).await
+    }
+    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
+        self.inner.update_task(task_id, transition).await
+    }
+}
+
+#[tokio::test]
+async fn a_key_still_in_flight_answers_409_and_afterwards_the_original_task() {
+    let (entered_tx, mut entered_rx) = watch::channel(0u32);
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let hooks = Hooks {
+        store: Some(Box::new(move |inner| {
+            Arc::new(SlowInsert {
+                inner,
+                entered: entered_tx,
+                gate: gate_rx,
+            })
+        })),
+        ..Hooks::default()
+    };
+    let s = Server::start_with(|_| {}, hooks).await;
+    let body = r#"{"model":"echo","prompt":"in flight"}"#;
+    let req = s
+        .client
+        .post(s.url("/tasks"))
+        .bearer_auth(&s.key)
+        .header("idempotency-key", "k-flight")
+        .header("content-type", "application/json")
+        .body(body);
+    let first = tokio::spawn(async move {
+        let r = req.send().await.expect("first request sent");
+        (r.status(), r.json::<Value>().await.unwrap())
+    });
+    tokio::time::timeout(Duration::from_secs(30), entered_rx.wait_for(|n| *n >= 1))
+        .await
+        .expect("the first request reaches the store")
+        .unwrap();
+
+    let second = submit_with_key(&s, &s.key, "k-flight", body).await;
+    second.assert_error(409, "idempotency_in_progress");
+
+    gate_tx.send(true).unwrap();
+    let (status, original) = first.await.unwrap();
+    assert_eq!(status, 202, "{original}");
+    let third = submit_with_key(&s, &s.key, "k-flight", body).await;
+    assert_eq!(third.status, 202, "{}", third.body);
+    assert_eq!(third.body["task_id"], original["task_id"]);
+    assert_eq!(third.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        *entered_rx.borrow(),
+        1,
+        "only the first request created a task"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lists_page_newest_first_filter_and_show_only_the_callers_tasks() {
+    // No workers at first, so some tasks can be cancelled while queued; the rest complete
+    // once workers come up.
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let other = s.new_account(100).await;
+    let mut theirs = Vec::new();
+    for i in 0..2 {
+        let a = s
+            .post_as(
+                "/tasks",
+                &json!({"model": "echo", "prompt": format!("theirs {i}")}),
+                &other,
+            )
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        theirs.push(id_of(&a.body));
+    }
+    let mut submitted = Vec::new();
+    let mut echo = Vec::new();
+    let mut cancelled = Vec::new();
+    for i in 0..25 {
+        let model = if i % 5 == 4 { "demo-image" } else { "echo" };
+        let t = s
+            .submit(json!({"model": model, "prompt": format!("task {i}")}))
+            .await;
+        let id = id_of(&t);
+        if model == "echo" {
+            echo.push(id.clone());
+        }
+        if i % 5 == 0 {
+            let c = s.post(&format!("/tasks/{id}/cancel"), &json!({})).await;
+            assert_eq!(c.status, 200, "{}", c.body);
+            cancelled.push(id.clone());
+        }
+        submitted.push(id);
+    }
+    let s = s.restart(|c| c.workers = 2).await;
+    for id in &submitted {
+        s.wait_terminal(id, 60).await;
+    }
+    let newest_first = |ids: &[String]| ids.iter().rev().cloned().collect::<Vec<_>>();
+
+    // Pages of 10 cover every task exactly once, newest first.
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            None => "?limit=10".to_string(),
+            Some(c) => format!("?limit=10&cursor={c}"),
+        };
+        let (ids, next) = list_ids(&s, &q).await;
+        sizes.push(ids.len());
+        seen.extend(ids);
+        match next {
+            Value::Null => break,
+            Value::String(c) => cursor = Some(c),
+            other => panic!("next_cursor is {other}"),
+        }
+        assert!(sizes.len() < 10, "pagination does not end");
+    }
+    assert_eq!(sizes, vec![10, 10, 5]);
+    assert_eq!(seen, newest_first(&submitted));
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        25,
+        "no task twice"
+    );
+
+    let (ids, next) = list_ids(&s, "?status=cancelled").await;
+    assert_eq!(ids, newest_first(&cancelled));
+    assert_eq!(next, Value::Null);
+    let completed: Vec<String> = submitted
+        .iter()
+        .filter(|id| !cancelled.contains(id))
+        .cloned()
+        .collect();
+    let (ids, _) = list_ids(&s, "?status=completed&limit=100").await;
+    assert_eq!(ids, newest_first(&completed));
+    let (ids, _) = list_ids(&s, "?model=echo&limit=100").await;
+    assert_eq!(ids, newest_first(&echo));
+    let a = s.get("/tasks?model=echo&status=cancelled").await;
+    for t in a.body["data"].as_array().unwrap() {
+        assert_eq!(
+            (t["model"].as_str(), t["status"].as_str()),
+            (Some("echo"), Some("cancelled"))
+        );
+    }
+
+    let (ids, next) = list_ids(&s, "").await;
+    assert_eq!(
+        ids,
+        newest_first(&submitted)[..20].to_vec(),
+        "the default page is the newest 20"
+    );
+    assert!(next.is_string(), "more tasks follow the default page");
+
+    let (all, _) = list_ids(&s, "?limit=100").await;
+    assert!(
+        theirs.iter().all(|id| !all.contains(id)),
+        "another account's tasks never appear"
+    );
+    let a = s.get_as("/tasks", &other).await;
+    let their_list: Vec<String> = a.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id_of)
+        .collect();
+    assert_eq!(
+        their_list,
+        newest_first(&theirs),
+        "each account lists only its own tasks"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_generation_reports_its_error_and_refunds_the_credits() {
+    let s = Server::start().await;
+    let before = s.credits().await;
+    let t = s
+        .submit(json!({"model": "echo", "prompt": "x", "params": {"fail": "the model refused the prompt"}}))
+        .await;
+    assert_eq!(
+        t["cost"],
+        json!({"credits": 1, "refunded": false}),
+        "debited at submit"
+    );
+    let done = s.wait_terminal(&id_of(&t), 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "generation_failed");
+    assert_eq!(done["error"]["message"], "the model refused the prompt");
+    assert_eq!(done["result"], Value::Null);
+    assert_eq!(done["cost"], json!({"credits": 1, "refunded": true}));
+    assert_eq!(s.credits().await, before, "the credits came back");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn models_lists_every_model_with_its_pricing() {
+    let s = Server::start().await;
+    let a = s.get("/models").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let models = a.body["data"].as_array().expect("data");
+    let find = |id: &str| {
+        models
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("model {id} missing from {}", a.body))
+    };
+    assert_eq!(find("veo3")["pricing"], json!({"credits_per_second": 10}));
+    assert_eq!(
+        find("demo-image")["pricing"],
+        json!({"credits_per_task": 5})
+    );
+    assert_eq!(find("echo")["pricing"], json!({"credits_per_task": 1}));
+    assert_eq!(
+        find("veo3")["duration"],
+        json!({"min": 1, "max": 20, "default": 5})
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn demo_image_renders_a_png_of_the_requested_size_that_downloads() {
+    let s = Server::start().await;
+    let t = s
+        .submit(json!({"model": "demo-image", "prompt": "a red square", "params": {"width": 40, "height": 30}}))
+        .await;
+    assert_eq!(t["cost"]["credits"], 5);
+    let done = s.wait_terminal(&id_of(&t), 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let out = &done["result"]["outputs"][0];
+    assert_eq!(out["content_type"], "image/png");
+    let (status, png) = download(out["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(png.len() as u64, out["size_bytes"].as_u64().unwrap());
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!(
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        40,
+        "width"
+    );
+    assert_eq!(
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+        30,
+        "height"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_task_refunds_once_and_cancelling_again_changes_nothing() {
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let before = s.credits().await;
+    let t = s
+        .submit(json!({"model": "veo3", "prompt": "never mind", "duration": 3}))
+        .await;
+    let id = id_of(&t);
+    assert_eq!(s.credits().await, before - 30);
+
+    let c = s.post(&format!("/tasks/{id}/cancel"), &json!({})).await;
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert_eq!(c.body["status"], "cancelled");
+    assert_eq!(c.body["cost"], json!({"credits": 30, "refunded": true}));
+    assert_eq!(s.credits().await, before, "credits refunded");
+
+    let again = s.post(&format!("/tasks/{id}/cancel"), &json!({})).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.body["status"], "cancelled");
+    assert_eq!(again.body["cost"]["refunded"], true);
+    assert_eq!(s.credits().await, before, "no second refund");
+    assert_eq!(
+        s.get(&format!("/tasks/{id}")).await.body["status"],
+        "cancelled"
+    );
+    s.stop().await;
+}

@@ -69,13 +69,7 @@ pub fn parse_submit(
     registry: &Registry,
     rules: SubmitRules,
 ) -> Result<SubmitRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_body(format!(
-            "request body is not valid JSON (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })?;
+    let value = parse_strict_json(body)?;
     let Value::Object(mut obj) = value else {
         return Err(ApiError::invalid_body("request body must be a JSON object"));
     };
@@ -207,6 +201,84 @@ pub fn parse_submit(
         timeout,
         request_hash,
     })
+}
+
+/// A JSON value that refuses objects with a repeated key at any depth: two parsers that
+/// resolve duplicates differently must never see two different requests.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                let k: String = k.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Parses a request body as JSON, refusing repeated keys.
+pub fn parse_strict_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice::<Strict>(body)
+        .map(|s| s.0)
+        .map_err(|e| {
+            let what = e.to_string();
+            let what = what.split(" at line").next().unwrap_or("syntax error");
+            ApiError::invalid_body(format!(
+                "request body is not valid JSON: {what} (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })
 }
 
 fn unknown(field: &str) -> ApiError {
@@ -435,6 +507,16 @@ mod tests {
         let c = parse_submit(br#"{"prompt":"b","model":"echo"}"#, &reg, rules).unwrap();
         assert_eq!(a.request_hash, b.request_hash);
         assert_ne!(a.request_hash, c.request_hash);
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_at_any_depth() {
+        assert_eq!(param_of(r#"{"model":"nope","model":"echo"}"#), "");
+        assert_eq!(
+            param_of(r#"{"model":"echo","params":{"sleep_ms":1,"sleep_ms":2}}"#),
+            ""
+        );
+        assert!(parse(r#"{"model":"echo","metadata":{"a":"1","b":"1"}}"#).is_ok());
     }
 
     #[test]
