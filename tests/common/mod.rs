@@ -43,6 +43,20 @@ impl Answer {
     }
 }
 
+/// Sends a request (borrowing no server, so it can run on its own tokio task) and reads the answer.
+pub async fn answer(req: reqwest::RequestBuilder) -> Answer {
+    let resp = req.send().await.expect("request sent");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// Configuration tests start from: port 0, fast demo models, short webhook retries.
 pub fn test_config(dir: &std::path::Path) -> LocalConfig {
     let mut c = LocalConfig {
@@ -119,16 +133,7 @@ impl Server {
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.unwrap();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer {
-            status,
-            headers,
-            body,
-        }
+        answer(req).await
     }
 
     pub async fn get(&self, path: &str) -> Answer {
