@@ -18,7 +18,6 @@ fn id(task: &Value) -> String {
     task["task_id"].as_str().expect("a task id").to_string()
 }
 
-
 /// Sends `n` copies of the request built by `req` at once; returns every answer.
 async fn all_at_once(n: usize, req: impl Fn() -> reqwest::RequestBuilder) -> Vec<Answer> {
     let mut set = JoinSet::new();
