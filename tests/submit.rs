@@ -237,25 +237,27 @@ async fn sync_timeout_above_the_cap_is_shortened_to_the_cap_not_refused() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let body =
-        json!({"model": "echo", "prompt": "slow", "params": {"sleep_ms": 5000}, "timeout": 100});
-    let resp = client
-        .post(s.url("/tasks/sync"))
-        .bearer_auth(&s.key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "no answer within 30 s: a timeout of 100 s was not shortened to the 1 s cap ({e})"
-            )
-        });
-    assert_eq!(resp.status(), 202, "answered before the 5 s task finished");
-    let task: Value = resp.json().await.unwrap();
-    let id = id_of(&task);
-    assert_eq!(task["poll_url"], format!("/v1/tasks/{id}"));
-    let done = s.wait_terminal(&id, 60).await;
-    assert_eq!(done["status"], "completed", "{done}");
+    // 1e30 s does not even fit a Duration: it must be shortened too, not crash the request.
+    for timeout in [json!(100), json!(1e30)] {
+        let body = json!({"model": "echo", "prompt": "slow", "params": {"sleep_ms": 5000}, "timeout": timeout});
+        let resp = client
+            .post(s.url("/tasks/sync"))
+            .bearer_auth(&s.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no answer within 30 s: a timeout of {timeout} s was not shortened to the 1 s cap ({e})"
+                )
+            });
+        assert_eq!(resp.status(), 202, "answered before the 5 s task finished");
+        let task: Value = resp.json().await.unwrap();
+        let id = id_of(&task);
+        assert_eq!(task["poll_url"], format!("/v1/tasks/{id}"));
+        let done = s.wait_terminal(&id, 60).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
     s.stop().await;
 }
 

@@ -180,7 +180,7 @@ impl Api {
         let wait = match kind {
             Submit::Sync => Some(
                 sub.timeout
-                    .map(Duration::from_secs_f64)
+                    .map(|t| Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
                     .unwrap_or(self.app.config.sync_wait_default),
             ),
             Submit::Async => prefer_wait(req.headers())?,
@@ -577,8 +577,10 @@ fn prefer_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
         let s = v
             .to_str()
             .map_err(|_| ApiError::invalid("Prefer", "Prefer must be ASCII"))?;
-        for pref in s.split([',', ';']) {
-            let Some((k, val)) = pref.split_once('=') else {
+        // Preferences are separated by `,`; each may carry `;` parameters (RFC 7240).
+        for pref in s.split(',') {
+            let token = pref.split(';').next().unwrap_or("");
+            let Some((k, val)) = token.split_once('=') else {
                 continue;
             };
             if k.trim().eq_ignore_ascii_case("wait") {
@@ -619,6 +621,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("prefer", HeaderValue::from_static("respond-async, wait=7"));
         assert_eq!(prefer_wait(&h).unwrap(), Some(Duration::from_secs(7)));
+        h.insert(
+            "prefer",
+            HeaderValue::from_static("wait=3; foo=bar, handling=lenient"),
+        );
+        assert_eq!(prefer_wait(&h).unwrap(), Some(Duration::from_secs(3)));
         h.insert("prefer", HeaderValue::from_static("wait=abc"));
         assert!(prefer_wait(&h).is_err());
         assert_eq!(prefer_wait(&HeaderMap::new()).unwrap(), None);

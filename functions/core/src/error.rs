@@ -32,6 +32,13 @@ pub enum ApiError {
         /// Credits held.
         available: u64,
     },
+    /// 402 when the cost is not known to the caller (a store refused the debit).
+    #[error("the account has too few credits ({available} available)")]
+    InsufficientCredits {
+        /// Credits held.
+        /// Credits held.
+        available: u64,
+    },
     /// 403: a signed URL that expired or was tampered with.
     #[error("this URL has expired or its signature is invalid")]
     Forbidden,
@@ -107,7 +114,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::InsufficientQuota { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::InsufficientQuota { .. } | ApiError::InsufficientCredits { .. } => {
+                StatusCode::PAYMENT_REQUIRED
+            }
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -128,7 +137,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::InsufficientQuota { .. } => "insufficient_quota",
+            ApiError::InsufficientQuota { .. } | ApiError::InsufficientCredits { .. } => {
+                "insufficient_quota"
+            }
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -189,10 +200,9 @@ impl From<PortError> for ApiError {
     fn from(e: PortError) -> Self {
         match e {
             PortError::NotFound => ApiError::NotFound("task not found"),
-            PortError::InsufficientCredits { available } => ApiError::InsufficientQuota {
-                needed: 0,
-                available,
-            },
+            PortError::InsufficientCredits { available } => {
+                ApiError::InsufficientCredits { available }
+            }
             PortError::ReservationLost => ApiError::IdempotencyInProgress,
             PortError::Rejected(TransitionError::NotCancellable(s)) => {
                 ApiError::NotCancellable { status: s.as_str() }

@@ -213,7 +213,8 @@ impl Generator for VideoDemo {
         let fps = param_u32(&job, "fps", 8).clamp(1, 24);
         let frames = duration * fps;
         let seed = palette_seed(&job);
-        let per_frame = Duration::from_secs_f64(self.seconds_per_second / f64::from(fps));
+        let per_frame = Duration::try_from_secs_f64(self.seconds_per_second / f64::from(fps))
+            .unwrap_or_default();
         let palette = palette(&seed);
         let mut gif_bytes = Vec::new();
         {

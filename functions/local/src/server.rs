@@ -115,7 +115,11 @@ impl LocalConfig {
         c.public_url = std::env::var("TASKLANE_PUBLIC_URL")
             .ok()
             .filter(|u| !u.is_empty());
-        if let Some(s) = env_parse("TASKLANE_DEMO_TIME_SCALE")? {
+        if let Some(s) = env_parse::<f64>("TASKLANE_DEMO_TIME_SCALE")? {
+            anyhow::ensure!(
+                s.is_finite() && s >= 0.0,
+                "TASKLANE_DEMO_TIME_SCALE must be a number, 0 or more"
+            );
             c.demo_time_scale = s;
         }
         if let Some(g) = env_secs("TASKLANE_SHUTDOWN_GRACE")? {
