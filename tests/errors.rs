@@ -8,17 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use common::{Answer, Server};
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
-use tasklane_core::account::Account;
-use tasklane_core::ports::{
-    IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore,
-    WorkMessage, WorkQueue,
-};
-use tasklane_core::task::{Task, Transition};
+use tasklane_core::intercept::{Interceptor, Op};
+use tasklane_core::ports::{PortError, PortResult};
 use tasklane_local::Hooks;
 use tokio::sync::{Notify, Semaphore};
 
@@ -173,18 +168,10 @@ where
     }
 }
 
-/// A work queue that is always down.
-struct FailingQueue;
-
-#[async_trait]
-impl WorkQueue for FailingQueue {
-    async fn enqueue(&self, _message: &WorkMessage, _delay: Duration) -> PortResult<()> {
-        Err(PortError::unavailable("down"))
-    }
-}
-
-/// One fault injected into the real task store.
+/// One fault injected before the real adapters' calls.
 enum Fault {
+    /// Every enqueue fails: the work queue is down.
+    QueueDown,
     /// Every API-key lookup fails with an internal error that names a secret path.
     KeyLookupFails,
     /// `insert_task` signals `entered`, then waits until `open` has a permit.
@@ -194,88 +181,26 @@ enum Fault {
     },
 }
 
-/// The real task store with one [`Fault`]; everything else is delegated.
-struct FaultyStore {
-    inner: Arc<dyn TaskStore>,
-    fault: Fault,
+#[async_trait]
+impl Interceptor for Fault {
+    async fn before(&self, op: Op) -> PortResult<()> {
+        match (self, op) {
+            (Fault::QueueDown, Op::Enqueue) => Err(PortError::unavailable("down")),
+            (Fault::KeyLookupFails, Op::AccountByKeyHash) => {
+                Err(PortError::internal("secret path /var/db is locked"))
+            }
+            (Fault::InsertWaits { entered, open }, Op::InsertTask) => {
+                entered.notify_one();
+                drop(open.acquire().await);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn store_fault(fault: Fault) -> Hooks {
-    Hooks {
-        store: Some(Box::new(move |inner| {
-            Arc::new(FaultyStore { inner, fault }) as Arc<dyn TaskStore>
-        })),
-        ..Hooks::default()
-    }
-}
-
-#[async_trait]
-impl TaskStore for FaultyStore {
-    async fn create_account(&self, account: &Account) -> PortResult<()> {
-        self.inner.create_account(account).await
-    }
-
-    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
-        if let Fault::KeyLookupFails = self.fault {
-            return Err(PortError::internal("secret path /var/db is locked"));
-        }
-        self.inner.account_by_key_hash(key_hash).await
-    }
-
-    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
-        self.inner.account(account_id).await
-    }
-
-    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
-        self.inner.grant_credits(account_id, credits).await
-    }
-
-    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
-        self.inner.set_key_hash(account_id, key_hash).await
-    }
-
-    async fn reserve_idempotency(
-        &self,
-        account_id: &str,
-        key: &str,
-        request_hash: &str,
-        now: DateTime<Utc>,
-        in_flight: Duration,
-        retain: Duration,
-    ) -> PortResult<Reservation> {
-        self.inner
-            .reserve_idempotency(account_id, key, request_hash, now, in_flight, retain)
-            .await
-    }
-
-    async fn release_idempotency(
-        &self,
-        account_id: &str,
-        key: &str,
-        token: &str,
-    ) -> PortResult<()> {
-        self.inner.release_idempotency(account_id, key, token).await
-    }
-
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
-        if let Fault::InsertWaits { entered, open } = &self.fault {
-            entered.notify_one();
-            drop(open.acquire().await);
-        }
-        self.inner.insert_task(task, claim).await
-    }
-
-    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
-        self.inner.task(task_id).await
-    }
-
-    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
-        self.inner.list_tasks(account_id, query).await
-    }
-
-    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
-        self.inner.update_task(task_id, transition).await
-    }
+    Hooks::intercept(Arc::new(fault))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -866,13 +791,7 @@ async fn a_body_not_declared_as_json_is_415() {
 
 #[tokio::test]
 async fn a_queue_outage_is_503_with_retry_after_and_the_task_is_failed_and_refunded() {
-    let hooks = Hooks {
-        queue: Some(Box::new(|_real| {
-            Arc::new(FailingQueue) as Arc<dyn WorkQueue>
-        })),
-        ..Hooks::default()
-    };
-    let s = Server::start_with(|_| {}, hooks).await;
+    let s = Server::start_with(|_| {}, store_fault(Fault::QueueDown)).await;
     let start = s.credits().await;
     let body = json!({"model": "veo3", "prompt": "a cat", "duration": 5});
     for path in ["/tasks", "/tasks/sync"] {

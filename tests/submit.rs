@@ -8,14 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use common::{Answer, Server};
 use serde_json::{Value, json};
-use tasklane_core::account::Account;
-use tasklane_core::ports::{
-    IdempotencyClaim, ListQuery, PortResult, Reservation, TaskPage, TaskStore,
-};
-use tasklane_core::task::{Task, Transition};
+use tasklane_core::intercept::{Interceptor, Op};
+use tasklane_core::ports::PortResult;
 use tasklane_local::Hooks;
 use tokio::sync::watch;
 
@@ -390,68 +387,25 @@ async fn a_key_whose_first_request_lacked_credits_is_released_for_a_retry() {
     s.stop().await;
 }
 
-/// A task store whose `insert_task` waits until the test opens a gate, so a submit can be
-/// held in flight for as long as the test needs.
+/// Holds every `insert_task` until the test opens a gate, so a submit can be kept in flight
+/// for as long as the test needs.
 struct SlowInsert {
-    inner: Arc<dyn TaskStore>,
     entered: watch::Sender<u32>,
     gate: watch::Receiver<bool>,
 }
 
 #[async_trait]
-impl TaskStore for SlowInsert {
-    async fn create_account(&self, account: &Account) -> PortResult<()> {
-        self.inner.create_account(account).await
-    }
-    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
-        self.inner.account_by_key_hash(key_hash).await
-    }
-    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
-        self.inner.account(account_id).await
-    }
-    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
-        self.inner.grant_credits(account_id, credits).await
-    }
-    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
-        self.inner.set_key_hash(account_id, key_hash).await
-    }
-    async fn reserve_idempotency(
-        &self,
-        account_id: &str,
-        key: &str,
-        request_hash: &str,
-        now: DateTime<Utc>,
-        in_flight: Duration,
-        retain: Duration,
-    ) -> PortResult<Reservation> {
-        self.inner
-            .reserve_idempotency(account_id, key, request_hash, now, in_flight, retain)
-            .await
-    }
-    async fn release_idempotency(
-        &self,
-        account_id: &str,
-        key: &str,
-        token: &str,
-    ) -> PortResult<()> {
-        self.inner.release_idempotency(account_id, key, token).await
-    }
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
-        self.entered.send_modify(|n| *n += 1);
-        let mut gate = self.gate.clone();
-        // Held until the test opens the gate (at most 30 s, so a broken test cannot hang).
-        let _ = tokio::time::timeout(Duration::from_secs(30), gate.wait_for(|open| *open)).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.inner.insert_task(task, claim).await
-    }
-    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
-        self.inner.task(task_id).await
-    }
-    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
-        self.inner.list_tasks(account_id, query).await
-    }
-    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
-        self.inner.update_task(task_id, transition).await
+impl Interceptor for SlowInsert {
+    async fn before(&self, op: Op) -> PortResult<()> {
+        if op == Op::InsertTask {
+            self.entered.send_modify(|n| *n += 1);
+            let mut gate = self.gate.clone();
+            // Held until the test opens the gate (at most 30 s, so a broken test cannot hang).
+            let _ =
+                tokio::time::timeout(Duration::from_secs(30), gate.wait_for(|open| *open)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
     }
 }
 
@@ -459,16 +413,10 @@ impl TaskStore for SlowInsert {
 async fn a_key_still_in_flight_answers_409_and_afterwards_the_original_task() {
     let (entered_tx, mut entered_rx) = watch::channel(0u32);
     let (gate_tx, gate_rx) = watch::channel(false);
-    let hooks = Hooks {
-        store: Some(Box::new(move |inner| {
-            Arc::new(SlowInsert {
-                inner,
-                entered: entered_tx,
-                gate: gate_rx,
-            })
-        })),
-        ..Hooks::default()
-    };
+    let hooks = Hooks::intercept(Arc::new(SlowInsert {
+        entered: entered_tx,
+        gate: gate_rx,
+    }));
     let s = Server::start_with(|_| {}, hooks).await;
     let body = r#"{"model":"echo","prompt":"in flight"}"#;
     let req = s

@@ -13,6 +13,7 @@
 //! - [`processor`]: runs queued work (generation, webhook delivery) idempotently.
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
 //! - [`error`]: the one error enum and its mapping to the API error shape.
+//! - [`intercept`]: port wrappers that run a hook before each call (fault injection).
 //! - [`view`], [`events`], [`config`]: the task object, in-process wake-ups, settings.
 
 pub mod account;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod generate;
+pub mod intercept;
 pub mod ports;
 pub mod processor;
 pub mod registry;

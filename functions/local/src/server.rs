@@ -16,6 +16,7 @@ use rand::RngCore;
 use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
 use tasklane_core::generate::builtin_registry;
+use tasklane_core::intercept::{Intercepted, Interceptor};
 use tasklane_core::ports::{TaskStore, WorkMessage, WorkQueue};
 use tasklane_core::processor::{Disposition, Processor};
 use tasklane_core::{ApiError, App, Config};
@@ -202,6 +203,19 @@ impl Running {
                 "grace period over; abandoning in-flight work (it is taken up again at the next start)"
             );
             self.tasks.abort_all();
+        }
+    }
+}
+
+impl Hooks {
+    /// Runs `hook` before every store and work-queue call the API and the processor make.
+    pub fn intercept(hook: Arc<dyn Interceptor>) -> Hooks {
+        let h2 = hook.clone();
+        Hooks {
+            store: Some(Box::new(move |inner| {
+                Arc::new(Intercepted::new(inner, hook))
+            })),
+            queue: Some(Box::new(move |inner| Arc::new(Intercepted::new(inner, h2)))),
         }
     }
 }

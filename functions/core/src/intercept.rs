@@ -1,0 +1,152 @@
+//! Wrappers that run a hook before every port call: the seam for fault injection (fail,
+//! delay or hold a call) in tests and soak runs, without touching the adapters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use crate::account::Account;
+use crate::ports::{
+    BlobStore, IdempotencyClaim, ListQuery, PortResult, Reservation, SignedUrl, TaskPage,
+    TaskStore, WorkMessage, WorkQueue,
+};
+use crate::task::{Task, Transition};
+
+/// A port call about to be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// [`TaskStore::create_account`].
+    CreateAccount,
+    /// [`TaskStore::account_by_key_hash`].
+    AccountByKeyHash,
+    /// [`TaskStore::account`].
+    Account,
+    /// [`TaskStore::grant_credits`].
+    GrantCredits,
+    /// [`TaskStore::set_key_hash`].
+    SetKeyHash,
+    /// [`TaskStore::reserve_idempotency`].
+    ReserveIdempotency,
+    /// [`TaskStore::release_idempotency`].
+    ReleaseIdempotency,
+    /// [`TaskStore::insert_task`].
+    InsertTask,
+    /// [`TaskStore::task`].
+    Task,
+    /// [`TaskStore::list_tasks`].
+    ListTasks,
+    /// [`TaskStore::update_task`].
+    UpdateTask,
+    /// [`WorkQueue::enqueue`].
+    Enqueue,
+    /// [`BlobStore::put`].
+    Put,
+    /// [`BlobStore::presign_get`].
+    PresignGet,
+}
+
+/// Runs before each intercepted call; an `Err` is returned instead of making the call.
+#[async_trait]
+pub trait Interceptor: Send + Sync {
+    /// Called before `op`; may wait, or fail the call.
+    async fn before(&self, op: Op) -> PortResult<()>;
+}
+
+/// A port wrapped so that an [`Interceptor`] runs before every call.
+pub struct Intercepted<P: ?Sized> {
+    inner: Arc<P>,
+    hook: Arc<dyn Interceptor>,
+}
+
+impl<P: ?Sized> Intercepted<P> {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<P>, hook: Arc<dyn Interceptor>) -> Self {
+        Intercepted { inner, hook }
+    }
+}
+
+#[async_trait]
+impl TaskStore for Intercepted<dyn TaskStore> {
+    async fn create_account(&self, account: &Account) -> PortResult<()> {
+        self.hook.before(Op::CreateAccount).await?;
+        self.inner.create_account(account).await
+    }
+    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
+        self.hook.before(Op::AccountByKeyHash).await?;
+        self.inner.account_by_key_hash(key_hash).await
+    }
+    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
+        self.hook.before(Op::Account).await?;
+        self.inner.account(account_id).await
+    }
+    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
+        self.hook.before(Op::GrantCredits).await?;
+        self.inner.grant_credits(account_id, credits).await
+    }
+    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
+        self.hook.before(Op::SetKeyHash).await?;
+        self.inner.set_key_hash(account_id, key_hash).await
+    }
+    async fn reserve_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        in_flight: Duration,
+        retain: Duration,
+    ) -> PortResult<Reservation> {
+        self.hook.before(Op::ReserveIdempotency).await?;
+        self.inner
+            .reserve_idempotency(account_id, key, request_hash, now, in_flight, retain)
+            .await
+    }
+    async fn release_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        token: &str,
+    ) -> PortResult<()> {
+        self.hook.before(Op::ReleaseIdempotency).await?;
+        self.inner.release_idempotency(account_id, key, token).await
+    }
+    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+        self.hook.before(Op::InsertTask).await?;
+        self.inner.insert_task(task, claim).await
+    }
+    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
+        self.hook.before(Op::Task).await?;
+        self.inner.task(task_id).await
+    }
+    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
+        self.hook.before(Op::ListTasks).await?;
+        self.inner.list_tasks(account_id, query).await
+    }
+    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
+        self.hook.before(Op::UpdateTask).await?;
+        self.inner.update_task(task_id, transition).await
+    }
+}
+
+#[async_trait]
+impl WorkQueue for Intercepted<dyn WorkQueue> {
+    async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
+        self.hook.before(Op::Enqueue).await?;
+        self.inner.enqueue(message, delay).await
+    }
+}
+
+#[async_trait]
+impl BlobStore for Intercepted<dyn BlobStore> {
+    async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> PortResult<()> {
+        self.hook.before(Op::Put).await?;
+        self.inner.put(key, bytes, content_type).await
+    }
+    async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
+        self.hook.before(Op::PresignGet).await?;
+        self.inner.presign_get(key, ttl).await
+    }
+}
