@@ -1255,3 +1255,38 @@ async fn a_body_with_a_duplicate_key_is_refused_rather_than_silently_resolved() 
     assert_nothing_created(&s, credits).await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn over_the_rate_limit_is_429_with_retry_after_and_other_accounts_are_unaffected() {
+    let s = Server::start_with(
+        |c| {
+            c.core.rate_limit = Some(tasklane_core::limits::RateLimit {
+                per_second: 1.0,
+                burst: 3,
+            })
+        },
+        Hooks::default(),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(s.get("/account").await.status, 200);
+    }
+    let limited = s.get("/account").await;
+    limited.assert_error(429, "rate_limited");
+    let wait: u64 = limited
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in whole seconds");
+    assert!((1..=2).contains(&wait), "Retry-After {wait}");
+    // Submits count too, and a limited submit creates nothing.
+    let a = s.post("/tasks", &json!({"model": "echo"})).await;
+    a.assert_error(429, "rate_limited");
+    let other = s.new_account(5).await;
+    assert_eq!(s.get_as("/account", &other).await.status, 200);
+    // After the advertised wait, requests are served again.
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let after = s.get("/tasks").await;
+    assert_eq!(after.status, 200, "{}", after.body);
+    assert_eq!(after.body["data"].as_array().unwrap().len(), 0);
+    s.stop().await;
+}

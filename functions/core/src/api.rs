@@ -129,6 +129,13 @@ impl Api {
             });
         }
         let account = self.authenticate(req.headers()).await?;
+        if let Some(limiter) = &self.app.limiter
+            && let Err(wait) = limiter.check(&account.id)
+        {
+            return Err(ApiError::RateLimited {
+                retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+            });
+        }
         match route {
             Route::Tasks if req.method() == Method::POST => {
                 self.submit(&account, &req, Submit::Async).await

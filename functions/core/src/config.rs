@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::limits::RateLimit;
+
 /// Tunables of the API and processor. `Config::default()` holds the documented defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,6 +33,8 @@ pub struct Config {
     pub max_queue_delay: Duration,
     /// `Retry-After` seconds on answers about unfinished tasks.
     pub poll_after_secs: u64,
+    /// Per-account request rate limit; `None` for none.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The Standard Webhooks retry schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (about 27.6 h in all).
@@ -57,6 +61,10 @@ impl Default for Config {
             idempotency_in_flight: Duration::from_secs(60),
             max_queue_delay: Duration::from_secs(15 * 60),
             poll_after_secs: 1,
+            rate_limit: Some(RateLimit {
+                per_second: 100.0,
+                burst: 200,
+            }),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
 //! - [`error`]: the one error enum and its mapping to the API error shape.
 //! - [`intercept`]: port wrappers that run a hook before each call (fault injection).
+//! - [`limits`]: per-account rate limiting.
 //! - [`view`], [`events`], [`config`]: the task object, in-process wake-ups, settings.
 
 pub mod account;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod generate;
 pub mod intercept;
+pub mod limits;
 pub mod ports;
 pub mod processor;
 pub mod registry;
@@ -50,6 +52,8 @@ pub struct App {
     pub config: Config,
     /// In-process wake-ups for sync waiters.
     pub events: events::TaskEvents,
+    /// Per-account rate limiter, when [`Config::rate_limit`] is set.
+    pub limiter: Option<limits::RateLimiter>,
     ids: Mutex<ulid::Generator>,
 }
 
@@ -63,6 +67,7 @@ impl App {
         config: Config,
     ) -> Arc<Self> {
         Arc::new(App {
+            limiter: config.rate_limit.map(limits::RateLimiter::new),
             store,
             queue,
             blobs,

@@ -17,6 +17,7 @@ use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
 use tasklane_core::generate::builtin_registry;
 use tasklane_core::intercept::{Intercepted, Interceptor};
+use tasklane_core::limits::RateLimit;
 use tasklane_core::ports::{TaskStore, WorkMessage, WorkQueue};
 use tasklane_core::processor::{Disposition, Processor};
 use tasklane_core::{ApiError, App, Config};
@@ -135,6 +136,22 @@ impl LocalConfig {
         if let Some(t) = env_secs("TASKLANE_SYNC_WAIT_CAP")? {
             c.core.sync_wait_cap = t;
             c.core.sync_wait_default = c.core.sync_wait_default.min(t);
+        }
+        if let Some(rate) = env_parse::<f64>("TASKLANE_RATE_LIMIT")? {
+            anyhow::ensure!(
+                rate.is_finite() && rate >= 0.0,
+                "TASKLANE_RATE_LIMIT must be a number of requests per second, 0 or more"
+            );
+            c.core.rate_limit = (rate > 0.0).then(|| RateLimit {
+                per_second: rate,
+                burst: (rate * 2.0).ceil().min(f64::from(u32::MAX)) as u32,
+            });
+        }
+        if let Some(burst) = env_parse::<u32>("TASKLANE_RATE_BURST")? {
+            anyhow::ensure!(burst >= 1, "TASKLANE_RATE_BURST must be at least 1");
+            if let Some(limit) = &mut c.core.rate_limit {
+                limit.burst = burst;
+            }
         }
         if let Some(t) = env_secs("TASKLANE_LEASE")? {
             c.core.lease = t;

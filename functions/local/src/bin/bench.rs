@@ -506,12 +506,14 @@ async fn run(o: Options) -> Result<(), String> {
         (Some(url), Some(key)) => (url.clone(), key.clone(), format!("running server at {url}")),
         _ => {
             let dir = fresh_data_dir();
-            let cfg = LocalConfig {
+            let mut cfg = LocalConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 data_dir: dir.clone(),
                 dev_credits: BENCH_CREDITS,
                 ..LocalConfig::default()
             };
+            // One account drives the whole load: measure the server, not its rate limit.
+            cfg.core.rate_limit = None;
             let desc = format!("{} workers, data in {}", cfg.workers, dir.display());
             let mut guard = Local { running: None, dir };
             let running = tasklane_local::start(cfg)
