@@ -189,6 +189,31 @@ pub trait WorkQueue: Send + Sync {
     async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()>;
 }
 
+/// A message received from a [`MessageSource`], to settle with `ack` or `retry`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message, or `None` when its body could not be parsed (a poison message).
+    pub message: Option<WorkMessage>,
+    /// How many times it has been received, this time included.
+    pub receive_count: u32,
+    /// The source's handle for settling it.
+    pub handle: String,
+}
+
+/// The consuming side of the work queue, for workers that poll (the local runtime, or a
+/// worker outside Lambda); on Lambda the event source mapping polls instead.
+#[async_trait]
+pub trait MessageSource: Send + Sync {
+    /// Receives up to `max` visible messages, hiding them for `visibility`.
+    async fn receive(&self, max: usize, visibility: Duration) -> PortResult<Vec<Delivery>>;
+    /// Deletes a handled message.
+    async fn ack(&self, delivery: &Delivery) -> PortResult<()>;
+    /// Makes a received message visible again after `delay`.
+    async fn retry(&self, delivery: &Delivery, delay: Duration) -> PortResult<()>;
+    /// Waits (at most `max`) until work may be available; returns at once for long-polling sources.
+    async fn wait_for_work(&self, max: Duration);
+}
+
 /// A URL that grants read access to one blob until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedUrl {

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::App;
 use crate::generate::{Abort, GenerateOutcome, Job, ProgressSink};
-use crate::ports::{PortError, PortResult, TaskStore, WorkMessage};
+use crate::ports::{MessageSource, PortError, PortResult, TaskStore, WorkMessage};
 use crate::task::{
     CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
 };
@@ -310,6 +310,67 @@ impl Processor {
         {
             Ok(_) | Err(PortError::Rejected(_)) => Ok(Disposition::Done),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// How long a polling worker hides a message it received.
+pub const VISIBILITY: Duration = Duration::from_secs(300);
+
+/// A worker: receives messages from `source`, handles them with `processor` and settles them,
+/// until `stop` turns true (it finishes the message in hand first).
+pub async fn run_worker(
+    n: usize,
+    source: Arc<dyn MessageSource>,
+    processor: Processor,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let batch = match source.receive(1, VISIBILITY).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(worker = n, error = %e, "queue receive failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = source.wait_for_work(Duration::from_secs(1)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        for d in batch {
+            let Some(msg) = d.message.clone() else {
+                tracing::error!(worker = n, "unparseable message dropped");
+                let _ = source.ack(&d).await;
+                continue;
+            };
+            tracing::debug!(
+                worker = n,
+                task_id = msg.task_id(),
+                receive_count = d.receive_count,
+                "received"
+            );
+            let settled = match processor.handle(&msg).await {
+                Ok(Disposition::Done) => source.ack(&d).await,
+                Ok(Disposition::RetryAfter(delay)) => source.retry(&d, delay).await,
+                Err(e) => {
+                    let backoff = Duration::from_millis(200 * 2u64.pow(d.receive_count.min(8)));
+                    tracing::warn!(worker = n, task_id = msg.task_id(), error = %e, ?backoff, "work failed; retrying");
+                    source.retry(&d, backoff).await
+                }
+            };
+            if let Err(e) = settled {
+                tracing::error!(worker = n, error = %e, "could not settle a message; it comes back after its visibility timeout");
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use tasklane_core::generate::builtin_registry;
 use tasklane_core::intercept::{Intercepted, Interceptor};
 use tasklane_core::limits::RateLimit;
 use tasklane_core::ports::{TaskStore, WorkMessage, WorkQueue};
-use tasklane_core::processor::{Disposition, Processor};
+use tasklane_core::processor::{Processor, run_worker};
 use tasklane_core::{ApiError, App, Config};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -366,7 +366,12 @@ pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Runnin
     let mut tasks = JoinSet::new();
     let processor = Processor::new(app.clone());
     for n in 0..cfg.workers {
-        tasks.spawn(worker(n, queue.clone(), processor.clone(), stop_rx.clone()));
+        tasks.spawn(run_worker(
+            n,
+            Arc::new(queue.clone()),
+            processor.clone(),
+            stop_rx.clone(),
+        ));
     }
     let state = Served {
         api: Api::new(app.clone()),
@@ -459,68 +464,4 @@ async fn serve_file(
 
 fn to_axum(resp: http::Response<Bytes>) -> Response {
     resp.map(Body::from)
-}
-
-/// How long an in-process worker hides a message it received.
-const VISIBILITY: Duration = Duration::from_secs(300);
-
-async fn worker(
-    n: usize,
-    queue: SqliteQueue,
-    processor: Processor,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let batch = match queue.receive(1, VISIBILITY).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(worker = n, error = %e, "queue receive failed");
-                Vec::new()
-            }
-        };
-        if batch.is_empty() {
-            let nap = match queue.next_visible_at().await {
-                Ok(Some(t)) => (t - chrono::Utc::now())
-                    .to_std()
-                    .unwrap_or_default()
-                    .min(Duration::from_secs(1)),
-                _ => Duration::from_secs(1),
-            };
-            tokio::select! {
-                _ = queue.wake().notified() => {}
-                _ = tokio::time::sleep(nap.max(Duration::from_millis(5))) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        for r in batch {
-            let Some(msg) = r.message.clone() else {
-                tracing::error!(worker = n, "unparseable message dropped");
-                let _ = queue.ack(&r).await;
-                continue;
-            };
-            let span = tracing::info_span!("work", worker = n, task_id = %msg.task_id());
-            let result = {
-                let _e = span.enter();
-                tracing::debug!(receive_count = r.receive_count, "received");
-                drop(_e);
-                processor.handle(&msg).await
-            };
-            let done = match result {
-                Ok(Disposition::Done) => queue.ack(&r).await,
-                Ok(Disposition::RetryAfter(d)) => queue.retry(&r, d).await,
-                Err(e) => {
-                    let backoff = Duration::from_millis(200 * 2u64.pow(r.receive_count.min(8)));
-                    tracing::warn!(worker = n, task_id = %msg.task_id(), error = %e, ?backoff, "work failed; retrying");
-                    queue.retry(&r, backoff).await
-                }
-            };
-            if let Err(e) = done {
-                tracing::error!(worker = n, error = %e, "could not settle a message; it comes back after its visibility timeout");
-            }
-        }
-    }
 }

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tasklane_core::account::Account;
 use tasklane_core::ports::{
-    IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore,
-    WorkMessage, WorkQueue,
+    Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError, PortResult, Reservation,
+    TaskPage, TaskStore, WorkMessage, WorkQueue,
 };
 use tasklane_core::task::{Task, TaskStatus, Transition, apply};
 use tokio::sync::Notify;
@@ -474,17 +474,6 @@ impl TaskStore for SqliteStore {
     }
 }
 
-/// A message received from the queue, to ack or retry.
-#[derive(Debug, Clone)]
-pub struct Received {
-    id: i64,
-    receipt: String,
-    /// The message, or `None` when its body could not be parsed (a poison message).
-    pub message: Option<WorkMessage>,
-    /// How many times it has been received, this time included.
-    pub receive_count: u32,
-}
-
 /// The work queue on SQLite: at-least-once, delayed messages, visibility timeout.
 #[derive(Clone)]
 pub struct SqliteQueue {
@@ -501,13 +490,7 @@ impl SqliteQueue {
         }
     }
 
-    /// Notified when a message becomes visible at once.
-    pub fn wake(&self) -> &Notify {
-        &self.wake
-    }
-
-    /// Receives up to `max` visible messages, hiding them for `visibility`.
-    pub async fn receive(&self, max: usize, visibility: Duration) -> PortResult<Vec<Received>> {
+    async fn receive_batch(&self, max: usize, visibility: Duration) -> PortResult<Vec<Delivery>> {
         self.db
             .with(move |c| {
                 let now = now_ms();
@@ -529,45 +512,14 @@ impl SqliteQueue {
                         params![id, now + dur_ms(visibility), receipt],
                     )
                     .map_err(db_err)?;
-                    out.push(Received {
-                        id,
-                        receipt,
+                    out.push(Delivery {
+                        handle: format!("{id}:{receipt}"),
                         message: serde_json::from_str(&body).ok(),
                         receive_count: (count + 1) as u32,
                     });
                 }
                 tx.commit().map_err(db_err)?;
                 Ok(out)
-            })
-            .await
-    }
-
-    /// Deletes a handled message.
-    pub async fn ack(&self, r: &Received) -> PortResult<()> {
-        let (id, receipt) = (r.id, r.receipt.clone());
-        self.db
-            .with(move |c| {
-                c.execute(
-                    "DELETE FROM queue WHERE id = ?1 AND receipt = ?2",
-                    params![id, receipt],
-                )
-                .map_err(db_err)?;
-                Ok(())
-            })
-            .await
-    }
-
-    /// Makes a received message visible again after `delay`.
-    pub async fn retry(&self, r: &Received, delay: Duration) -> PortResult<()> {
-        let (id, receipt) = (r.id, r.receipt.clone());
-        self.db
-            .with(move |c| {
-                c.execute(
-                    "UPDATE queue SET visible_at = ?3, receipt = NULL WHERE id = ?1 AND receipt = ?2",
-                    params![id, receipt, now_ms() + dur_ms(delay)],
-                )
-                .map_err(db_err)?;
-                Ok(())
             })
             .await
     }
@@ -595,6 +547,59 @@ impl SqliteQueue {
                 Ok(ms.and_then(DateTime::from_timestamp_millis))
             })
             .await
+    }
+}
+
+fn parse_handle(handle: &str) -> PortResult<(i64, String)> {
+    handle
+        .split_once(':')
+        .and_then(|(id, r)| Some((id.parse().ok()?, r.to_string())))
+        .ok_or_else(|| internal(format!("bad message handle {handle:?}")))
+}
+
+#[async_trait]
+impl MessageSource for SqliteQueue {
+    async fn receive(&self, max: usize, visibility: Duration) -> PortResult<Vec<Delivery>> {
+        self.receive_batch(max, visibility).await
+    }
+
+    async fn ack(&self, d: &Delivery) -> PortResult<()> {
+        let (id, receipt) = parse_handle(&d.handle)?;
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM queue WHERE id = ?1 AND receipt = ?2",
+                    params![id, receipt],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn retry(&self, d: &Delivery, delay: Duration) -> PortResult<()> {
+        let (id, receipt) = parse_handle(&d.handle)?;
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "UPDATE queue SET visible_at = ?3, receipt = NULL WHERE id = ?1 AND receipt = ?2",
+                    params![id, receipt, now_ms() + dur_ms(delay)],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn wait_for_work(&self, max: Duration) {
+        let nap = match self.next_visible_at().await {
+            Ok(Some(t)) => (t - Utc::now()).to_std().unwrap_or_default().min(max),
+            _ => max,
+        };
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(nap.max(Duration::from_millis(5))) => {}
+        }
     }
 }
 
