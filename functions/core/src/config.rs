@@ -68,3 +68,114 @@ impl Default for Config {
         }
     }
 }
+
+/// A configuration value that cannot be used; the message names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Reads and parses environment variable `name`; unset or empty is `None`.
+pub fn env_parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<T>()
+            .map(Some)
+            .map_err(|e| ConfigError(format!("{name}={v:?} is not valid: {e}"))),
+        _ => Ok(None),
+    }
+}
+
+/// Reads environment variable `name` as a number of seconds (fractions allowed).
+pub fn env_secs(name: &str) -> Result<Option<Duration>, ConfigError> {
+    env_parse::<f64>(name)?
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| ConfigError(format!("{name} must be 0 or more seconds")))
+        })
+        .transpose()
+}
+
+/// Reads a required environment variable.
+pub fn env_required(name: &str) -> Result<String, ConfigError> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+        _ => Err(ConfigError(format!("{name} must be set"))),
+    }
+}
+
+fn ensure(ok: bool, msg: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(msg.to_string()))
+    }
+}
+
+impl Config {
+    /// Overrides settings from the `TASKLANE_*` variables every runtime shares:
+    /// `TASKLANE_CALLBACK_ALLOW_PRIVATE`, `TASKLANE_RESULT_URL_TTL`, `TASKLANE_SYNC_WAIT_CAP`,
+    /// `TASKLANE_RATE_LIMIT`, `TASKLANE_RATE_BURST`, `TASKLANE_LEASE`,
+    /// `TASKLANE_CALLBACK_RETRY_SCHEDULE`.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        if let Some(b) = env_parse("TASKLANE_CALLBACK_ALLOW_PRIVATE")? {
+            self.callback_allow_private = b;
+        }
+        if let Some(t) = env_secs("TASKLANE_RESULT_URL_TTL")? {
+            ensure(
+                t >= Duration::from_secs(1),
+                "TASKLANE_RESULT_URL_TTL must be at least 1 second",
+            )?;
+            self.result_url_ttl = t;
+        }
+        if let Some(t) = env_secs("TASKLANE_SYNC_WAIT_CAP")? {
+            self.sync_wait_cap = t;
+            self.sync_wait_default = self.sync_wait_default.min(t);
+        }
+        if let Some(rate) = env_parse::<f64>("TASKLANE_RATE_LIMIT")? {
+            ensure(
+                rate.is_finite() && rate >= 0.0,
+                "TASKLANE_RATE_LIMIT must be a number of requests per second, 0 or more",
+            )?;
+            self.rate_limit = (rate > 0.0).then(|| RateLimit {
+                per_second: rate,
+                burst: (rate * 2.0).ceil().min(f64::from(u32::MAX)) as u32,
+            });
+        }
+        if let Some(burst) = env_parse::<u32>("TASKLANE_RATE_BURST")? {
+            ensure(burst >= 1, "TASKLANE_RATE_BURST must be at least 1")?;
+            if let Some(limit) = &mut self.rate_limit {
+                limit.burst = burst;
+            }
+        }
+        if let Some(t) = env_secs("TASKLANE_LEASE")? {
+            ensure(
+                t >= Duration::from_secs(1),
+                "TASKLANE_LEASE must be at least 1 second",
+            )?;
+            self.lease = t;
+        }
+        if let Ok(s) = std::env::var("TASKLANE_CALLBACK_RETRY_SCHEDULE")
+            && !s.trim().is_empty()
+        {
+            self.callback_retry_schedule = s
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .and_then(|x| Duration::try_from_secs_f64(x).ok())
+                        .ok_or_else(|| {
+                            ConfigError(format!(
+                                "TASKLANE_CALLBACK_RETRY_SCHEDULE: {p:?} is not a number of seconds"
+                            ))
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(())
+    }
+}

@@ -11,7 +11,7 @@ pub mod files;
 pub mod server;
 pub mod sqlite;
 
-pub use server::{Hooks, LocalConfig, Running, start, start_with};
+pub use server::{Backends, Hooks, LocalConfig, Running, start, start_on, start_with};
 
 /// Installs a `tracing` subscriber: human-readable, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {

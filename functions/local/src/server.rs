@@ -15,10 +15,10 @@ use http_body_util::{BodyExt, Limited};
 use rand::RngCore;
 use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
+use tasklane_core::config::{env_parse, env_secs};
 use tasklane_core::generate::builtin_registry;
 use tasklane_core::intercept::{Intercepted, Interceptor};
-use tasklane_core::limits::RateLimit;
-use tasklane_core::ports::{TaskStore, WorkMessage, WorkQueue};
+use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkMessage, WorkQueue};
 use tasklane_core::processor::{Processor, run_worker};
 use tasklane_core::{ApiError, App, Config};
 use tokio::sync::watch;
@@ -69,29 +69,6 @@ impl Default for LocalConfig {
     }
 }
 
-fn env_parse<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<T>()
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{name}={v:?} is not valid: {e}")),
-        _ => Ok(None),
-    }
-}
-
-fn env_secs(name: &str) -> anyhow::Result<Option<Duration>> {
-    env_parse::<f64>(name)?
-        .map(|s| {
-            Duration::try_from_secs_f64(s)
-                .map_err(|_| anyhow::anyhow!("{name} must be 0 or more seconds"))
-        })
-        .transpose()
-}
-
 impl LocalConfig {
     /// Reads the configuration from `TASKLANE_*` environment variables (see the README).
     pub fn from_env() -> anyhow::Result<Self> {
@@ -127,53 +104,7 @@ impl LocalConfig {
         if let Some(g) = env_secs("TASKLANE_SHUTDOWN_GRACE")? {
             c.shutdown_grace = g;
         }
-        if let Some(b) = env_parse("TASKLANE_CALLBACK_ALLOW_PRIVATE")? {
-            c.core.callback_allow_private = b;
-        }
-        if let Some(t) = env_secs("TASKLANE_RESULT_URL_TTL")? {
-            c.core.result_url_ttl = t;
-        }
-        if let Some(t) = env_secs("TASKLANE_SYNC_WAIT_CAP")? {
-            c.core.sync_wait_cap = t;
-            c.core.sync_wait_default = c.core.sync_wait_default.min(t);
-        }
-        if let Some(rate) = env_parse::<f64>("TASKLANE_RATE_LIMIT")? {
-            anyhow::ensure!(
-                rate.is_finite() && rate >= 0.0,
-                "TASKLANE_RATE_LIMIT must be a number of requests per second, 0 or more"
-            );
-            c.core.rate_limit = (rate > 0.0).then(|| RateLimit {
-                per_second: rate,
-                burst: (rate * 2.0).ceil().min(f64::from(u32::MAX)) as u32,
-            });
-        }
-        if let Some(burst) = env_parse::<u32>("TASKLANE_RATE_BURST")? {
-            anyhow::ensure!(burst >= 1, "TASKLANE_RATE_BURST must be at least 1");
-            if let Some(limit) = &mut c.core.rate_limit {
-                limit.burst = burst;
-            }
-        }
-        if let Some(t) = env_secs("TASKLANE_LEASE")? {
-            c.core.lease = t;
-        }
-        if let Ok(s) = std::env::var("TASKLANE_CALLBACK_RETRY_SCHEDULE")
-            && !s.trim().is_empty()
-        {
-            c.core.callback_retry_schedule = s
-                .split(',')
-                .map(|p| {
-                    p.trim()
-                        .parse::<f64>()
-                        .ok()
-                        .and_then(|x| Duration::try_from_secs_f64(x).ok())
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "TASKLANE_CALLBACK_RETRY_SCHEDULE: {p:?} is not a number of seconds"
-                            )
-                        })
-                })
-                .collect::<anyhow::Result<_>>()?;
-        }
+        c.core.apply_env()?;
         Ok(c)
     }
 }
@@ -263,8 +194,48 @@ fn restrict(path: &std::path::Path) {
 #[cfg(not(unix))]
 fn restrict(_: &std::path::Path) {}
 
+/// The embedded backends under the data directory, after recovering what a previous process
+/// left: work it had received comes back, and every unfinished task gets a fresh Run message
+/// (duplicates are no-ops), so nothing stays queued without work behind it.
+async fn embedded(cfg: &LocalConfig, addr: SocketAddr) -> anyhow::Result<(Backends, FileBlobs)> {
+    let db = Db::open(&cfg.data_dir.join("tasklane.db"))?;
+    let sqlite = SqliteStore::new(db.clone());
+    let queue = SqliteQueue::new(db);
+    let public = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let files = FileBlobs::new(
+        cfg.data_dir.join("results"),
+        public,
+        secret_file(&cfg.data_dir.join("signing.key"))?,
+    );
+    let released = queue.release_in_flight().await?;
+    let unfinished = sqlite.recover().await?;
+    for id in &unfinished {
+        let run = WorkMessage::Run {
+            task_id: id.clone(),
+        };
+        queue.enqueue(&run, Duration::ZERO).await?;
+    }
+    if released + unfinished.len() > 0 {
+        tracing::info!(
+            released,
+            unfinished = unfinished.len(),
+            "recovered work from the previous run"
+        );
+    }
+    let backends = Backends {
+        store: Arc::new(sqlite),
+        queue: Arc::new(queue.clone()),
+        source: Arc::new(queue),
+        blobs: Arc::new(files.clone()),
+    };
+    Ok((backends, files))
+}
+
 /// Ensures the development account exists and returns `(account id, api key)`.
-async fn dev_account(store: &SqliteStore, cfg: &LocalConfig) -> anyhow::Result<(String, String)> {
+async fn dev_account(store: &dyn TaskStore, cfg: &LocalConfig) -> anyhow::Result<(String, String)> {
     let id_file = cfg.data_dir.join("dev_account");
     let key_file = cfg.data_dir.join("dev_api_key");
     let key = match (&cfg.dev_key, std::fs::read_to_string(&key_file)) {
@@ -299,11 +270,31 @@ async fn dev_account(store: &SqliteStore, cfg: &LocalConfig) -> anyhow::Result<(
 
 /// Starts the local server, letting `hooks` wrap the adapters.
 pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Running> {
+    start_on(cfg, None, hooks).await
+}
+
+/// Adapters for [`start_on`] other than the embedded ones (e.g. DynamoDB, SQS and S3).
+pub struct Backends {
+    /// Task store.
+    pub store: Arc<dyn TaskStore>,
+    /// Work queue, enqueue side.
+    pub queue: Arc<dyn WorkQueue>,
+    /// Work queue, consuming side, polled by the in-process workers.
+    pub source: Arc<dyn MessageSource>,
+    /// Blob store; its URLs are served by whatever backs it.
+    pub blobs: Arc<dyn BlobStore>,
+}
+
+/// Starts the server on `backends`, or on the embedded ones (SQLite, results folder) when
+/// `None`; `hooks` wrap the store and queue either way. The data directory keeps the
+/// development account's id and key in both cases.
+pub async fn start_on(
+    cfg: LocalConfig,
+    backends: Option<Backends>,
+    hooks: Hooks,
+) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let db = Db::open(&cfg.data_dir.join("tasklane.db"))?;
-    let sqlite = SqliteStore::new(db.clone());
-    let queue = SqliteQueue::new(db);
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .with_context(|| {
@@ -313,54 +304,31 @@ pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Runnin
             )
         })?;
     let addr = listener.local_addr()?;
-    let public = cfg
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
-    let blobs = FileBlobs::new(
-        cfg.data_dir.join("results"),
-        public.clone(),
-        secret_file(&cfg.data_dir.join("signing.key"))?,
-    );
-    let (dev_account_id, dev_api_key) = dev_account(&sqlite, &cfg).await?;
+    let (backends, files) = match backends {
+        Some(b) => (b, None),
+        None => {
+            let (b, files) = embedded(&cfg, addr).await?;
+            (b, Some(files))
+        }
+    };
+    let (dev_account_id, dev_api_key) = dev_account(backends.store.as_ref(), &cfg).await?;
 
-    let mut store: Arc<dyn TaskStore> = Arc::new(sqlite.clone());
+    let mut store = backends.store;
     if let Some(w) = hooks.store {
         store = w(store);
     }
-    let mut work_queue: Arc<dyn WorkQueue> = Arc::new(queue.clone());
+    let mut work_queue = backends.queue;
     if let Some(w) = hooks.queue {
         work_queue = w(work_queue);
     }
     let app = App::new(
         store,
         work_queue,
-        Arc::new(blobs.clone()),
+        backends.blobs,
         builtin_registry(cfg.demo_time_scale),
         cfg.core.clone(),
     );
-
-    // Recovery: work received by a dead process comes back; every unfinished task gets a
-    // fresh Run message (duplicates are no-ops), so nothing stays queued without work behind it.
-    let released = queue.release_in_flight().await?;
-    let unfinished = sqlite.recover().await?;
-    for id in &unfinished {
-        queue
-            .enqueue(
-                &WorkMessage::Run {
-                    task_id: id.clone(),
-                },
-                Duration::ZERO,
-            )
-            .await?;
-    }
-    if released + unfinished.len() > 0 {
-        tracing::info!(
-            released,
-            unfinished = unfinished.len(),
-            "recovered work from the previous run"
-        );
-    }
+    let source = backends.source;
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -368,14 +336,14 @@ pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Runnin
     for n in 0..cfg.workers {
         tasks.spawn(run_worker(
             n,
-            Arc::new(queue.clone()),
+            source.clone(),
             processor.clone(),
             stop_rx.clone(),
         ));
     }
     let state = Served {
         api: Api::new(app.clone()),
-        blobs,
+        files,
         max_body: cfg.core.max_body_bytes,
     };
     let router = Router::new().fallback(serve).with_state(Arc::new(state));
@@ -405,14 +373,15 @@ pub async fn start_with(cfg: LocalConfig, hooks: Hooks) -> anyhow::Result<Runnin
 
 struct Served {
     api: Api,
-    blobs: FileBlobs,
+    files: Option<FileBlobs>,
     max_body: usize,
 }
 
 async fn serve(State(s): State<Arc<Served>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    if let Some(key) = parts.uri.path().strip_prefix(FILES_PREFIX) {
-        return to_axum(serve_file(&s, key, parts.uri.query().unwrap_or(""), &parts.method).await);
+    if let (Some(files), Some(key)) = (&s.files, parts.uri.path().strip_prefix(FILES_PREFIX)) {
+        let query = parts.uri.query().unwrap_or("");
+        return to_axum(serve_file(files, key, query, &parts.method).await);
     }
     let bytes = match Limited::new(body, s.max_body).collect().await {
         Ok(c) => c.to_bytes(),
@@ -432,7 +401,7 @@ async fn serve(State(s): State<Arc<Served>>, req: Request) -> Response {
 }
 
 async fn serve_file(
-    s: &Served,
+    files: &FileBlobs,
     key: &str,
     query: &str,
     method: &http::Method,
@@ -440,7 +409,7 @@ async fn serve_file(
     if method != http::Method::GET {
         return ApiError::MethodNotAllowed { allow: "GET" }.into_response();
     }
-    let path = match s.blobs.verify(key, query) {
+    let path = match files.verify(key, query) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
