@@ -1,0 +1,612 @@
+//! The task store on DynamoDB, single-table design.
+//!
+//! | item | `PK` | `SK` | `GSI1PK` | `GSI1SK` |
+//! |---|---|---|---|---|
+//! | account | `ACCT#<id>` | `ACCOUNT` | `KEY#<sha256 of the API key>` | `ACCOUNT` |
+//! | task | `TASK#<id>` | `TASK` | `ACCT#<account id>` | `<task id>` |
+//! | idempotency record | `IDEM#<account id>#<key>` | `IDEM` | – | – |
+//!
+//! `GSI1` answers both "which account has this key" (one query) and "this account's tasks,
+//! newest first" (task ids are ULIDs). Idempotency records carry `expires_at` (epoch seconds),
+//! the table's TTL attribute. Submit is one `TransactWriteItems` (debit, task, idempotency
+//! record); every task change is a write conditioned on the version read, and a refund
+//! travels in the same transaction.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    Update,
+};
+use chrono::{DateTime, Utc};
+use tasklane_core::account::Account;
+use tasklane_core::ports::{
+    IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore,
+};
+use tasklane_core::task::{Task, Transition, apply};
+
+/// Name of the global secondary index.
+pub const GSI1: &str = "GSI1";
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn get_s<'a>(item: &'a Item, name: &str) -> PortResult<&'a str> {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+        .ok_or_else(|| PortError::internal(format!("item has no string attribute {name}")))
+}
+
+fn get_n(item: &Item, name: &str) -> PortResult<u64> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| PortError::internal(format!("item has no number attribute {name}")))
+}
+
+/// Maps an SDK error: throttling, timeouts and server-side failures are retryable
+/// ([`PortError::Unavailable`]); anything else is internal.
+pub fn sdk_error<E, R>(e: SdkError<E, R>) -> PortError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let retryable = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(se) => matches!(
+            se.err().code(),
+            Some(
+                "ProvisionedThroughputExceededException"
+                    | "ThrottlingException"
+                    | "RequestLimitExceeded"
+                    | "InternalServerError"
+                    | "ServiceUnavailable"
+                    | "LimitExceededException"
+                    | "TransactionInProgressException"
+            )
+        ),
+        _ => false,
+    };
+    let e = aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string();
+    if retryable {
+        PortError::unavailable(e)
+    } else {
+        PortError::internal(e)
+    }
+}
+
+fn build_err(e: aws_sdk_dynamodb::error::BuildError) -> PortError {
+    PortError::internal(e)
+}
+
+fn account_key(id: &str) -> (AttributeValue, AttributeValue) {
+    (s(format!("ACCT#{id}")), s("ACCOUNT"))
+}
+
+fn task_key(id: &str) -> (AttributeValue, AttributeValue) {
+    (s(format!("TASK#{id}")), s("TASK"))
+}
+
+fn idem_key(account_id: &str, key: &str) -> (AttributeValue, AttributeValue) {
+    (s(format!("IDEM#{account_id}#{key}")), s("IDEM"))
+}
+
+fn account_from(item: &Item) -> PortResult<Account> {
+    Ok(Account {
+        id: get_s(item, "account_id")?.to_string(),
+        key_hash: get_s(item, "key_hash")?.to_string(),
+        credits: get_n(item, "credits")?,
+        granted: get_n(item, "granted")?,
+        webhook_secret: get_s(item, "webhook_secret")?.to_string(),
+        created_at: get_s(item, "created_at")?
+            .parse()
+            .map_err(PortError::internal)?,
+    })
+}
+
+fn task_from(item: &Item) -> PortResult<Task> {
+    serde_json::from_str(get_s(item, "doc")?).map_err(PortError::internal)
+}
+
+fn task_item(task: &Task) -> PortResult<Item> {
+    let (pk, sk) = task_key(&task.id);
+    Ok(HashMap::from([
+        ("PK".to_string(), pk),
+        ("SK".to_string(), sk),
+        ("GSI1PK".to_string(), s(format!("ACCT#{}", task.account_id))),
+        ("GSI1SK".to_string(), s(task.id.clone())),
+        ("status".to_string(), s(task.status.as_str())),
+        ("model".to_string(), s(task.model.clone())),
+        ("version".to_string(), n(task.version)),
+        (
+            "doc".to_string(),
+            s(serde_json::to_string(task).map_err(PortError::internal)?),
+        ),
+    ]))
+}
+
+/// The task store on one DynamoDB table.
+#[derive(Clone, Debug)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoStore {
+    /// A store on `table`.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        DynamoStore {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    async fn get(&self, (pk, sk): (AttributeValue, AttributeValue)) -> PortResult<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(out.item)
+    }
+
+    fn refund_update(&self, account_id: &str, credits: u64) -> PortResult<TransactWriteItem> {
+        let (pk, sk) = account_key(account_id);
+        let update = Update::builder()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .update_expression("SET credits = credits + :c")
+            .condition_expression("attribute_exists(PK)")
+            .expression_attribute_values(":c", n(credits))
+            .build()
+            .map_err(build_err)?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    /// Writes `task` if the stored version is still `expected`, refunding `refund` credits in
+    /// the same transaction. `Ok(false)` when the version changed meanwhile.
+    async fn write_task(&self, task: &Task, expected: u64, refund: u64) -> PortResult<bool> {
+        let item = task_item(task)?;
+        let cond = "version = :expected";
+        if refund == 0 {
+            let res = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression(cond)
+                .expression_attribute_values(":expected", n(expected))
+                .send()
+                .await;
+            return match res {
+                Ok(_) => Ok(true),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(sdk_error(e)),
+            };
+        }
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(cond)
+            .expression_attribute_values(":expected", n(expected))
+            .build()
+            .map_err(build_err)?;
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(self.refund_update(&task.account_id, refund)?)
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let reasons = e
+                    .as_service_error()
+                    .and_then(|se| match se {
+                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+                            Some(c.cancellation_reasons().to_vec())
+                        }
+                        _ => None,
+                    });
+                match reasons {
+                    Some(r)
+                        if r.first().and_then(|x| x.code()) == Some("ConditionalCheckFailed") =>
+                    {
+                        Ok(false)
+                    }
+                    Some(r) => Err(PortError::unavailable(format!(
+                        "refund transaction cancelled: {:?}",
+                        r.iter()
+                            .map(|x| x.code().unwrap_or("None").to_string())
+                            .collect::<Vec<_>>()
+                    ))),
+                    None => Err(sdk_error(e)),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TaskStore for DynamoStore {
+    async fn create_account(&self, account: &Account) -> PortResult<()> {
+        let (pk, sk) = account_key(&account.id);
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", pk)
+            .item("SK", sk)
+            .item("GSI1PK", s(format!("KEY#{}", account.key_hash)))
+            .item("GSI1SK", s("ACCOUNT"))
+            .item("account_id", s(account.id.clone()))
+            .item("key_hash", s(account.key_hash.clone()))
+            .item("credits", n(account.credits))
+            .item("granted", n(account.granted))
+            .item("webhook_secret", s(account.webhook_secret.clone()))
+            .item("created_at", s(account.created_at.to_rfc3339()))
+            .condition_expression("attribute_not_exists(PK)")
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+
+    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(GSI1)
+            .key_condition_expression("GSI1PK = :k")
+            .expression_attribute_values(":k", s(format!("KEY#{key_hash}")))
+            .limit(1)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        out.items().first().map(account_from).transpose()
+    }
+
+    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
+        self.get(account_key(account_id))
+            .await?
+            .as_ref()
+            .map(account_from)
+            .transpose()
+    }
+
+    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
+        let (pk, sk) = account_key(account_id);
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .update_expression("SET credits = credits + :c, granted = granted + :c")
+            .condition_expression("attribute_exists(PK)")
+            .expression_attribute_values(":c", n(credits))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match res {
+            Ok(out) => account_from(out.attributes().ok_or(PortError::NotFound)?),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Err(PortError::NotFound)
+            }
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
+        let (pk, sk) = account_key(account_id);
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .update_expression("SET key_hash = :h, GSI1PK = :g")
+            .condition_expression("attribute_exists(PK)")
+            .expression_attribute_values(":h", s(key_hash))
+            .expression_attribute_values(":g", s(format!("KEY#{key_hash}")))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Err(PortError::NotFound)
+            }
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn reserve_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        in_flight: Duration,
+        retain: Duration,
+    ) -> PortResult<Reservation> {
+        let (pk, sk) = idem_key(account_id, key);
+        let token = ulid::Ulid::new().to_string();
+        let now_ms = now.timestamp_millis();
+        let locked_until = now_ms + i64::try_from(in_flight.as_millis()).unwrap_or(i64::MAX / 4);
+        let expires_at = now.timestamp() + i64::try_from(retain.as_secs()).unwrap_or(i64::MAX / 4);
+        let res = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("PK", pk)
+            .item("SK", sk)
+            .item("request_hash", s(request_hash))
+            .item("token", s(token.clone()))
+            .item("locked_until", n(locked_until))
+            .item("expires_at", n(expires_at))
+            // Free, expired (TTL deletes lazily), or an abandoned reservation.
+            .condition_expression(
+                "attribute_not_exists(PK) OR expires_at <= :now_s \
+                 OR (attribute_not_exists(task_id) AND locked_until <= :now_ms)",
+            )
+            .expression_attribute_values(":now_s", n(now.timestamp()))
+            .expression_attribute_values(":now_ms", n(now_ms))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(Reservation::Reserved { token }),
+            Err(e) => {
+                let old = e.as_service_error().and_then(|se| match se {
+                    aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => {
+                        c.item().cloned()
+                    }
+                    _ => None,
+                });
+                let Some(old) = old else {
+                    return Err(sdk_error(e));
+                };
+                let request_hash = get_s(&old, "request_hash")?.to_string();
+                Ok(match old.get("task_id").and_then(|v| v.as_s().ok()) {
+                    Some(task_id) => Reservation::Completed {
+                        request_hash,
+                        task_id: task_id.clone(),
+                    },
+                    None => Reservation::InProgress { request_hash },
+                })
+            }
+        }
+    }
+
+    async fn release_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        token: &str,
+    ) -> PortResult<()> {
+        let (pk, sk) = idem_key(account_id, key);
+        let res = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .condition_expression("#t = :t AND attribute_not_exists(task_id)")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_values(":t", s(token))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+        let (apk, ask) = account_key(&task.account_id);
+        let debit = Update::builder()
+            .table_name(&self.table)
+            .key("PK", apk)
+            .key("SK", ask)
+            .update_expression("SET credits = credits - :c")
+            .condition_expression("attribute_exists(PK) AND credits >= :c")
+            .expression_attribute_values(":c", n(task.cost.credits))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_err)?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(task_item(task)?))
+            .condition_expression("attribute_not_exists(PK)")
+            .build()
+            .map_err(build_err)?;
+        let mut req = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(debit).build())
+            .transact_items(TransactWriteItem::builder().put(put).build());
+        if let Some(claim) = claim {
+            let (ipk, isk) = idem_key(&task.account_id, &claim.key);
+            let finish = Update::builder()
+                .table_name(&self.table)
+                .key("PK", ipk)
+                .key("SK", isk)
+                .update_expression("SET task_id = :id")
+                .condition_expression("#t = :t AND attribute_not_exists(task_id)")
+                .expression_attribute_names("#t", "token")
+                .expression_attribute_values(":id", s(task.id.clone()))
+                .expression_attribute_values(":t", s(claim.token.clone()))
+                .build()
+                .map_err(build_err)?;
+            req = req.transact_items(TransactWriteItem::builder().update(finish).build());
+        }
+        let Err(e) = req.send().await else {
+            return Ok(());
+        };
+        let reasons = e.as_service_error().and_then(|se| match se {
+            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+                Some(c.cancellation_reasons().to_vec())
+            }
+            _ => None,
+        });
+        let Some(reasons) = reasons else {
+            return Err(sdk_error(e));
+        };
+        let failed =
+            |i: usize| reasons.get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
+        if failed(0) {
+            let available = match reasons[0].item() {
+                Some(old) => get_n(old, "credits")?,
+                None => return Err(PortError::NotFound),
+            };
+            return Err(PortError::InsufficientCredits { available });
+        }
+        if failed(2) {
+            return Err(PortError::ReservationLost);
+        }
+        if failed(1) {
+            return Err(PortError::internal(format!(
+                "task {} exists already",
+                task.id
+            )));
+        }
+        Err(PortError::unavailable(format!(
+            "submit transaction cancelled: {:?}",
+            reasons
+                .iter()
+                .map(|r| r.code().unwrap_or("None").to_string())
+                .collect::<Vec<_>>()
+        )))
+    }
+
+    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
+        self.get(task_key(task_id))
+            .await?
+            .as_ref()
+            .map(task_from)
+            .transpose()
+    }
+
+    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
+        let mut filters = Vec::new();
+        let mut names = HashMap::new();
+        let mut values = HashMap::from([(":a".to_string(), s(format!("ACCT#{account_id}")))]);
+        if let Some(st) = query.status {
+            filters.push("#s = :s");
+            names.insert("#s".to_string(), "status".to_string());
+            values.insert(":s".to_string(), s(st.as_str()));
+        }
+        if let Some(m) = &query.model {
+            filters.push("#m = :m");
+            names.insert("#m".to_string(), "model".to_string());
+            values.insert(":m".to_string(), s(m.clone()));
+        }
+        let key_cond = match &query.before {
+            Some(b) => {
+                values.insert(":b".to_string(), s(b.clone()));
+                "GSI1PK = :a AND GSI1SK < :b"
+            }
+            None => "GSI1PK = :a",
+        };
+        let want = query.limit + 1;
+        let mut tasks = Vec::with_capacity(want);
+        let mut start: Option<Item> = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI1)
+                .key_condition_expression(key_cond)
+                .set_expression_attribute_values(Some(values.clone()))
+                .scan_index_forward(false)
+                .limit(i32::try_from(want.max(25)).unwrap_or(100))
+                .set_exclusive_start_key(start.take());
+            if !filters.is_empty() {
+                q = q
+                    .filter_expression(filters.join(" AND "))
+                    .set_expression_attribute_names(Some(names.clone()));
+            }
+            let out = q.send().await.map_err(sdk_error)?;
+            for item in out.items() {
+                if tasks.len() < want {
+                    tasks.push(task_from(item)?);
+                }
+            }
+            match out.last_evaluated_key {
+                Some(k) if tasks.len() < want => start = Some(k),
+                _ => break,
+            }
+        }
+        let more = tasks.len() > query.limit;
+        tasks.truncate(query.limit);
+        let next_before = if more {
+            tasks.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next_before })
+    }
+
+    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
+        // Optimistic concurrency: read, apply the state machine, write conditioned on the
+        // version read; on a lost race read again. State rules never depend on this loop.
+        for _ in 0..8 {
+            let mut task = self.task(task_id).await?.ok_or(PortError::NotFound)?;
+            let expected = task.version;
+            let applied = apply(&mut task, transition, Utc::now())?;
+            if task.version == expected {
+                return Ok(task);
+            }
+            if self.write_task(&task, expected, applied.refund()).await? {
+                return Ok(task);
+            }
+        }
+        Err(PortError::unavailable(format!(
+            "task {task_id} kept changing; gave up after 8 attempts"
+        )))
+    }
+}

@@ -1,0 +1,138 @@
+//! What every Lambda `main.rs` calls: tracing set up once, the HTTP handler (API Gateway HTTP
+//! API or REST events into the core's [`Api`]) and the SQS handler (the core's [`Processor`]
+//! with partial batch failures).
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use bytes::Bytes;
+use lambda_http::{Body, Request, RequestExt, Response};
+use tasklane_core::api::Api;
+use tasklane_core::ports::WorkMessage;
+use tasklane_core::processor::{Disposition, Processor};
+
+use crate::sqs::SqsQueue;
+
+/// JSON logs in Lambda (honouring `AWS_LAMBDA_LOG_FORMAT` / `RUST_LOG`), plain text elsewhere.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = if in_lambda {
+        builder.json().without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Turns an API Gateway request into the core's request type, answers it, and turns the
+/// answer back. REST (v1) events carry the stage in the path; the raw path is routed.
+pub async fn handle_http(api: &Api, req: Request) -> Result<Response<Body>, lambda_http::Error> {
+    let path = req.raw_http_path().to_string();
+    let (mut parts, body) = req.into_parts();
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    parts.uri = pq
+        .parse()
+        .unwrap_or_else(|_| "/".parse().expect("static uri"));
+    let bytes = match body {
+        Body::Empty => Bytes::new(),
+        Body::Text(t) => Bytes::from(t),
+        Body::Binary(b) => Bytes::from(b),
+        _ => Bytes::new(),
+    };
+    let resp = api.handle(http::Request::from_parts(parts, bytes)).await;
+    let (parts, body) = resp.into_parts();
+    let text = String::from_utf8(body.to_vec()).unwrap_or_default();
+    Ok(Response::from_parts(parts, Body::Text(text)))
+}
+
+/// Runs each SQS record through the processor. A record whose work must come back later, or
+/// failed, is reported in `batchItemFailures` (so only it is retried, and after the queue's
+/// `maxReceiveCount` it moves to the dead-letter queue); "retry later" also stretches its
+/// visibility. An unparseable record is reported too, so it ends in the DLQ, not lost.
+pub async fn handle_sqs(
+    processor: &Processor,
+    queue: &SqsQueue,
+    event: SqsEvent,
+) -> SqsBatchResponse {
+    let mut failures = Vec::new();
+    for record in event.records {
+        let id = record.message_id.clone().unwrap_or_default();
+        let msg: Option<WorkMessage> = record
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str(b).ok());
+        let Some(msg) = msg else {
+            tracing::error!(message_id = %id, "unparseable work message; leaving it for the DLQ");
+            failures.push(id);
+            continue;
+        };
+        let span = tracing::info_span!("work", task_id = %msg.task_id(), message_id = %id);
+        let _enter = span.enter();
+        drop(_enter);
+        match processor.handle(&msg).await {
+            Ok(Disposition::Done) => {}
+            Ok(Disposition::RetryAfter(delay)) => {
+                if let Some(handle) = record.receipt_handle.as_deref()
+                    && let Err(e) = queue.change_visibility(handle, delay).await
+                {
+                    tracing::warn!(error = %e, "could not delay the message");
+                }
+                failures.push(id);
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %msg.task_id(), error = %e, "work failed; SQS retries it");
+                failures.push(id);
+            }
+        }
+    }
+    let mut resp = SqsBatchResponse::default();
+    resp.batch_item_failures = failures
+        .into_iter()
+        .map(|id| {
+            let mut f = BatchItemFailure::default();
+            f.item_identifier = id;
+            f
+        })
+        .collect();
+    resp
+}
+
+/// The shared dependencies of a Lambda function, built once at cold start.
+pub struct Function {
+    /// The HTTP API.
+    pub api: Api,
+    /// The processor.
+    pub processor: Processor,
+    /// The work queue (for visibility changes).
+    pub queue: SqsQueue,
+}
+
+impl Function {
+    /// Reads the settings from the environment and builds the clients. Exits the process
+    /// with a message naming the variable when configuration is missing or invalid.
+    pub async fn from_env() -> Arc<Function> {
+        init_tracing();
+        let settings = match crate::AwsSettings::from_env() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration");
+                eprintln!("tasklane: {e}");
+                std::process::exit(2);
+            }
+        };
+        let backends = crate::AwsBackends::connect(&settings).await;
+        let app = backends.app(settings.core.clone());
+        Arc::new(Function {
+            api: Api::new(app.clone()),
+            processor: Processor::new(app),
+            queue: backends.queue,
+        })
+    }
+}
