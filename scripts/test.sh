@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need into .venv
-# (inside the repository, ignored by git), checks formatting and lints, then runs every test.
-# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test submit`).
+# (inside the repository, ignored by git), checks formatting and lints, starts an AWS emulator
+# (moto) on a free loopback port, runs every test on the embedded backends, runs the
+# end-to-end suites again on DynamoDB, SQS and S3 in the emulator, and stops the emulator.
+# Extra arguments go to `cargo test` in both passes (e.g. `scripts/test.sh --test submit`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +21,30 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "==> cargo test"
+
+echo "==> starting the AWS emulator (moto)"
+port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.venv/bin/moto_server -H 127.0.0.1 -p "$port" > .venv/moto.log 2>&1 &
+moto_pid=$!
+trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  if .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/')" 2>/dev/null; then
+    break
+  fi
+  sleep 0.2
+done
+# Dummy credentials for the emulator only; nothing here talks to AWS.
+unset AWS_PROFILE AWS_SESSION_TOKEN AWS_DEFAULT_PROFILE
+export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true
+
+echo "==> cargo test (embedded backends; AWS adapter tests on the emulator)"
 cargo test --workspace --locked "$@"
+
+echo "==> cargo test (the end-to-end suites on DynamoDB, SQS and S3 in the emulator)"
+if [ "$#" -gt 0 ]; then
+  TASKLANE_TEST_BACKEND=aws cargo test -p tasklane-local --locked "$@"
+else
+  TASKLANE_TEST_BACKEND=aws cargo test -p tasklane-local --locked \
+    --test lifecycle --test submit --test webhooks --test errors --test races
+fi

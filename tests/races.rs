@@ -10,7 +10,6 @@ use common::{Answer, Server, answer};
 use serde_json::{Value, json};
 use tasklane_core::ports::WorkMessage;
 use tasklane_local::Hooks;
-use tasklane_local::sqlite::{Db, SqliteQueue};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -148,10 +147,8 @@ async fn fifty_concurrent_submits_never_spend_more_credits_than_the_account_hold
 
 /// Waits until every message of the server's work queue has been handled (acknowledged).
 async fn wait_queue_drained(s: &Server, secs: u64) {
-    // A second connection to the server's own database, through the local adapter's public API.
-    let queue = SqliteQueue::new(Db::open(&s.dir.join("tasklane.db")).unwrap());
     let deadline = Instant::now() + Duration::from_secs(secs);
-    while queue.next_visible_at().await.unwrap().is_some() {
+    while !s.queue_is_empty().await {
         assert!(
             Instant::now() < deadline,
             "work queue not drained after {secs} s"

@@ -74,8 +74,64 @@ pub fn test_config(dir: &std::path::Path) -> LocalConfig {
     c
 }
 
+/// Which backends the suites run on: the embedded ones, or with `TASKLANE_TEST_BACKEND=aws`
+/// DynamoDB, SQS and S3 on the emulator `AWS_ENDPOINT_URL` points at (scripts/test.sh starts it).
+pub fn on_aws() -> bool {
+    std::env::var("TASKLANE_TEST_BACKEND").is_ok_and(|b| b == "aws")
+}
+
+/// Returns early from a test that exercises the embedded backends themselves.
+#[macro_export]
+macro_rules! local_only {
+    () => {
+        if common::on_aws() {
+            eprintln!("embedded-backend test: not run on the aws backend");
+            return;
+        }
+    };
+}
+
+/// Creates a fresh table, queue and bucket on the emulator and connects adapters to them.
+async fn aws_backends(
+    settings: Option<tasklane_aws::AwsSettings>,
+) -> (tasklane_local::Backends, tasklane_aws::AwsSettings) {
+    let settings = match settings {
+        Some(s) => s,
+        None => {
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let prefix = format!("t{}", ulid_like());
+            tasklane_aws::provision::provision(&config, &prefix)
+                .await
+                .expect("provisioning on the AWS emulator (is AWS_ENDPOINT_URL set? run scripts/test.sh)")
+        }
+    };
+    let b = tasklane_aws::AwsBackends::connect(&settings).await;
+    let backends = tasklane_local::Backends {
+        store: std::sync::Arc::new(b.store.clone()),
+        queue: std::sync::Arc::new(b.queue.clone()),
+        source: std::sync::Arc::new(b.queue.clone()),
+        blobs: std::sync::Arc::new(b.blobs.clone()),
+    };
+    (backends, settings)
+}
+
+fn ulid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{nanos:x}{}{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 pub struct Server {
     pub running: Option<Running>,
+    aws: Option<tasklane_aws::AwsSettings>,
     pub base: String,
     pub key: String,
     pub dir: PathBuf,
@@ -95,18 +151,29 @@ impl Server {
         let mut cfg = test_config(tmp.path());
         f(&mut cfg);
         let dir = cfg.data_dir.clone();
-        let mut s = Self::boot(cfg, hooks).await;
+        let mut s = Self::boot(cfg, hooks, None).await;
         s.dir = dir;
         s._tmp = Some(tmp);
         s
     }
 
-    async fn boot(cfg: LocalConfig, hooks: Hooks) -> Server {
+    async fn boot(
+        cfg: LocalConfig,
+        hooks: Hooks,
+        aws: Option<tasklane_aws::AwsSettings>,
+    ) -> Server {
         let dir = cfg.data_dir.clone();
-        let running = tasklane_local::start_with(cfg, hooks)
+        let (backends, aws) = if on_aws() {
+            let (b, s) = aws_backends(aws).await;
+            (Some(b), Some(s))
+        } else {
+            (None, None)
+        };
+        let running = tasklane_local::start_on(cfg, backends, hooks)
             .await
             .expect("server starts");
         Server {
+            aws,
             base: running.base_url.clone(),
             key: running.dev_api_key.clone(),
             running: Some(running),
@@ -125,7 +192,7 @@ impl Server {
         let mut cfg = test_config(&self.dir);
         f(&mut cfg);
         let tmp = self._tmp.take();
-        let mut s = Self::boot(cfg, Hooks::default()).await;
+        let mut s = Self::boot(cfg, Hooks::default(), self.aws.take()).await;
         s._tmp = tmp;
         s
     }
@@ -190,6 +257,33 @@ impl Server {
         let new = tasklane_core::account::Account::create(credits, None);
         self.app().store.create_account(&new.account).await.unwrap();
         new.api_key
+    }
+
+    /// Whether the work queue holds no message (visible, in flight or delayed).
+    pub async fn queue_is_empty(&self) -> bool {
+        match &self.aws {
+            Some(settings) => {
+                use aws_sdk_sqs::types::QueueAttributeName as A;
+                let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                let attrs = aws_sdk_sqs::Client::new(&config)
+                    .get_queue_attributes()
+                    .queue_url(&settings.queue_url)
+                    .attribute_names(A::ApproximateNumberOfMessages)
+                    .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+                    .attribute_names(A::ApproximateNumberOfMessagesDelayed)
+                    .send()
+                    .await
+                    .unwrap()
+                    .attributes
+                    .unwrap_or_default();
+                attrs.values().all(|v| v == "0")
+            }
+            None => {
+                let db = tasklane_local::sqlite::Db::open(&self.dir.join("tasklane.db")).unwrap();
+                let queue = tasklane_local::sqlite::SqliteQueue::new(db);
+                queue.next_visible_at().await.unwrap().is_none()
+            }
+        }
     }
 
     pub fn app(&self) -> &std::sync::Arc<tasklane_core::App> {
