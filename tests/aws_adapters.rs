@@ -1,1 +1,1939 @@
-//! placeholder
+//! The AWS adapters (DynamoDB task store, SQS work queue, S3 blob store) through the real
+//! `aws-sdk-*` clients against an AWS emulator on loopback (moto; `scripts/test.sh` starts it
+//! and sets `AWS_ENDPOINT_URL`). Every test provisions its own table, queues and bucket.
+//!
+//! Failure modes the emulator cannot produce (an unreachable endpoint, a throttling service)
+//! come from a closed loopback port and from a tiny loopback server that answers every request
+//! with the service's own throttling response.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_sdk_dynamodb::config::retry::RetryConfig;
+use aws_sdk_sqs::types::QueueAttributeName;
+use bytes::Bytes;
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+use tasklane_aws::dynamo::DynamoStore;
+use tasklane_aws::provision::{MAX_RECEIVE_COUNT, provision};
+use tasklane_aws::s3::S3Blobs;
+use tasklane_aws::sqs::SqsQueue;
+use tasklane_aws::{AwsBackends, AwsSettings};
+use tasklane_core::account::{Account, hash_api_key};
+use tasklane_core::api::Api;
+use tasklane_core::ports::{
+    BlobStore, Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError, PortResult,
+    Reservation, TaskPage, TaskStore, WorkMessage, WorkQueue,
+};
+use tasklane_core::task::{
+    Cost, Output, Task, TaskFailure, TaskInput, TaskStatus, Transition, TransitionError,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Barrier;
+use tokio::task::JoinSet;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Generous bound for SQS visibility and delays to run out (the tests use 1–2 s).
+const SQS_DEADLINE: Duration = Duration::from_secs(25);
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// The emulator's configuration. Refuses to run without `AWS_ENDPOINT_URL`, so these tests
+/// never talk to a real AWS account.
+async fn sdk_config() -> SdkConfig {
+    assert!(
+        std::env::var_os("AWS_ENDPOINT_URL").is_some(),
+        "the AWS adapter tests need an emulator: set AWS_ENDPOINT_URL (scripts/test.sh starts moto)"
+    );
+    aws_config::load_defaults(BehaviorVersion::latest()).await
+}
+
+/// A short unique resource prefix (bucket names: lowercase, at most 63 characters).
+fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "aa-{tag}-{:x}{:x}{}",
+        nanos & 0xffff_ffff_ffff,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Freshly provisioned resources and the adapters connected to them.
+struct Env {
+    config: SdkConfig,
+    prefix: String,
+    settings: AwsSettings,
+    backends: AwsBackends,
+}
+
+impl Env {
+    fn store(&self) -> &DynamoStore {
+        &self.backends.store
+    }
+    fn queue(&self) -> &SqsQueue {
+        &self.backends.queue
+    }
+}
+
+async fn env(tag: &str) -> Env {
+    let config = sdk_config().await;
+    let prefix = unique_prefix(tag);
+    let settings = provision(&config, &prefix)
+        .await
+        .expect("provisioning on the AWS emulator");
+    let backends = AwsBackends::connect(&settings).await;
+    Env {
+        config,
+        prefix,
+        settings,
+        backends,
+    }
+}
+
+async fn open_account(store: &DynamoStore, credits: u64) -> Account {
+    let account = Account::create(credits, None).account;
+    store.create_account(&account).await.unwrap();
+    account
+}
+
+/// `(credits, granted)` as stored.
+async fn balance(store: &DynamoStore, account_id: &str) -> (u64, u64) {
+    let a = store.account(account_id).await.unwrap().expect("account");
+    (a.credits, a.granted)
+}
+
+/// Task ids that sort by creation order within this test binary.
+fn new_task_id() -> String {
+    static IDS: Mutex<ulid::Generator> = Mutex::new(ulid::Generator::new());
+    format!("task_{}", IDS.lock().unwrap().generate().unwrap())
+}
+
+fn queued_task(account_id: &str, credits: u64, model: &str) -> Task {
+    Task {
+        id: new_task_id(),
+        account_id: account_id.to_string(),
+        model: model.to_string(),
+        action: "generate".into(),
+        status: TaskStatus::Queued,
+        progress: 0,
+        input: TaskInput {
+            prompt: Some("a lighthouse at dusk".into()),
+            duration: None,
+            params: serde_json::Map::new(),
+        },
+        outputs: vec![],
+        error: None,
+        cost: Cost {
+            credits,
+            refunded: false,
+        },
+        callback: None,
+        metadata: Default::default(),
+        created_at: Utc::now(),
+        started_at: None,
+        completed_at: None,
+        attempts: 0,
+        lease_until: None,
+        version: 1,
+    }
+}
+
+/// A task for `account` stored (and paid for) through `insert_task`.
+async fn submitted(store: &DynamoStore, account: &Account, credits: u64) -> Task {
+    let task = queued_task(&account.id, credits, "echo");
+    store.insert_task(&task, None).await.unwrap();
+    task
+}
+
+fn reserved_token(r: Reservation) -> String {
+    match r {
+        Reservation::Reserved { token } => token,
+        other => panic!("expected the key to be reserved, got {other:?}"),
+    }
+}
+
+fn start(lease: TimeDelta) -> Transition {
+    Transition::Start {
+        lease_until: Utc::now() + lease,
+    }
+}
+
+fn fail(attempt: Option<u32>) -> Transition {
+    Transition::Fail {
+        attempt,
+        error: TaskFailure {
+            code: "generation_failed".into(),
+            message: "the model gave up".into(),
+        },
+    }
+}
+
+fn run(task_id: &str) -> WorkMessage {
+    WorkMessage::Run {
+        task_id: task_id.to_string(),
+    }
+}
+
+/// Runs `n` copies of `transition` on one task at once (released together by a barrier).
+async fn race(
+    store: &DynamoStore,
+    task_id: &str,
+    transition: Transition,
+    n: usize,
+) -> Vec<PortResult<Task>> {
+    let barrier = Arc::new(Barrier::new(n));
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let (store, id, t, barrier) = (
+            store.clone(),
+            task_id.to_string(),
+            transition.clone(),
+            barrier.clone(),
+        );
+        set.spawn(async move {
+            barrier.wait().await;
+            store.update_task(&id, &t).await
+        });
+    }
+    set.join_all().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// DynamoStore: submit (insert_task) and idempotency records
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn submit_debits_the_credits_in_the_same_write_that_stores_the_task() {
+    let env = env("debit").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+
+    let task = queued_task(&account.id, 4, "echo");
+    store.insert_task(&task, None).await.unwrap();
+
+    assert_eq!(store.task(&task.id).await.unwrap().as_ref(), Some(&task));
+    assert_eq!(balance(store, &account.id).await, (6, 10));
+
+    // A second insert of the same task fails as a whole: the debit is rolled back with it.
+    let again = store.insert_task(&task, None).await;
+    assert!(matches!(again, Err(PortError::Internal(_))), "{again:?}");
+    assert_eq!(balance(store, &account.id).await, (6, 10));
+}
+
+#[tokio::test]
+async fn submit_with_too_few_credits_writes_nothing_and_reports_the_balance() {
+    let env = env("poor").await;
+    let store = env.store();
+    let account = open_account(store, 3).await;
+    let now = Utc::now();
+    let token = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-poor", "hash-a", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+
+    let task = queued_task(&account.id, 5, "echo");
+    let claim = IdempotencyClaim {
+        key: "k-poor".into(),
+        token,
+    };
+    let res = store.insert_task(&task, Some(&claim)).await;
+
+    assert!(
+        matches!(res, Err(PortError::InsufficientCredits { available: 3 })),
+        "{res:?}"
+    );
+    assert_eq!(store.task(&task.id).await.unwrap(), None);
+    assert_eq!(balance(store, &account.id).await, (3, 3));
+    // The idempotency record was not completed either.
+    let r = store
+        .reserve_idempotency(&account.id, "k-poor", "hash-a", now, MINUTE, DAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::InProgress {
+            request_hash: "hash-a".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn submit_for_an_unknown_account_is_not_found_and_stores_nothing() {
+    let env = env("noacct").await;
+    let store = env.store();
+    let task = queued_task("acct_does_not_exist", 1, "echo");
+    let res = store.insert_task(&task, None).await;
+    assert!(matches!(res, Err(PortError::NotFound)), "{res:?}");
+    assert_eq!(store.task(&task.id).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_claim_with_the_wrong_token_is_reservation_lost_and_writes_nothing() {
+    let env = env("wrongtok").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let now = Utc::now();
+    reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-a", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+
+    let task = queued_task(&account.id, 4, "echo");
+    let wrong = IdempotencyClaim {
+        key: "k-1".into(),
+        token: "not-the-token".into(),
+    };
+    let res = store.insert_task(&task, Some(&wrong)).await;
+    assert!(matches!(res, Err(PortError::ReservationLost)), "{res:?}");
+    assert_eq!(store.task(&task.id).await.unwrap(), None);
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+
+    // A claim on a key that was never reserved is lost just the same.
+    let never = IdempotencyClaim {
+        key: "k-never-reserved".into(),
+        token: "any".into(),
+    };
+    let res = store.insert_task(&task, Some(&never)).await;
+    assert!(matches!(res, Err(PortError::ReservationLost)), "{res:?}");
+    assert_eq!(store.task(&task.id).await.unwrap(), None);
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+
+    // The real reservation is untouched: still in progress for the first request.
+    let r = store
+        .reserve_idempotency(&account.id, "k-1", "hash-b", now, MINUTE, DAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::InProgress {
+            request_hash: "hash-a".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_idempotency_key_goes_from_reserved_to_in_progress_to_completed() {
+    let env = env("idem").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let now = Utc::now();
+
+    let token = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-a", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+
+    // Same key while the first request is in flight: in progress, with the first request's hash.
+    let r = store
+        .reserve_idempotency(
+            &account.id,
+            "k-1",
+            "hash-b",
+            now + TimeDelta::seconds(1),
+            MINUTE,
+            DAY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::InProgress {
+            request_hash: "hash-a".into()
+        }
+    );
+
+    let task = queued_task(&account.id, 4, "echo");
+    let claim = IdempotencyClaim {
+        key: "k-1".into(),
+        token,
+    };
+    store.insert_task(&task, Some(&claim)).await.unwrap();
+
+    let completed = Reservation::Completed {
+        request_hash: "hash-a".into(),
+        task_id: task.id.clone(),
+    };
+    let r = store
+        .reserve_idempotency(
+            &account.id,
+            "k-1",
+            "hash-a",
+            now + TimeDelta::seconds(2),
+            MINUTE,
+            DAY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, completed);
+
+    // A completed record is not taken over when `in_flight` has passed, only when `retain` has.
+    let r = store
+        .reserve_idempotency(
+            &account.id,
+            "k-1",
+            "hash-a",
+            now + TimeDelta::hours(2),
+            MINUTE,
+            DAY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r, completed);
+
+    // Keys are per account.
+    let other = open_account(store, 1).await;
+    let r = store
+        .reserve_idempotency(&other.id, "k-1", "hash-a", now, MINUTE, DAY)
+        .await
+        .unwrap();
+    assert!(matches!(r, Reservation::Reserved { .. }), "{r:?}");
+}
+
+#[tokio::test]
+async fn an_abandoned_reservation_is_taken_over_once_in_flight_has_passed() {
+    let env = env("takeover").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let now = Utc::now();
+
+    let first = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-a", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+    let r = store
+        .reserve_idempotency(
+            &account.id,
+            "k-1",
+            "hash-a",
+            now + TimeDelta::seconds(30),
+            MINUTE,
+            DAY,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Reservation::InProgress { .. }), "{r:?}");
+
+    let second = reserved_token(
+        store
+            .reserve_idempotency(
+                &account.id,
+                "k-1",
+                "hash-b",
+                now + TimeDelta::seconds(61),
+                MINUTE,
+                DAY,
+            )
+            .await
+            .unwrap(),
+    );
+    assert_ne!(first, second);
+
+    // The first request comes back late: its claim is no longer good, and nothing is written.
+    let late = queued_task(&account.id, 4, "echo");
+    let res = store
+        .insert_task(
+            &late,
+            Some(&IdempotencyClaim {
+                key: "k-1".into(),
+                token: first,
+            }),
+        )
+        .await;
+    assert!(matches!(res, Err(PortError::ReservationLost)), "{res:?}");
+    assert_eq!(store.task(&late.id).await.unwrap(), None);
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+
+    let task = queued_task(&account.id, 4, "echo");
+    store
+        .insert_task(
+            &task,
+            Some(&IdempotencyClaim {
+                key: "k-1".into(),
+                token: second,
+            }),
+        )
+        .await
+        .unwrap();
+    let r = store
+        .reserve_idempotency(
+            &account.id,
+            "k-1",
+            "hash-b",
+            now + TimeDelta::seconds(62),
+            MINUTE,
+            DAY,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::Completed {
+            request_hash: "hash-b".into(),
+            task_id: task.id
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_expired_idempotency_record_is_reserved_afresh() {
+    let env = env("expired").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let now = Utc::now();
+
+    let token = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-a", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+    let task = queued_task(&account.id, 4, "echo");
+    store
+        .insert_task(
+            &task,
+            Some(&IdempotencyClaim {
+                key: "k-1".into(),
+                token: token.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+
+    // `retain` has elapsed (DynamoDB's TTL deletes lazily; the record may still be there).
+    let later = now + TimeDelta::from_std(DAY).unwrap() + TimeDelta::seconds(1);
+    let fresh = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-b", later, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+    assert_ne!(fresh, token);
+    let r = store
+        .reserve_idempotency(&account.id, "k-1", "hash-c", later, MINUTE, DAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::InProgress {
+            request_hash: "hash-b".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn release_frees_the_key_only_for_the_right_token() {
+    let env = env("release").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let now = Utc::now();
+
+    let token = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-a", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+
+    store
+        .release_idempotency(&account.id, "k-1", "not-the-token")
+        .await
+        .unwrap();
+    let r = store
+        .reserve_idempotency(&account.id, "k-1", "hash-b", now, MINUTE, DAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::InProgress {
+            request_hash: "hash-a".into()
+        }
+    );
+
+    store
+        .release_idempotency(&account.id, "k-1", &token)
+        .await
+        .unwrap();
+    let again = reserved_token(
+        store
+            .reserve_idempotency(&account.id, "k-1", "hash-b", now, MINUTE, DAY)
+            .await
+            .unwrap(),
+    );
+
+    // A completed record is not released, even with its own token.
+    let task = queued_task(&account.id, 4, "echo");
+    store
+        .insert_task(
+            &task,
+            Some(&IdempotencyClaim {
+                key: "k-1".into(),
+                token: again.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+    store
+        .release_idempotency(&account.id, "k-1", &again)
+        .await
+        .unwrap();
+    let r = store
+        .reserve_idempotency(&account.id, "k-1", "hash-b", now, MINUTE, DAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Reservation::Completed {
+            request_hash: "hash-b".into(),
+            task_id: task.id
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// DynamoStore: update_task (conditional writes, refunds in the same transaction)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cancel_refunds_in_the_same_write_and_a_second_cancel_changes_nothing() {
+    let env = env("cancel").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let task = submitted(store, &account, 4).await;
+    assert_eq!(balance(store, &account.id).await, (6, 10));
+
+    let cancelled = store
+        .update_task(&task.id, &Transition::Cancel)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+    assert!(cancelled.cost.refunded);
+    assert_eq!(cancelled.version, task.version + 1);
+    assert_eq!(
+        store.task(&task.id).await.unwrap().as_ref(),
+        Some(&cancelled)
+    );
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+
+    let again = store
+        .update_task(&task.id, &Transition::Cancel)
+        .await
+        .unwrap();
+    assert_eq!(again, cancelled);
+    assert_eq!(
+        store.task(&task.id).await.unwrap().as_ref(),
+        Some(&cancelled)
+    );
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+}
+
+#[tokio::test]
+async fn cancel_of_a_processing_task_is_rejected_as_not_cancellable() {
+    let env = env("cancelproc").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let task = submitted(store, &account, 4).await;
+    let started = store
+        .update_task(&task.id, &start(TimeDelta::minutes(1)))
+        .await
+        .unwrap();
+
+    let res = store.update_task(&task.id, &Transition::Cancel).await;
+    assert!(
+        matches!(
+            res,
+            Err(PortError::Rejected(TransitionError::NotCancellable(
+                TaskStatus::Processing
+            )))
+        ),
+        "{res:?}"
+    );
+    assert_eq!(store.task(&task.id).await.unwrap().as_ref(), Some(&started));
+    assert_eq!(balance(store, &account.id).await, (6, 10));
+}
+
+#[tokio::test]
+async fn an_unknown_task_cannot_be_updated() {
+    let env = env("unknowntask").await;
+    let res = env
+        .store()
+        .update_task(&new_task_id(), &Transition::Cancel)
+        .await;
+    assert!(matches!(res, Err(PortError::NotFound)), "{res:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_cancels_all_succeed_and_refund_exactly_once() {
+    let env = env("cancelrace").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let task = submitted(store, &account, 4).await;
+
+    let results = race(store, &task.id, Transition::Cancel, 20).await;
+
+    for r in &results {
+        match r {
+            Ok(t) => assert_eq!(t.status, TaskStatus::Cancelled),
+            Err(e) => panic!("a concurrent cancel failed: {e:?}"),
+        }
+    }
+    let stored = store.task(&task.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, TaskStatus::Cancelled);
+    assert_eq!(stored.version, task.version + 1);
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_ten_workers_starting_a_task_at_once_exactly_one_gets_the_lease() {
+    let env = env("startrace").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let task = submitted(store, &account, 4).await;
+
+    let results = race(store, &task.id, start(TimeDelta::minutes(5)), 10).await;
+
+    let winners: Vec<&Task> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    assert_eq!(winners[0].status, TaskStatus::Processing);
+    assert_eq!(winners[0].attempts, 1);
+    for r in results.iter().filter(|r| r.is_err()) {
+        assert!(
+            matches!(r, Err(PortError::Rejected(TransitionError::LeaseHeld))),
+            "{r:?}"
+        );
+    }
+    let stored = store.task(&task.id).await.unwrap().unwrap();
+    assert_eq!(&stored, winners[0]);
+}
+
+#[tokio::test]
+async fn a_complete_for_a_stale_attempt_is_rejected() {
+    let env = env("stale").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let task = submitted(store, &account, 4).await;
+
+    // Attempt 1 takes a lease that has already run out (its worker died)…
+    let first = store
+        .update_task(&task.id, &start(TimeDelta::seconds(-1)))
+        .await
+        .unwrap();
+    assert_eq!(first.attempts, 1);
+    // …so attempt 2 takes the task over.
+    let second = store
+        .update_task(&task.id, &start(TimeDelta::minutes(5)))
+        .await
+        .unwrap();
+    assert_eq!(second.attempts, 2);
+
+    let output = Output {
+        key: format!("{}/out.txt", task.id),
+        content_type: "text/plain".into(),
+        size_bytes: 5,
+    };
+    let res = store
+        .update_task(
+            &task.id,
+            &Transition::Complete {
+                attempt: 1,
+                outputs: vec![output.clone()],
+            },
+        )
+        .await;
+    assert!(
+        matches!(res, Err(PortError::Rejected(TransitionError::StaleAttempt))),
+        "{res:?}"
+    );
+    assert_eq!(store.task(&task.id).await.unwrap().as_ref(), Some(&second));
+
+    let done = store
+        .update_task(
+            &task.id,
+            &Transition::Complete {
+                attempt: 2,
+                outputs: vec![output.clone()],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Completed);
+    assert_eq!(done.outputs, vec![output]);
+    assert_eq!(balance(store, &account.id).await, (6, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_racing_failures_refund_exactly_once() {
+    let env = env("failrace").await;
+    let store = env.store();
+    let account = open_account(store, 10).await;
+    let task = submitted(store, &account, 4).await;
+    store
+        .update_task(&task.id, &start(TimeDelta::minutes(5)))
+        .await
+        .unwrap();
+
+    let results = race(store, &task.id, fail(Some(1)), 10).await;
+
+    let winners: Vec<&Task> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    assert_eq!(winners[0].status, TaskStatus::Failed);
+    assert!(winners[0].cost.refunded);
+    for r in results.iter().filter(|r| r.is_err()) {
+        assert!(
+            matches!(
+                r,
+                Err(PortError::Rejected(TransitionError::WrongState(
+                    TaskStatus::Failed
+                )))
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+
+    // A later failure without an attempt changes nothing and refunds nothing.
+    let res = store.update_task(&task.id, &fail(None)).await;
+    assert!(res.is_err(), "{res:?}");
+    assert_eq!(balance(store, &account.id).await, (10, 10));
+}
+
+// ---------------------------------------------------------------------------------------------
+// DynamoStore: list_tasks
+// ---------------------------------------------------------------------------------------------
+
+/// Every page of `query` (its `before` is followed from `None`), as ids.
+async fn all_pages(store: &DynamoStore, account_id: &str, query: &ListQuery) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let q = ListQuery {
+            before: before.clone(),
+            ..query.clone()
+        };
+        let TaskPage { tasks, next_before } = store.list_tasks(account_id, &q).await.unwrap();
+        assert!(tasks.len() <= query.limit, "page larger than the limit");
+        assert!(
+            tasks.iter().all(|t| t.account_id == account_id),
+            "another account's task was listed"
+        );
+        pages.push(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>());
+        match next_before {
+            Some(b) => {
+                assert_eq!(
+                    Some(&b),
+                    tasks.last().map(|t| &t.id),
+                    "cursor is the last id"
+                );
+                before = Some(b);
+            }
+            None => break,
+        }
+        assert!(pages.len() <= 100, "paging does not end");
+    }
+    pages
+}
+
+/// Checks `pages` cover `expected` (newest first) once each, in full pages but the last.
+fn assert_pages_cover(pages: &[Vec<String>], expected: &[String], limit: usize) {
+    let flat: Vec<String> = pages.concat();
+    assert_eq!(flat, expected);
+    let distinct: HashSet<&String> = flat.iter().collect();
+    assert_eq!(distinct.len(), flat.len(), "a task was listed twice");
+    let (last, full) = pages.split_last().unwrap();
+    assert!(full.iter().all(|p| p.len() == limit), "{pages:?}");
+    assert!(last.len() <= limit);
+    assert!(!last.is_empty() || expected.is_empty(), "{pages:?}");
+}
+
+#[tokio::test]
+async fn tasks_are_listed_newest_first_and_pages_cover_each_task_once() {
+    let env = env("list").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    let other = open_account(store, 100).await;
+
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(submitted(store, &account, 1).await.id);
+        if i % 3 == 0 {
+            submitted(store, &other, 1).await;
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+
+    let first = store
+        .list_tasks(
+            &account.id,
+            &ListQuery {
+                limit: 5,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
+        newest_first[..5]
+    );
+
+    for limit in [7, 10, 1] {
+        let q = ListQuery {
+            limit,
+            ..Default::default()
+        };
+        let pages = all_pages(store, &account.id, &q).await;
+        assert_pages_cover(&pages, &newest_first, limit);
+    }
+
+    // A page that ends exactly at the oldest task has no cursor.
+    let whole = store
+        .list_tasks(
+            &account.id,
+            &ListQuery {
+                limit: 30,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(whole.tasks.len(), 30);
+    assert_eq!(whole.next_before, None);
+
+    // The other account sees its own ten tasks only.
+    let theirs = all_pages(
+        store,
+        &other.id,
+        &ListQuery {
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .concat();
+    assert_eq!(theirs.len(), 10);
+    assert!(theirs.iter().all(|id| !ids.contains(id)));
+}
+
+#[tokio::test]
+async fn status_and_model_filters_apply_across_dynamodb_pages() {
+    let env = env("filter").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    let other = open_account(store, 100).await;
+
+    // 30 tasks: every 5th is a demo-image task, every 5th (another offset) is cancelled, and
+    // the oldest is both. The other account's tasks would match every filter.
+    let mut tasks: Vec<(String, String, TaskStatus)> = Vec::new();
+    for i in 0..30 {
+        let model = if i % 5 == 0 { "demo-image" } else { "echo" };
+        let task = queued_task(&account.id, 1, model);
+        store.insert_task(&task, None).await.unwrap();
+        let mut status = TaskStatus::Queued;
+        if i % 5 == 2 || i == 0 {
+            store
+                .update_task(&task.id, &Transition::Cancel)
+                .await
+                .unwrap();
+            status = TaskStatus::Cancelled;
+        }
+        tasks.push((task.id, model.to_string(), status));
+
+        let theirs = queued_task(&other.id, 1, "demo-image");
+        store.insert_task(&theirs, None).await.unwrap();
+        store
+            .update_task(&theirs.id, &Transition::Cancel)
+            .await
+            .unwrap();
+    }
+    let expect = |keep: &dyn Fn(&(String, String, TaskStatus)) -> bool| -> Vec<String> {
+        tasks
+            .iter()
+            .rev()
+            .filter(|t| keep(t))
+            .map(|t| t.0.clone())
+            .collect()
+    };
+
+    let by_model = ListQuery {
+        model: Some("demo-image".into()),
+        limit: 2,
+        ..Default::default()
+    };
+    let want = expect(&|t| t.1 == "demo-image");
+    assert_eq!(want.len(), 6);
+    assert_pages_cover(&all_pages(store, &account.id, &by_model).await, &want, 2);
+
+    let by_status = ListQuery {
+        status: Some(TaskStatus::Cancelled),
+        limit: 2,
+        ..Default::default()
+    };
+    let want = expect(&|t| t.2 == TaskStatus::Cancelled);
+    assert_eq!(want.len(), 7);
+    assert_pages_cover(&all_pages(store, &account.id, &by_status).await, &want, 2);
+
+    let queued = ListQuery {
+        status: Some(TaskStatus::Queued),
+        limit: 4,
+        ..Default::default()
+    };
+    let want = expect(&|t| t.2 == TaskStatus::Queued);
+    assert_eq!(want.len(), 23);
+    assert_pages_cover(&all_pages(store, &account.id, &queued).await, &want, 4);
+
+    // Both filters: only the oldest task matches, beyond the first DynamoDB page.
+    let both = ListQuery {
+        status: Some(TaskStatus::Cancelled),
+        model: Some("demo-image".into()),
+        limit: 1,
+        ..Default::default()
+    };
+    let page = store.list_tasks(&account.id, &both).await.unwrap();
+    assert_eq!(
+        page.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
+        vec![tasks[0].0.clone()]
+    );
+    assert_eq!(page.next_before, None);
+
+    // No match at all: an empty page without a cursor.
+    let none = ListQuery {
+        model: Some("veo3".into()),
+        limit: 3,
+        ..Default::default()
+    };
+    let page = store.list_tasks(&account.id, &none).await.unwrap();
+    assert!(page.tasks.is_empty());
+    assert_eq!(page.next_before, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// DynamoStore: accounts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn grant_credits_adds_to_credits_and_to_granted() {
+    let env = env("grant").await;
+    let store = env.store();
+    let account = open_account(store, 5).await;
+    submitted(store, &account, 2).await;
+
+    let after = store.grant_credits(&account.id, 7).await.unwrap();
+    assert_eq!((after.credits, after.granted), (10, 12));
+    assert_eq!(store.account(&account.id).await.unwrap(), Some(after));
+
+    let res = store.grant_credits("acct_does_not_exist", 7).await;
+    assert!(matches!(res, Err(PortError::NotFound)), "{res:?}");
+    assert_eq!(store.account("acct_does_not_exist").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_rotated_key_hash_finds_the_account_and_the_old_one_no_longer_does() {
+    let env = env("rotate").await;
+    let store = env.store();
+    let account = open_account(store, 5).await;
+    assert_eq!(
+        store.account_by_key_hash(&account.key_hash).await.unwrap(),
+        Some(account.clone())
+    );
+
+    let new_hash = hash_api_key("tl_the_rotated_key");
+    store.set_key_hash(&account.id, &new_hash).await.unwrap();
+
+    assert_eq!(
+        store.account_by_key_hash(&account.key_hash).await.unwrap(),
+        None
+    );
+    let found = store.account_by_key_hash(&new_hash).await.unwrap().unwrap();
+    assert_eq!(found.id, account.id);
+    assert_eq!(found.key_hash, new_hash);
+    assert_eq!(store.account(&account.id).await.unwrap(), Some(found));
+
+    let res = store.set_key_hash("acct_does_not_exist", &new_hash).await;
+    assert!(matches!(res, Err(PortError::NotFound)), "{res:?}");
+    assert_eq!(
+        store
+            .account_by_key_hash(&hash_api_key("tl_nobody_has_this_key"))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// SqsQueue
+// ---------------------------------------------------------------------------------------------
+
+/// `(visible, in flight, delayed)` messages as SQS counts them.
+async fn queue_counts(config: &SdkConfig, url: &str) -> (u64, u64, u64) {
+    let attrs = aws_sdk_sqs::Client::new(config)
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap_or_default();
+    let get = |n: QueueAttributeName| {
+        attrs
+            .get(&n)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {n:?} in {attrs:?}"))
+    };
+    (
+        get(QueueAttributeName::ApproximateNumberOfMessages),
+        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+    )
+}
+
+/// Whether a short poll (no waiting) of the queue returns any message.
+async fn anything_visible(config: &SdkConfig, url: &str) -> bool {
+    let out = aws_sdk_sqs::Client::new(config)
+        .receive_message()
+        .queue_url(url)
+        .wait_time_seconds(0)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .unwrap();
+    !out.messages().is_empty()
+}
+
+/// Receives from `source` until something arrives; panics after [`SQS_DEADLINE`].
+async fn receive_soon(source: &dyn MessageSource, visibility: Duration) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + SQS_DEADLINE;
+    loop {
+        let got = source.receive(10, visibility).await.unwrap();
+        if !got.is_empty() {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no message within {SQS_DEADLINE:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_enqueued_message_is_received_and_ack_removes_it() {
+    let env = env("sqsack").await;
+    let queue = env.queue();
+    queue
+        .enqueue(&run("task_one"), Duration::ZERO)
+        .await
+        .unwrap();
+
+    let got = receive_soon(queue, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message, Some(run("task_one")));
+    assert_eq!(got[0].receive_count, 1);
+    assert_eq!(queue_counts(&env.config, queue.url()).await, (0, 1, 0));
+
+    queue.ack(&got[0]).await.unwrap();
+    assert_eq!(queue_counts(&env.config, queue.url()).await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_a_work_message_is_delivered_as_poison() {
+    let env = env("sqspoison").await;
+    aws_sdk_sqs::Client::new(&env.config)
+        .send_message()
+        .queue_url(env.queue().url())
+        .message_body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let got = receive_soon(env.queue(), Duration::from_secs(30)).await;
+    assert_eq!(got[0].message, None);
+    env.queue().ack(&got[0]).await.unwrap();
+}
+
+#[tokio::test]
+async fn retry_hides_a_message_then_it_comes_back_received_twice() {
+    let env = env("sqsretry").await;
+    let queue = env.queue();
+    queue
+        .enqueue(&run("task_two"), Duration::ZERO)
+        .await
+        .unwrap();
+
+    // Received with a long visibility, then retried with a short delay.
+    let got = receive_soon(queue, Duration::from_secs(60)).await;
+    assert_eq!(got[0].receive_count, 1);
+    queue.retry(&got[0], Duration::from_secs(2)).await.unwrap();
+
+    assert!(!anything_visible(&env.config, queue.url()).await);
+    assert_eq!(queue_counts(&env.config, queue.url()).await, (0, 1, 0));
+
+    // Back well before the 60 s visibility of the first receive would have ended.
+    let again = receive_soon(queue, Duration::from_secs(60)).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message, Some(run("task_two")));
+    assert_eq!(again[0].receive_count, 2);
+    queue.ack(&again[0]).await.unwrap();
+    assert_eq!(queue_counts(&env.config, queue.url()).await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_delayed_message_is_not_received_before_its_delay() {
+    let env = env("sqsdelay").await;
+    let queue = env.queue();
+    queue
+        .enqueue(&run("task_later"), Duration::from_secs(2))
+        .await
+        .unwrap();
+
+    assert!(!anything_visible(&env.config, queue.url()).await);
+    assert_eq!(queue_counts(&env.config, queue.url()).await, (0, 0, 1));
+
+    let got = receive_soon(queue, Duration::from_secs(30)).await;
+    assert_eq!(got[0].message, Some(run("task_later")));
+    assert_eq!(got[0].receive_count, 1);
+}
+
+#[tokio::test]
+async fn a_message_never_acked_moves_to_the_dead_letter_queue_after_max_receive_count() {
+    let env = env("sqsdlq").await;
+    let queue = env.queue();
+    let sqs = aws_sdk_sqs::Client::new(&env.config);
+    let dlq_url = sqs
+        .get_queue_url()
+        .queue_name(format!("{}-work-dlq", env.prefix))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let dlq = SqsQueue::new(sqs, dlq_url);
+    queue
+        .enqueue(&run("task_poison"), Duration::ZERO)
+        .await
+        .unwrap();
+
+    // A worker that dies each time: received, never acked, visible again after 1 s.
+    for n in 1..=MAX_RECEIVE_COUNT {
+        let got = receive_soon(queue, Duration::from_secs(1)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].receive_count, n);
+    }
+
+    // The next receive moves it to the dead-letter queue instead of delivering it.
+    let deadline = tokio::time::Instant::now() + SQS_DEADLINE;
+    let dead = loop {
+        let got = queue.receive(10, Duration::from_secs(1)).await.unwrap();
+        assert!(got.is_empty(), "received beyond MAX_RECEIVE_COUNT: {got:?}");
+        let dead = dlq.receive(10, Duration::from_secs(30)).await.unwrap();
+        if !dead.is_empty() {
+            break dead;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing reached the DLQ"
+        );
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message, Some(run("task_poison")));
+    assert_eq!(queue_counts(&env.config, queue.url()).await, (0, 0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3Blobs
+// ---------------------------------------------------------------------------------------------
+
+/// The query parameters of a presigned URL.
+fn query_of(url: &str) -> std::collections::HashMap<String, String> {
+    reqwest::Url::parse(url)
+        .unwrap()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn x_amz_date(q: &std::collections::HashMap<String, String>) -> DateTime<Utc> {
+    NaiveDateTime::parse_from_str(&q["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+        .unwrap()
+        .and_utc()
+}
+
+fn x_amz_expires(q: &std::collections::HashMap<String, String>) -> i64 {
+    q["X-Amz-Expires"].parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_stored_blob_downloads_through_its_presigned_url() {
+    let env = env("s3get").await;
+    let blobs = &env.backends.blobs;
+    let bytes = Bytes::from_static(b"\x89PNG\r\n\x1a\n not really a picture");
+    blobs
+        .put("task_x/out.png", bytes.clone(), "image/png")
+        .await
+        .unwrap();
+    // Writes are idempotent: the same put again is fine.
+    blobs
+        .put("task_x/out.png", bytes.clone(), "image/png")
+        .await
+        .unwrap();
+
+    let signed = blobs
+        .presign_get("task_x/out.png", Duration::from_secs(300))
+        .await
+        .unwrap();
+    let resp = reqwest::get(&signed.url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "image/png");
+    assert_eq!(resp.bytes().await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn the_presigned_url_carries_the_requested_lifetime() {
+    let env = env("s3ttl").await;
+    let blobs = &env.backends.blobs;
+    blobs
+        .put("k/a.txt", Bytes::from_static(b"hello"), "text/plain")
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(900);
+
+    let before = Utc::now();
+    let signed = blobs.presign_get("k/a.txt", ttl).await.unwrap();
+    let after = Utc::now();
+
+    let q = query_of(&signed.url);
+    assert_eq!(q["X-Amz-Algorithm"], "AWS4-HMAC-SHA256");
+    assert_eq!(x_amz_expires(&q), 900);
+    assert!(
+        q["X-Amz-SignedHeaders"].split(';').any(|h| h == "host"),
+        "{q:?}"
+    );
+    assert!(!q["X-Amz-Signature"].is_empty());
+    assert!(q["X-Amz-Credential"].starts_with("test/"), "{q:?}");
+
+    let ttl = TimeDelta::from_std(ttl).unwrap();
+    let second = TimeDelta::seconds(1);
+    // Signed now (X-Amz-Date has whole seconds), valid for the TTL from then.
+    let signed_at = x_amz_date(&q);
+    assert!(
+        signed_at >= before - second && signed_at <= after,
+        "X-Amz-Date {signed_at} is not the signing time ({before} .. {after})"
+    );
+    assert!(signed.expires_at >= before + ttl - second, "{signed:?}");
+    assert!(signed.expires_at <= after + ttl + second, "{signed:?}");
+    // The URL's own end (signing time + X-Amz-Expires) is the `expires_at` reported.
+    let url_end = x_amz_date(&q) + TimeDelta::seconds(x_amz_expires(&q));
+    assert!(
+        (url_end - signed.expires_at).abs() <= second,
+        "{url_end} vs {signed:?}"
+    );
+}
+
+/// The blob store of `env`, signing with credentials that expire at `expiry`.
+fn blobs_with_credentials_expiring_at(env: &Env, expiry: SystemTime) -> S3Blobs {
+    let config = env
+        .config
+        .to_builder()
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "test",
+            "test",
+            None,
+            Some(expiry),
+            "test",
+        )))
+        .build();
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&config)
+            .force_path_style(true)
+            .build(),
+    );
+    S3Blobs::new(&config, client, &env.settings.bucket)
+}
+
+#[tokio::test]
+async fn credentials_that_expire_sooner_than_the_ttl_clamp_the_url() {
+    let env = env("s3clamp").await;
+    env.backends
+        .blobs
+        .put("k/a.txt", Bytes::from_static(b"hello"), "text/plain")
+        .await
+        .unwrap();
+    let creds_expire = SystemTime::now() + Duration::from_secs(600);
+    let blobs = blobs_with_credentials_expiring_at(&env, creds_expire);
+    let creds_expire: DateTime<Utc> = creds_expire.into();
+
+    let signed = blobs
+        .presign_get("k/a.txt", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let q = query_of(&signed.url);
+    let expires = x_amz_expires(&q);
+    assert!(
+        expires < 600,
+        "X-Amz-Expires {expires} outlives the credentials"
+    );
+    assert!(
+        expires >= 300,
+        "X-Amz-Expires {expires} is clamped far too short"
+    );
+    assert!(
+        signed.expires_at < creds_expire,
+        "{signed:?} vs {creds_expire}"
+    );
+    let url_end = x_amz_date(&q) + TimeDelta::seconds(expires);
+    assert!(url_end < creds_expire, "{url_end} vs {creds_expire}");
+    // Same moment up to SigV4's whole seconds (see the next test for the exact bound).
+    assert!(
+        (url_end - signed.expires_at).abs() < TimeDelta::seconds(2),
+        "{url_end} vs {signed:?}"
+    );
+    // Still a working URL.
+    let resp = reqwest::get(&signed.url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A TTL shorter than the credentials' remaining life is kept as asked.
+    let signed = blobs
+        .presign_get("k/a.txt", Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(x_amz_expires(&query_of(&signed.url)), 120);
+}
+
+#[tokio::test]
+async fn a_clamped_url_never_reports_more_life_than_it_has() {
+    let env = env("s3clampend").await;
+    // Credentials ending on a whole second: the clamped TTL then has a fractional part.
+    let whole = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let creds_expire = SystemTime::UNIX_EPOCH + Duration::from_secs(whole + 600);
+    let blobs = blobs_with_credentials_expiring_at(&env, creds_expire);
+
+    let signed = blobs
+        .presign_get("k/a.txt", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let q = query_of(&signed.url);
+    let url_end = x_amz_date(&q) + TimeDelta::seconds(x_amz_expires(&q));
+    // `expires_at` is "when it stops working": at most the sub-second SigV4 cannot express.
+    assert!(
+        signed.expires_at - url_end < TimeDelta::seconds(1),
+        "the URL stops working at {url_end} (X-Amz-Date + X-Amz-Expires) but expires_at says {}",
+        signed.expires_at
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed errors: unreachable, throttled and missing backends
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback URL nothing listens on.
+fn closed_endpoint() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
+
+/// A loopback HTTP server that answers every request with one canned response; returns its URL.
+async fn canned_server(
+    status: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    body: &'static str,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                // Read the head, then the body its Content-Length announces.
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let mut resp = format!("HTTP/1.1 {status}\r\n");
+                for (k, v) in headers {
+                    resp.push_str(&format!("{k}: {v}\r\n"));
+                }
+                resp.push_str(&format!(
+                    "content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                ));
+                let _ = conn.write_all(resp.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+/// A DynamoDB client for `endpoint`, without retries: the error the adapter maps is the one
+/// the SDK returns once its retries are exhausted, so retrying only repeats it.
+async fn dynamo_at(endpoint: &str, table: &str) -> DynamoStore {
+    let config = sdk_config().await;
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(&config)
+            .endpoint_url(endpoint)
+            .retry_config(RetryConfig::disabled())
+            .build(),
+    );
+    DynamoStore::new(client, table)
+}
+
+async fn sqs_at(endpoint: &str) -> SqsQueue {
+    let config = sdk_config().await;
+    let client = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(&config)
+            .endpoint_url(endpoint)
+            .retry_config(RetryConfig::disabled())
+            .build(),
+    );
+    SqsQueue::new(client, format!("{endpoint}/123456789012/work"))
+}
+
+async fn s3_at(endpoint: &str) -> S3Blobs {
+    let config = sdk_config().await;
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&config)
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .retry_config(RetryConfig::disabled())
+            .build(),
+    );
+    S3Blobs::new(&config, client, "results")
+}
+
+#[track_caller]
+fn assert_unavailable<T: std::fmt::Debug>(what: &str, res: PortResult<T>) {
+    assert!(
+        matches!(res, Err(PortError::Unavailable(_))),
+        "{what}: expected Unavailable, got {res:?}"
+    );
+}
+
+#[track_caller]
+fn assert_internal<T: std::fmt::Debug>(what: &str, res: PortResult<T>) {
+    assert!(
+        matches!(res, Err(PortError::Internal(_))),
+        "{what}: expected Internal, got {res:?}"
+    );
+}
+
+fn dbg<T: std::fmt::Debug>(r: PortResult<T>) -> PortResult<String> {
+    r.map(|v| format!("{v:?}"))
+}
+
+/// Calls every store operation once; `check` judges each result.
+async fn every_store_call(store: &DynamoStore, check: fn(&str, PortResult<String>)) {
+    let account = Account::create(10, None).account;
+    let task = queued_task(&account.id, 1, "echo");
+    let now = Utc::now();
+    check("create_account", dbg(store.create_account(&account).await));
+    check("account", dbg(store.account(&account.id).await));
+    check(
+        "account_by_key_hash",
+        dbg(store.account_by_key_hash(&account.key_hash).await),
+    );
+    check(
+        "grant_credits",
+        dbg(store.grant_credits(&account.id, 1).await),
+    );
+    check(
+        "set_key_hash",
+        dbg(store.set_key_hash(&account.id, "h").await),
+    );
+    check(
+        "reserve_idempotency",
+        dbg(store
+            .reserve_idempotency(&account.id, "k", "h", now, MINUTE, DAY)
+            .await),
+    );
+    check(
+        "release_idempotency",
+        dbg(store.release_idempotency(&account.id, "k", "t").await),
+    );
+    check("insert_task", dbg(store.insert_task(&task, None).await));
+    check("task", dbg(store.task(&task.id).await));
+    check(
+        "list_tasks",
+        dbg(store
+            .list_tasks(
+                &account.id,
+                &ListQuery {
+                    limit: 10,
+                    ..Default::default()
+                },
+            )
+            .await),
+    );
+    check(
+        "update_task",
+        dbg(store.update_task(&task.id, &Transition::Cancel).await),
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_dynamodb_is_unavailable() {
+    let store = dynamo_at(&closed_endpoint(), "tasks").await;
+    every_store_call(&store, |what, res| assert_unavailable(what, res)).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_sqs_or_s3_is_unavailable() {
+    let endpoint = closed_endpoint();
+    let queue = sqs_at(&endpoint).await;
+    assert_unavailable(
+        "enqueue",
+        queue.enqueue(&run("task_x"), Duration::ZERO).await,
+    );
+    assert_unavailable("receive", queue.receive(1, MINUTE).await);
+    let blobs = s3_at(&endpoint).await;
+    assert_unavailable(
+        "put",
+        blobs.put("k", Bytes::from_static(b"x"), "text/plain").await,
+    );
+}
+
+#[tokio::test]
+async fn a_table_that_does_not_exist_is_internal() {
+    let env = env("notable").await;
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+    let store = dynamo_at(&endpoint, &format!("{}-missing", env.prefix)).await;
+    every_store_call(&store, |what, res| assert_internal(what, res)).await;
+}
+
+const DDB_JSON: &[(&str, &str)] = &[("content-type", "application/x-amz-json-1.0")];
+
+#[tokio::test]
+async fn dynamodb_throttling_is_unavailable() {
+    for code in [
+        "ThrottlingException",
+        "ProvisionedThroughputExceededException",
+    ] {
+        let body: &'static str = Box::leak(
+            format!(
+                r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{code}","message":"Rate of requests exceeds the allowed throughput."}}"#
+            )
+            .into_boxed_str(),
+        );
+        let endpoint = canned_server("400 Bad Request", DDB_JSON, body).await;
+        let store = dynamo_at(&endpoint, "tasks").await;
+        every_store_call(&store, |what, res| assert_unavailable(what, res)).await;
+    }
+}
+
+/// A single write that meets an ongoing transaction on its item (a `Start` racing a cancel's
+/// refund transaction) is rejected with `TransactionConflictException`: transient, and not
+/// retried by the SDK, so the store must report it as retryable.
+#[tokio::test]
+async fn a_write_that_conflicts_with_a_transaction_is_unavailable() {
+    let endpoint = canned_server(
+        "400 Bad Request",
+        DDB_JSON,
+        r#"{"__type":"com.amazonaws.dynamodb.v20120810#TransactionConflictException","message":"Transaction is ongoing for the item"}"#,
+    )
+    .await;
+    let store = dynamo_at(&endpoint, "tasks").await;
+    let account = Account::create(10, None).account;
+    assert_unavailable("create_account", store.create_account(&account).await);
+    assert_unavailable("grant_credits", store.grant_credits(&account.id, 1).await);
+    assert_unavailable(
+        "reserve_idempotency",
+        store
+            .reserve_idempotency(&account.id, "k", "h", Utc::now(), MINUTE, DAY)
+            .await,
+    );
+}
+
+#[tokio::test]
+async fn s3_slow_down_is_unavailable() {
+    let endpoint = canned_server(
+        "503 Slow Down",
+        &[("content-type", "application/xml")],
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message><RequestId>R1</RequestId></Error>",
+    )
+    .await;
+    let blobs = s3_at(&endpoint).await;
+    assert_unavailable(
+        "put",
+        blobs.put("k", Bytes::from_static(b"x"), "text/plain").await,
+    );
+}
+
+#[tokio::test]
+async fn s3_internal_error_is_unavailable() {
+    let endpoint = canned_server(
+        "500 Internal Server Error",
+        &[("content-type", "application/xml")],
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message><RequestId>R1</RequestId></Error>",
+    )
+    .await;
+    let blobs = s3_at(&endpoint).await;
+    assert_unavailable(
+        "put",
+        blobs.put("k", Bytes::from_static(b"x"), "text/plain").await,
+    );
+}
+
+#[tokio::test]
+async fn sqs_throttling_is_unavailable() {
+    let endpoint = canned_server(
+        "400 Bad Request",
+        &[
+            ("content-type", "application/x-amz-json-1.0"),
+            ("x-amzn-query-error", "RequestThrottled;Sender"),
+        ],
+        r#"{"__type":"com.amazonaws.sqs#RequestThrottled","message":"Request is throttled."}"#,
+    )
+    .await;
+    let queue = sqs_at(&endpoint).await;
+    assert_unavailable(
+        "enqueue",
+        queue.enqueue(&run("task_x"), Duration::ZERO).await,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed errors through the API
+// ---------------------------------------------------------------------------------------------
+
+/// Reads accounts from a working store and sends everything else to a failing one: the API
+/// authenticates, then meets the failure when it writes.
+struct WritesFail {
+    reads: DynamoStore,
+    rest: DynamoStore,
+}
+
+#[async_trait]
+impl TaskStore for WritesFail {
+    async fn create_account(&self, account: &Account) -> PortResult<()> {
+        self.rest.create_account(account).await
+    }
+    async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
+        self.reads.account_by_key_hash(key_hash).await
+    }
+    async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
+        self.reads.account(account_id).await
+    }
+    async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
+        self.rest.grant_credits(account_id, credits).await
+    }
+    async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
+        self.rest.set_key_hash(account_id, key_hash).await
+    }
+    async fn reserve_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        in_flight: Duration,
+        retain: Duration,
+    ) -> PortResult<Reservation> {
+        self.rest
+            .reserve_idempotency(account_id, key, request_hash, now, in_flight, retain)
+            .await
+    }
+    async fn release_idempotency(
+        &self,
+        account_id: &str,
+        key: &str,
+        token: &str,
+    ) -> PortResult<()> {
+        self.rest.release_idempotency(account_id, key, token).await
+    }
+    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+        self.rest.insert_task(task, claim).await
+    }
+    async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
+        self.rest.task(task_id).await
+    }
+    async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
+        self.rest.list_tasks(account_id, query).await
+    }
+    async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
+        self.rest.update_task(task_id, transition).await
+    }
+}
+
+fn submit_request(api_key: &str, idempotency_key: Option<&str>) -> http::Request<Bytes> {
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/tasks")
+        .header("authorization", format!("Bearer {api_key}"))
+        .header("content-type", "application/json");
+    if let Some(k) = idempotency_key {
+        req = req.header("idempotency-key", k);
+    }
+    req.body(Bytes::from_static(br#"{"model":"echo","prompt":"hello"}"#))
+        .unwrap()
+}
+
+/// The API over the emulator's queue and bucket with `store` as the task store.
+fn api_with(env: &Env, store: Arc<dyn TaskStore>) -> Api {
+    let app = env.backends.app(env.settings.core.clone());
+    Api::new(tasklane_core::App::new(
+        store,
+        app.queue.clone(),
+        app.blobs.clone(),
+        tasklane_core::generate::builtin_registry(1.0),
+        env.settings.core.clone(),
+    ))
+}
+
+/// Checks an error answer: status, code, the error shape, and no backend text in the message.
+fn assert_error_answer(resp: &http::Response<Bytes>, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(
+        resp.status(),
+        status,
+        "{:?}",
+        String::from_utf8_lossy(resp.body())
+    );
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"].as_str().expect("a message");
+    assert!(!message.is_empty());
+    let text = body.to_string().to_lowercase();
+    for sdk_words in [
+        "dispatch",
+        "connect",
+        "127.0.0.1",
+        "dynamodb",
+        "exception",
+        "sdkerror",
+        "throttl",
+        "resourcenotfound",
+        "io error",
+    ] {
+        assert!(
+            !text.contains(sdk_words),
+            "backend text {sdk_words:?} in {body}"
+        );
+    }
+    body
+}
+
+#[tokio::test]
+async fn submit_while_dynamodb_is_unreachable_answers_503_with_retry_after() {
+    let env = env("api503").await;
+    let account = Account::create(10, None);
+    env.store().create_account(&account.account).await.unwrap();
+    let dead = dynamo_at(&closed_endpoint(), &env.settings.table).await;
+
+    // The whole store unreachable: the API cannot even authenticate.
+    let mut backends = env.backends.clone();
+    backends.store = dead.clone();
+    let api = Api::new(backends.app(env.settings.core.clone()));
+    let resp = api.handle(submit_request(&account.api_key, None)).await;
+    assert_error_answer(&resp, 503, "unavailable");
+    assert!(resp.headers().contains_key("retry-after"));
+
+    // Authenticated, then the submit's write cannot reach DynamoDB (with and without an
+    // Idempotency-Key).
+    let api = api_with(
+        &env,
+        Arc::new(WritesFail {
+            reads: env.store().clone(),
+            rest: dead,
+        }),
+    );
+    for key in [None, Some("idem-503")] {
+        let resp = api.handle(submit_request(&account.api_key, key)).await;
+        assert_error_answer(&resp, 503, "unavailable");
+        let retry_after: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1);
+    }
+    assert_eq!(balance(env.store(), &account.account.id).await, (10, 10));
+}
+
+#[tokio::test]
+async fn submit_while_dynamodb_throttles_answers_503_with_retry_after() {
+    let env = env("apithrottle").await;
+    let account = Account::create(10, None);
+    env.store().create_account(&account.account).await.unwrap();
+    let endpoint = canned_server(
+        "400 Bad Request",
+        DDB_JSON,
+        r#"{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException","message":"The level of configured provisioned throughput for the table was exceeded."}"#,
+    )
+    .await;
+    let throttled = dynamo_at(&endpoint, &env.settings.table).await;
+    let api = api_with(
+        &env,
+        Arc::new(WritesFail {
+            reads: env.store().clone(),
+            rest: throttled,
+        }),
+    );
+    let resp = api.handle(submit_request(&account.api_key, None)).await;
+    assert_error_answer(&resp, 503, "unavailable");
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(balance(env.store(), &account.account.id).await, (10, 10));
+}
+
+#[tokio::test]
+async fn submit_against_a_missing_table_answers_500_without_backend_text() {
+    let env = env("api500").await;
+    let account = Account::create(10, None);
+    env.store().create_account(&account.account).await.unwrap();
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+    let missing = dynamo_at(&endpoint, &format!("{}-missing", env.prefix)).await;
+    let api = api_with(
+        &env,
+        Arc::new(WritesFail {
+            reads: env.store().clone(),
+            rest: missing,
+        }),
+    );
+    let resp = api.handle(submit_request(&account.api_key, None)).await;
+    assert_error_answer(&resp, 500, "internal");
+    assert!(!resp.headers().contains_key("retry-after"));
+}

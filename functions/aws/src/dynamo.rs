@@ -56,29 +56,46 @@ fn get_n(item: &Item, name: &str) -> PortResult<u64> {
         .ok_or_else(|| PortError::internal(format!("item has no number attribute {name}")))
 }
 
-/// Maps an SDK error: throttling, timeouts and server-side failures are retryable
-/// ([`PortError::Unavailable`]); anything else is internal.
-pub fn sdk_error<E, R>(e: SdkError<E, R>) -> PortError
+/// Error codes, across DynamoDB, SQS and S3, that mean "try again later".
+const RETRYABLE_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "Throttling",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "SlowDown",
+    "TransactionInProgressException",
+    "TransactionConflictException",
+    "InternalServerError",
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+];
+
+/// Maps an SDK error of any of the three services: throttling, timeouts, transport failures
+/// and any 5xx answer are retryable ([`PortError::Unavailable`]); anything else is internal.
+/// The SDK's text is kept as the cause (logged), never shown to clients.
+pub fn sdk_error<E>(e: SdkError<E, aws_smithy_runtime_api::http::Response>) -> PortError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let retryable = match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
         }
-        SdkError::ServiceError(se) => matches!(
-            se.err().code(),
-            Some(
-                "ProvisionedThroughputExceededException"
-                    | "ThrottlingException"
-                    | "RequestLimitExceeded"
-                    | "InternalServerError"
-                    | "ServiceUnavailable"
-                    | "LimitExceededException"
-                    | "TransactionInProgressException"
-            )
-        ),
+        SdkError::ServiceError(se) => {
+            se.raw().status().as_u16() >= 500
+                || se
+                    .err()
+                    .code()
+                    .is_some_and(|c| RETRYABLE_CODES.contains(&c))
+        }
         _ => false,
     };
     let e = aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string();
@@ -206,8 +223,10 @@ impl DynamoStore {
             return match res {
                 Ok(_) => Ok(true),
                 Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+                    if e.as_service_error().is_some_and(|se| {
+                        se.is_conditional_check_failed_exception()
+                            || se.is_transaction_conflict_exception()
+                    }) =>
                 {
                     Ok(false)
                 }
@@ -239,12 +258,12 @@ impl DynamoStore {
                         }
                         _ => None,
                     });
+                // A changed version, or another transaction on the item: read again and retry.
+                let lost = |code: Option<&str>| {
+                    matches!(code, Some("ConditionalCheckFailed" | "TransactionConflict"))
+                };
                 match reasons {
-                    Some(r)
-                        if r.first().and_then(|x| x.code()) == Some("ConditionalCheckFailed") =>
-                    {
-                        Ok(false)
-                    }
+                    Some(r) if r.iter().any(|x| lost(x.code())) => Ok(false),
                     Some(r) => Err(PortError::unavailable(format!(
                         "refund transaction cancelled: {:?}",
                         r.iter()

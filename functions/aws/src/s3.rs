@@ -74,7 +74,11 @@ impl BlobStore for S3Blobs {
             None => ttl,
         }
         .max(Duration::from_secs(1));
-        let now = Utc::now();
+        // Whole seconds: X-Amz-Date and X-Amz-Expires carry no fractions, so neither may the
+        // expiry the client is told.
+        let ttl = Duration::from_secs(ttl.as_secs());
+        let now = chrono::DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0)
+            .ok_or_else(|| PortError::internal("clock out of range"))?;
         let cfg = PresigningConfig::builder()
             .start_time(now.into())
             .expires_in(ttl)

@@ -8,6 +8,7 @@ use tasklane_core::generate::builtin_registry;
 use tasklane_core::{App, Config};
 
 use crate::dynamo::DynamoStore;
+use crate::metrics::RequestCounter;
 use crate::s3::S3Blobs;
 use crate::sqs::SqsQueue;
 
@@ -53,18 +54,36 @@ impl AwsBackends {
     /// Loads the AWS configuration (region, credentials, `AWS_ENDPOINT_URL`…) and builds the
     /// clients. With a custom endpoint (an emulator), S3 uses path-style addressing.
     pub async fn connect(settings: &AwsSettings) -> Self {
+        Self::connect_counting(settings, None).await
+    }
+
+    /// Like [`AwsBackends::connect`], with every client counting its requests in `counter`.
+    pub async fn connect_counting(settings: &AwsSettings, counter: Option<RequestCounter>) -> Self {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
             || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&config)
-                .force_path_style(custom_endpoint)
-                .build(),
-        );
+        let mut ddb = aws_sdk_dynamodb::config::Builder::from(&config);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
+        let mut s3 = aws_sdk_s3::config::Builder::from(&config).force_path_style(custom_endpoint);
+        if let Some(c) = counter {
+            ddb = ddb.interceptor(c.clone());
+            sqs = sqs.interceptor(c.clone());
+            s3 = s3.interceptor(c);
+        }
         AwsBackends {
-            store: DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), &settings.table),
-            queue: SqsQueue::new(aws_sdk_sqs::Client::new(&config), &settings.queue_url),
-            blobs: S3Blobs::new(&config, s3, &settings.bucket),
+            store: DynamoStore::new(
+                aws_sdk_dynamodb::Client::from_conf(ddb.build()),
+                &settings.table,
+            ),
+            queue: SqsQueue::new(
+                aws_sdk_sqs::Client::from_conf(sqs.build()),
+                &settings.queue_url,
+            ),
+            blobs: S3Blobs::new(
+                &config,
+                aws_sdk_s3::Client::from_conf(s3.build()),
+                &settings.bucket,
+            ),
         }
     }
 
