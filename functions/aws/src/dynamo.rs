@@ -610,6 +610,21 @@ impl TaskStore for DynamoStore {
         Ok(TaskPage { tasks, next_before })
     }
 
+    async fn update_task_from(&self, current: &Task, transition: &Transition) -> PortResult<Task> {
+        // Skip the read: apply to the caller's copy and write conditioned on its version. A
+        // stale copy (the write's condition fails, or the state machine refuses it) takes the
+        // reading path, so no decision is ever made on stale state.
+        let mut task = current.clone();
+        let expected = task.version;
+        if let Ok(applied) = apply(&mut task, transition, Utc::now())
+            && task.version != expected
+            && self.write_task(&task, expected, applied.refund()).await?
+        {
+            return Ok(task);
+        }
+        self.update_task(&current.id, transition).await
+    }
+
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
         // Optimistic concurrency: read, apply the state machine, write conditioned on the
         // version read; on a lost race read again. State rules never depend on this loop.

@@ -370,7 +370,7 @@ impl Api {
                     message: "the task could not be queued; its credits were refunded".into(),
                 },
             };
-            if let Err(e2) = self.app.store.update_task(&task.id, &fail).await {
+            if let Err(e2) = self.app.store.update_task_from(&task, &fail).await {
                 tracing::error!(task_id = %task.id, error = %e2, "compensation failed");
             }
             return Err(ApiError::Unavailable {
@@ -431,7 +431,11 @@ impl Api {
 
     async fn cancel(&self, account: &Account, id: &str) -> Result<Response<Bytes>, ApiError> {
         let before = self.owned_task(account, id).await?;
-        let task = self.app.store.update_task(id, &Transition::Cancel).await?;
+        let task = self
+            .app
+            .store
+            .update_task_from(&before, &Transition::Cancel)
+            .await?;
         if before.status == TaskStatus::Queued {
             tracing::info!(task_id = %id, refunded = task.cost.credits, "task cancelled");
             self.app.events.notify(id);

@@ -129,6 +129,10 @@ impl TaskStore for Intercepted<dyn TaskStore> {
         self.hook.before(Op::UpdateTask).await?;
         self.inner.update_task(task_id, transition).await
     }
+    async fn update_task_from(&self, current: &Task, transition: &Transition) -> PortResult<Task> {
+        self.hook.before(Op::UpdateTask).await?;
+        self.inner.update_task_from(current, transition).await
+    }
 }
 
 #[async_trait]

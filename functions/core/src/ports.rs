@@ -150,6 +150,12 @@ pub trait TaskStore: Send + Sync {
     /// Applies `transition` with [`crate::task::apply`] and writes the result conditioned on the
     /// version read, together with any refund, in one atomic write. Returns the task as stored.
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task>;
+    /// Like [`TaskStore::update_task`], starting from `current`, a version of the task the
+    /// caller read: an adapter may apply the transition to it and write conditioned on its
+    /// version without reading first, falling back to `update_task` when it is stale.
+    async fn update_task_from(&self, current: &Task, transition: &Transition) -> PortResult<Task> {
+        self.update_task(&current.id, transition).await
+    }
 }
 
 /// A unit of background work.

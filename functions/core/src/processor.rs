@@ -113,7 +113,7 @@ impl Processor {
                             ),
                         },
                     };
-                    return self.finish(task_id, &fail).await;
+                    return self.finish(&task, &fail).await;
                 }
                 _ => tracing::warn!(
                     task_id,
@@ -126,7 +126,7 @@ impl Processor {
         let start = Transition::Start {
             lease_until: now + chrono_dur(cfg.lease),
         };
-        let task = match store.update_task(task_id, &start).await {
+        let task = match store.update_task_from(&task, &start).await {
             Ok(t) => t,
             Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
                 return Ok(Disposition::RetryAfter(cfg.lease));
@@ -150,7 +150,7 @@ impl Processor {
                     ),
                 },
             };
-            return self.finish(task_id, &fail).await;
+            return self.finish(&task, &fail).await;
         };
         let job = Job {
             task_id,
@@ -161,7 +161,7 @@ impl Processor {
         };
         let mut sink = StoreProgress {
             store: store.as_ref(),
-            task_id,
+            current: task.clone(),
             attempt,
             lease: cfg.lease,
             last_pct: 0,
@@ -195,12 +195,13 @@ impl Processor {
                 Transition::Complete { attempt, outputs }
             }
         };
-        self.finish(task_id, &transition).await
+        self.finish(&sink.current, &transition).await
     }
 
-    /// Applies a terminal transition, wakes waiters and schedules the webhook.
-    async fn finish(&self, task_id: &str, t: &Transition) -> PortResult<Disposition> {
-        match self.app.store.update_task(task_id, t).await {
+    /// Applies a terminal transition to `current`, wakes waiters and schedules the webhook.
+    async fn finish(&self, current: &Task, t: &Transition) -> PortResult<Disposition> {
+        let task_id = current.id.as_str();
+        match self.app.store.update_task_from(current, t).await {
             Ok(task) => {
                 tracing::info!(task_id, status = %task.status, refunded = task.cost.refunded, "task finished");
                 self.app.events.notify(task_id);
@@ -305,7 +306,7 @@ impl Processor {
         }
         tracing::info!(task_id, attempt = next.attempts, result = ?result, state = ?next.state, "webhook attempt");
         match store
-            .update_task(task_id, &Transition::Callback(next))
+            .update_task_from(&task, &Transition::Callback(next))
             .await
         {
             Ok(_) | Err(PortError::Rejected(_)) => Ok(Disposition::Done),
@@ -378,7 +379,8 @@ pub async fn run_worker(
 /// Writes progress to the store at most every 5 points or every second, renewing the lease.
 struct StoreProgress<'a> {
     store: &'a dyn TaskStore,
-    task_id: &'a str,
+    /// The task as last written by this attempt.
+    current: Task,
     attempt: u32,
     lease: Duration,
     last_pct: u8,
@@ -398,15 +400,16 @@ impl ProgressSink for StoreProgress<'_> {
             progress,
             lease_until: Utc::now() + chrono_dur(self.lease),
         };
-        match self.store.update_task(self.task_id, &t).await {
-            Ok(_) => {
+        match self.store.update_task_from(&self.current, &t).await {
+            Ok(task) => {
+                self.current = task;
                 self.last_pct = progress;
                 self.last_write = Instant::now();
                 Ok(())
             }
             Err(PortError::Rejected(_)) => Err(Abort),
             Err(e) => {
-                tracing::warn!(task_id = self.task_id, error = %e, "progress not recorded");
+                tracing::warn!(task_id = %self.current.id, error = %e, "progress not recorded");
                 Ok(())
             }
         }
