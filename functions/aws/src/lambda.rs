@@ -10,6 +10,7 @@ use lambda_http::{Body, Request, RequestExt, Response};
 use tasklane_core::api::Api;
 use tasklane_core::ports::WorkMessage;
 use tasklane_core::processor::{Disposition, Processor};
+use tracing::Instrument;
 
 use crate::sqs::SqsQueue;
 
@@ -74,9 +75,7 @@ pub async fn handle_sqs(
             continue;
         };
         let span = tracing::info_span!("work", task_id = %msg.task_id(), message_id = %id);
-        let _enter = span.enter();
-        drop(_enter);
-        match processor.handle(&msg).await {
+        match processor.handle(&msg).instrument(span).await {
             Ok(Disposition::Done) => {}
             Ok(Disposition::RetryAfter(delay)) => {
                 if let Some(handle) = record.receipt_handle.as_deref()

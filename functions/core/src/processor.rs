@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use serde_json::json;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::App;
 use crate::generate::{Abort, GenerateOutcome, Job, ProgressSink};
@@ -360,7 +361,8 @@ pub async fn run_worker(
                 receive_count = d.receive_count,
                 "received"
             );
-            let settled = match processor.handle(&msg).await {
+            let span = tracing::info_span!("work", worker = n, task_id = %msg.task_id());
+            let settled = match processor.handle(&msg).instrument(span).await {
                 Ok(Disposition::Done) => source.ack(&d).await,
                 Ok(Disposition::RetryAfter(delay)) => source.retry(&d, delay).await,
                 Err(e) => {
