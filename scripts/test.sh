@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need into .venv
-# (inside the repository, ignored by git), checks formatting and lints, starts an AWS emulator
-# (moto) on a free loopback port, runs every test on the embedded backends, runs the
-# end-to-end suites again on DynamoDB, SQS and S3 in the emulator, and stops the emulator.
-# Extra arguments go to `cargo test` in both passes (e.g. `scripts/test.sh --test submit`).
+# (inside the repository, ignored by git), checks formatting and lints (template.yaml too),
+# starts an AWS emulator (moto) on a free loopback port, runs every test on the embedded
+# backends, runs the end-to-end suites again on DynamoDB, SQS and S3 in the emulator, and
+# stops the emulator.
+# Extra arguments go to `cargo test --workspace` in both passes (e.g. `scripts/test.sh --test submit`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,12 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> template.yaml (cfn-lint, sam validate --lint)"
+# Offline: neither needs AWS credentials. A profile named in the environment but missing here
+# would make sam fail, so none is passed on.
+.venv/bin/cfn-lint template.yaml
+env -u AWS_PROFILE -u AWS_DEFAULT_PROFILE SAM_CLI_TELEMETRY=0 \
+  .venv/bin/sam validate --lint -t template.yaml --region us-east-1
 
 echo "==> starting the AWS emulator (moto)"
 port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -43,7 +50,7 @@ cargo test --workspace --locked "$@"
 
 echo "==> cargo test (the end-to-end suites on DynamoDB, SQS and S3 in the emulator)"
 if [ "$#" -gt 0 ]; then
-  TASKLANE_TEST_BACKEND=aws cargo test -p tasklane-local --locked "$@"
+  TASKLANE_TEST_BACKEND=aws cargo test --workspace --locked "$@"
 else
   TASKLANE_TEST_BACKEND=aws cargo test -p tasklane-local --locked \
     --test lifecycle --test submit --test webhooks --test errors --test races

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::sqs::SqsQueue;
 
-/// JSON logs in Lambda (honouring `AWS_LAMBDA_LOG_FORMAT` / `RUST_LOG`), plain text elsewhere.
+/// JSON logs in Lambda (filtered by `RUST_LOG`, default `info`), plain text elsewhere.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

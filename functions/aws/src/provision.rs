@@ -91,7 +91,7 @@ pub async fn provision(
     let queue_url = sqs
         .create_queue()
         .queue_name(format!("{prefix}-work"))
-        .attributes(QueueAttributeName::VisibilityTimeout, "360")
+        .attributes(QueueAttributeName::VisibilityTimeout, "720")
         .attributes(QueueAttributeName::RedrivePolicy, redrive)
         .send()
         .await?

@@ -144,10 +144,20 @@ impl Api {
             Route::Sync => self.submit(&account, &req, Submit::Sync).await,
             Route::Task(id) => self.status(&account, &id).await,
             Route::Cancel(id) => self.cancel(&account, &id).await,
-            Route::Account => json_response(
-                StatusCode::OK,
-                &json!({"account_id": account.id, "credits": account.credits, "webhook_secret": account.webhook_secret}),
-            ),
+            Route::Account => {
+                // The key lookup may come from an eventually consistent index: read the
+                // account itself for its current credits.
+                let account = self
+                    .app
+                    .store
+                    .account(&account.id)
+                    .await?
+                    .unwrap_or(account);
+                json_response(
+                    StatusCode::OK,
+                    &json!({"account_id": account.id, "credits": account.credits, "webhook_secret": account.webhook_secret}),
+                )
+            }
             Route::Models => {
                 let data: Vec<_> = self.app.registry.models().map(|m| m.describe()).collect();
                 json_response(StatusCode::OK, &json!({ "data": data }))
