@@ -23,7 +23,8 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_target(false);
     let _ = if in_lambda {
-        builder.json().without_time().try_init()
+        // An RFC 3339 `timestamp` lets Lambda's JSON log format honour each line's level.
+        builder.json().try_init()
     } else {
         builder.try_init()
     };

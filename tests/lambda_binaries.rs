@@ -1,0 +1,1421 @@
+//! The compiled Lambda binaries (`submit`, `status`, `cancel`, `sync-wait`, `account`,
+//! `processor`), each run as a real process behind a minimal Lambda Runtime API emulator written
+//! here, and fed the events in `events/` as Lambda would: the function asks
+//! `GET /2018-06-01/runtime/invocation/next`, gets the event with the invocation headers, and
+//! posts its answer to `.../invocation/{id}/response` (or `.../error`). The functions talk to
+//! DynamoDB, SQS and S3 in the AWS emulator that `scripts/test.sh` starts (`AWS_ENDPOINT_URL`);
+//! each test provisions its own table, queues and bucket and creates the account whose key is the
+//! example key every event carries.
+//!
+//! Where `tests/lambda_events.rs` calls the handlers in-process, this suite checks what only the
+//! binaries show: `main.rs` wiring, configuration read from the environment at start, the runtime
+//! loop, the wire format Lambda receives, JSON logs, and cold-start time (printed, never asserted).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use tasklane_aws::provision::provision;
+use tasklane_aws::{AwsBackends, AwsSettings};
+use tasklane_core::account::Account;
+use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkMessage};
+use tasklane_core::task::{Callback, CallbackState, Cost, Output, Task, TaskInput, TaskStatus};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const SUBMIT: &str = include_str!("../events/submit.json");
+const SYNC_WAIT: &str = include_str!("../events/sync-wait.json");
+const STATUS: &str = include_str!("../events/status.json");
+const LIST: &str = include_str!("../events/list.json");
+const CANCEL: &str = include_str!("../events/cancel.json");
+const ACCOUNT: &str = include_str!("../events/account.json");
+const PROCESSOR: &str = include_str!("../events/processor.json");
+
+/// The obviously fake API key of every event (events/README.md).
+const EXAMPLE_KEY: &str = "tl_example_key_for_events_only_000000000000000";
+/// The task that status.json, cancel.json and the run message of processor.json name.
+const EXAMPLE_TASK: &str = "task_01JZ2XQDG0EXAMP1E000000001";
+/// The task that the deliver message of processor.json names.
+const DELIVER_TASK: &str = "task_01JZ2XQDG0EXAMP1E000000002";
+/// Credits the example account starts with.
+const CREDITS: u64 = 1000;
+
+/// Every Lambda function binary, with its function in template.yaml and its memory size there.
+const FUNCTIONS: [(&str, &str, u32); 6] = [
+    ("submit", "SubmitFunction", 256),
+    ("status", "StatusFunction", 256),
+    ("cancel", "CancelFunction", 256),
+    ("sync-wait", "SyncWaitFunction", 256),
+    ("account", "AccountFunction", 256),
+    ("processor", "ProcessorFunction", 512),
+];
+
+// Generous deadlines: debug binaries on a loaded two-core machine. Nothing asserts a duration.
+/// From spawn to the first `next` request.
+const START_DEADLINE: Duration = Duration::from_secs(180);
+/// From queuing an event to the function's answer.
+const INVOKE_DEADLINE: Duration = Duration::from_secs(180);
+/// From spawn to the exit of a function that cannot start.
+const EXIT_DEADLINE: Duration = Duration::from_secs(120);
+/// For a log line to reach the test after the function wrote it.
+const LOG_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The path prefix of every Runtime API route.
+const RUNTIME_PREFIX: &str = "/2018-06-01/runtime/";
+
+// ---------------------------------------------------------------------------------------------
+// The Lambda Runtime API emulator.
+// ---------------------------------------------------------------------------------------------
+
+/// An event waiting for the function to ask for it.
+struct Invocation {
+    request_id: String,
+    trace_id: String,
+    event: String,
+}
+
+/// What a function posted for one invocation.
+#[derive(Debug)]
+enum Reply {
+    /// `POST /runtime/invocation/{id}/response`: the function's result, as JSON.
+    Response(Value),
+    /// `POST /runtime/invocation/{id}/error`: the `Lambda-Runtime-Function-Error-Type` header
+    /// and the diagnostic body (`errorType`, `errorMessage`).
+    Error {
+        error_type: Option<String>,
+        diagnostic: Value,
+    },
+}
+
+/// One invocation and what the function answered.
+#[derive(Debug)]
+struct Invoked {
+    request_id: String,
+    trace_id: String,
+    reply: Reply,
+}
+
+/// A report on `POST /runtime/init/error`.
+#[derive(Debug, Clone)]
+struct InitError {
+    error_type: Option<String>,
+    diagnostic: Value,
+}
+
+/// What the emulator has seen and what it still has to hand out.
+struct RuntimeState {
+    function_name: String,
+    queue: mpsc::UnboundedSender<Invocation>,
+    pending: tokio::sync::Mutex<mpsc::UnboundedReceiver<Invocation>>,
+    awaiting: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    /// How many `next` requests arrived (a long poll counts when it arrives).
+    next_requests: watch::Sender<usize>,
+    first_next_at: Mutex<Option<Instant>>,
+    init_errors: Mutex<Vec<InitError>>,
+    /// Requests that are not part of the Runtime API, or name an unknown invocation.
+    unexpected: Mutex<Vec<String>>,
+}
+
+/// A Lambda Runtime API on 127.0.0.1 serving one function process, as Lambda's does.
+struct RuntimeApi {
+    addr: SocketAddr,
+    state: Arc<RuntimeState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RuntimeApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl RuntimeApi {
+    async fn start(function_name: &str) -> RuntimeApi {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the Runtime API emulator");
+        let addr = listener.local_addr().expect("its address");
+        let (queue, pending) = mpsc::unbounded_channel();
+        let state = Arc::new(RuntimeState {
+            function_name: function_name.to_string(),
+            queue,
+            pending: tokio::sync::Mutex::new(pending),
+            awaiting: Mutex::new(HashMap::new()),
+            next_requests: watch::channel(0).0,
+            first_next_at: Mutex::new(None),
+            init_errors: Mutex::new(Vec::new()),
+            unexpected: Mutex::new(Vec::new()),
+        });
+        let shared = state.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, shared.clone()));
+            }
+        });
+        RuntimeApi {
+            addr,
+            state,
+            server,
+        }
+    }
+
+    /// Queues `event` for the function's next `next` request.
+    fn enqueue(&self, event: &str) -> (String, String, oneshot::Receiver<Reply>) {
+        let request_id = uuid_like();
+        let trace_id = trace_id();
+        let (tx, rx) = oneshot::channel();
+        self.state
+            .awaiting
+            .lock()
+            .unwrap()
+            .insert(request_id.clone(), tx);
+        self.state
+            .queue
+            .send(Invocation {
+                request_id: request_id.clone(),
+                trace_id: trace_id.clone(),
+                event: event.to_string(),
+            })
+            .expect("the emulator holds its own queue");
+        (request_id, trace_id, rx)
+    }
+
+    fn next_requests(&self) -> usize {
+        *self.state.next_requests.borrow()
+    }
+
+    fn first_next_at(&self) -> Option<Instant> {
+        *self.state.first_next_at.lock().unwrap()
+    }
+
+    fn init_errors(&self) -> Vec<InitError> {
+        self.state.init_errors.lock().unwrap().clone()
+    }
+
+    fn unexpected(&self) -> Vec<String> {
+        self.state.unexpected.lock().unwrap().clone()
+    }
+}
+
+/// A request as the runtime client sends it.
+struct HttpRequest {
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// Serves one keep-alive connection of the runtime client (hyper): requests one after another.
+async fn serve_connection(stream: TcpStream, state: Arc<RuntimeState>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    while let Ok(Some(req)) = read_request(&mut reader).await {
+        let resp = answer(&state, req).await;
+        if write.write_all(&resp).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 request (`Content-Length` or chunked body); `None` at end of stream.
+async fn read_request<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<HttpRequest>> {
+    let mut line = String::new();
+    if r.read_line(&mut line).await? == 0 {
+        return Ok(None);
+    }
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or_default().to_string();
+    let path = words.next().unwrap_or_default().to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).await? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).await?;
+            let size = size.trim().split(';').next().unwrap_or_default();
+            let size = usize::from_str_radix(size, 16).map_err(std::io::Error::other)?;
+            if size == 0 {
+                // Trailers, up to the blank line.
+                loop {
+                    let mut t = String::new();
+                    if r.read_line(&mut t).await? == 0 || t.trim_end().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).await?;
+            chunk.truncate(size);
+            body.extend_from_slice(&chunk);
+        }
+        body
+    } else {
+        let len = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await?;
+        body
+    };
+    Ok(Some(HttpRequest {
+        method,
+        path,
+        headers,
+        body,
+    }))
+}
+
+fn http_response(status: u16, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        _ => "Not Found",
+    };
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\n");
+    out.push_str("content-type: application/json\r\n");
+    out.push_str(&format!("content-length: {}\r\n", body.len()));
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+fn accepted() -> Vec<u8> {
+    http_response(202, &[], br#"{"status":"OK"}"#)
+}
+
+fn json_body(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+}
+
+/// Answers one Runtime API request.
+async fn answer(state: &RuntimeState, req: HttpRequest) -> Vec<u8> {
+    let route = req.path.strip_prefix(RUNTIME_PREFIX).unwrap_or_default();
+    let error_type = req
+        .headers
+        .get("lambda-runtime-function-error-type")
+        .cloned();
+    if req.method == "GET" && route == "invocation/next" {
+        return next_invocation(state).await;
+    }
+    if req.method == "POST" && route == "init/error" {
+        state.init_errors.lock().unwrap().push(InitError {
+            error_type,
+            diagnostic: json_body(&req.body),
+        });
+        return accepted();
+    }
+    let invocation = route.strip_prefix("invocation/").and_then(|rest| {
+        rest.strip_suffix("/response")
+            .map(|id| (id, true))
+            .or_else(|| rest.strip_suffix("/error").map(|id| (id, false)))
+    });
+    if let Some((id, ok)) = invocation
+        && req.method == "POST"
+    {
+        let reply = if ok {
+            Reply::Response(json_body(&req.body))
+        } else {
+            Reply::Error {
+                error_type,
+                diagnostic: json_body(&req.body),
+            }
+        };
+        let waiter = state.awaiting.lock().unwrap().remove(id);
+        return match waiter {
+            Some(tx) => {
+                let _ = tx.send(reply);
+                accepted()
+            }
+            None => {
+                state
+                    .unexpected
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {} (unknown invocation)", req.method, req.path));
+                http_response(
+                    400,
+                    &[],
+                    br#"{"errorMessage":"Invalid request ID","errorType":"InvalidRequestID"}"#,
+                )
+            }
+        };
+    }
+    state
+        .unexpected
+        .lock()
+        .unwrap()
+        .push(format!("{} {}", req.method, req.path));
+    http_response(
+        404,
+        &[],
+        br#"{"errorMessage":"Unknown resource","errorType":"NotFound"}"#,
+    )
+}
+
+/// The long poll: waits for the next queued event and hands it out with its headers.
+async fn next_invocation(state: &RuntimeState) -> Vec<u8> {
+    state
+        .first_next_at
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Instant::now);
+    state.next_requests.send_modify(|n| *n += 1);
+    let Some(inv) = state.pending.lock().await.recv().await else {
+        return http_response(404, &[], b"{}");
+    };
+    let deadline = SystemTime::now() + Duration::from_secs(900);
+    let deadline_ms = deadline
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let arn = format!(
+        "arn:aws:lambda:us-east-1:123456789012:function:{}",
+        state.function_name
+    );
+    http_response(
+        200,
+        &[
+            ("Lambda-Runtime-Aws-Request-Id", inv.request_id),
+            ("Lambda-Runtime-Deadline-Ms", deadline_ms.to_string()),
+            ("Lambda-Runtime-Invoked-Function-Arn", arn),
+            ("Lambda-Runtime-Trace-Id", inv.trace_id),
+        ],
+        inv.event.as_bytes(),
+    )
+}
+
+/// A request id shaped like Lambda's (a UUID).
+fn uuid_like() -> String {
+    let h = format!("{:032x}", ulid::Ulid::new().0);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// An X-Ray trace header shaped like Lambda's.
+fn trace_id() -> String {
+    let h = format!("{:032x}", ulid::Ulid::new().0);
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    format!(
+        "Root=1-{epoch:08x}-{};Parent={};Sampled=0",
+        &h[8..32],
+        &h[0..16]
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A function process.
+// ---------------------------------------------------------------------------------------------
+
+/// The compiled binary of a function.
+fn binary(name: &str) -> &'static str {
+    match name {
+        "submit" => env!("CARGO_BIN_EXE_submit"),
+        "status" => env!("CARGO_BIN_EXE_status"),
+        "cancel" => env!("CARGO_BIN_EXE_cancel"),
+        "sync-wait" => env!("CARGO_BIN_EXE_sync-wait"),
+        "account" => env!("CARGO_BIN_EXE_account"),
+        "processor" => env!("CARGO_BIN_EXE_processor"),
+        other => panic!("no function binary named {other}"),
+    }
+}
+
+/// A function binary running behind its own Runtime API. Dropping it kills the process, so
+/// a failed assertion never leaves one behind.
+struct Function {
+    binary: &'static str,
+    runtime: RuntimeApi,
+    child: Child,
+    spawned_at: Instant,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    /// The tasks copying stdout and stderr; they end when the process closes them.
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Function {
+    fn drop(&mut self) {
+        // SIGKILL now; `kill_on_drop` and tokio's reaper collect the process.
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Keeps every line `from` writes, until it closes.
+fn capture(
+    from: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let into = lines.clone();
+    let reader = tokio::spawn(async move {
+        let mut reader = BufReader::new(from).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            into.lock().unwrap().push(line);
+        }
+    });
+    (lines, reader)
+}
+
+impl Function {
+    /// Starts `binary` as Lambda would: the Lambda variables of its function in template.yaml,
+    /// `AWS_LAMBDA_RUNTIME_API` pointing at a fresh emulator, and `vars` (the function's own
+    /// configuration). Nothing else from the test's environment but the AWS emulator's
+    /// endpoint, region and dummy credentials.
+    async fn start(binary: &'static str, vars: &[(&str, String)]) -> Function {
+        let (_, function, memory) = FUNCTIONS
+            .iter()
+            .find(|(b, _, _)| *b == binary)
+            .copied()
+            .expect("a function of template.yaml");
+        let function_name = format!("tasklane-{function}-EXAMPLE1234");
+        let runtime = RuntimeApi::start(&function_name).await;
+        let mut cmd = Command::new(crate::binary(binary));
+        cmd.env_clear()
+            .env("AWS_LAMBDA_RUNTIME_API", runtime.addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", &function_name)
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory.to_string())
+            .env(
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                format!("/aws/lambda/{function_name}"),
+            )
+            .env(
+                "AWS_LAMBDA_LOG_STREAM_NAME",
+                "2025/07/01/[$LATEST]0123456789abcdef0123456789abcdef",
+            )
+            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+            .env("AWS_LAMBDA_LOG_LEVEL", "INFO")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        for name in [
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ] {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let spawned_at = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", crate::binary(binary)));
+        let (stdout, out_reader) = capture(child.stdout.take().expect("piped stdout"));
+        let (stderr, err_reader) = capture(child.stderr.take().expect("piped stderr"));
+        Function {
+            binary,
+            runtime,
+            child,
+            spawned_at,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    /// What the function wrote, for failure messages.
+    fn output(&self) -> String {
+        let tail = |lines: &Arc<Mutex<Vec<String>>>| {
+            let lines = lines.lock().unwrap();
+            let from = lines.len().saturating_sub(40);
+            lines[from..].join("\n")
+        };
+        format!(
+            "--- `{}` stdout (last 40 lines) ---\n{}\n--- stderr ---\n{}\n--- init errors: {:?}; unexpected requests: {:?}",
+            self.binary,
+            tail(&self.stdout),
+            tail(&self.stderr),
+            self.runtime.init_errors(),
+            self.runtime.unexpected(),
+        )
+    }
+
+    /// Panics with the function's output if it has exited.
+    fn assert_running(&mut self, during: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "`{}` exited ({status}) {during}\n{}",
+                self.binary,
+                self.output()
+            );
+        }
+    }
+
+    /// Waits for the function to ask for its first invocation; returns the cold start (from
+    /// spawn to that request).
+    async fn cold_start(&mut self) -> Duration {
+        let deadline = Instant::now() + START_DEADLINE;
+        while self.runtime.next_requests() == 0 {
+            self.assert_running("before asking for an invocation");
+            assert!(
+                Instant::now() < deadline,
+                "`{}` did not ask for an invocation within {START_DEADLINE:?}\n{}",
+                self.binary,
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = self
+            .runtime
+            .first_next_at()
+            .expect("recorded with the count");
+        first.duration_since(self.spawned_at)
+    }
+
+    /// Starts `binary` and waits for it to ask for work, printing its cold start.
+    async fn ready(binary: &'static str, vars: &[(&str, String)]) -> Function {
+        let mut f = Function::start(binary, vars).await;
+        let cold = f.cold_start().await;
+        println!(
+            "cold start of `{binary}`: {} ms (spawn to first `next`)",
+            cold.as_millis()
+        );
+        f
+    }
+
+    /// Hands `event` to the function and waits for its answer.
+    async fn invoke(&mut self, event: &str) -> Invoked {
+        let (request_id, trace_id, mut rx) = self.runtime.enqueue(event);
+        let started = Instant::now();
+        let deadline = started + INVOKE_DEADLINE;
+        loop {
+            tokio::select! {
+                reply = &mut rx => {
+                    println!(
+                        "`{}` answered an invocation in {} ms",
+                        self.binary,
+                        started.elapsed().as_millis()
+                    );
+                    return Invoked {
+                        request_id,
+                        trace_id,
+                        reply: reply.expect("the emulator keeps every invocation's sender"),
+                    };
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    self.assert_running("while an invocation was pending");
+                    assert!(
+                        Instant::now() < deadline,
+                        "`{}` did not answer invocation {request_id} within {INVOKE_DEADLINE:?}\n{}",
+                        self.binary,
+                        self.output()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to end (it must, by itself) and for its last output lines.
+    async fn exit_status(&mut self) -> ExitStatus {
+        let status = match tokio::time::timeout(EXIT_DEADLINE, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for the process"),
+            Err(_) => panic!(
+                "`{}` was expected to exit but still runs after {EXIT_DEADLINE:?}\n{}",
+                self.binary,
+                self.output()
+            ),
+        };
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(LOG_DEADLINE, reader)
+                .await
+                .expect("the output closes with the process")
+                .expect("the output reader");
+        }
+        status
+    }
+
+    /// Every stdout line as JSON; panics on a line that is not a JSON object with a `level`
+    /// (what Lambda's JSON log format and its application log level filter read).
+    fn json_logs(&self) -> Vec<Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                    panic!("`{}` wrote a non-JSON log line ({e}): {line}", self.binary)
+                });
+                assert!(
+                    v["level"].is_string(),
+                    "`{}` wrote a log line without a level: {line}",
+                    self.binary
+                );
+                v
+            })
+            .collect()
+    }
+
+    /// Waits for a JSON log line whose message is `message`, inside invocation `request_id`.
+    async fn log_of(&self, message: &str, request_id: &str) -> Value {
+        let deadline = Instant::now() + LOG_DEADLINE;
+        loop {
+            let found = self.json_logs().into_iter().find(|v| {
+                v["fields"]["message"] == message
+                    && v["spans"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["requestId"] == request_id))
+            });
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no JSON log line {message:?} for invocation {request_id}\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Panics if the function made requests the Runtime API does not have, or reported an
+    /// init error.
+    fn assert_clean_runtime_use(&self) {
+        assert_eq!(
+            self.runtime.unexpected(),
+            Vec::<String>::new(),
+            "{}",
+            self.output()
+        );
+        assert!(self.runtime.init_errors().is_empty(), "{}", self.output());
+    }
+}
+
+/// An API Gateway (HTTP API, payload 2.0) response as the function posted it.
+struct GatewayAnswer {
+    status: u64,
+    headers: Map<String, Value>,
+    body: Value,
+}
+
+impl GatewayAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(Value::as_str)
+    }
+}
+
+impl Invoked {
+    /// The response of an HTTP function, checked against the HTTP API response format.
+    fn gateway(&self) -> GatewayAnswer {
+        let Reply::Response(wire) = &self.reply else {
+            panic!("an error instead of a response: {:?}", self.reply);
+        };
+        let status = wire["statusCode"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a numeric statusCode: {wire}"));
+        assert_eq!(wire["isBase64Encoded"], false, "{wire}");
+        assert_eq!(wire["cookies"], json!([]), "{wire}");
+        let headers = wire["headers"]
+            .as_object()
+            .unwrap_or_else(|| panic!("a headers object: {wire}"))
+            .clone();
+        let body = wire["body"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a text body: {wire}"));
+        let body =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("a JSON body ({e}): {wire}"));
+        GatewayAnswer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// The result of a non-HTTP function.
+    fn response(&self) -> &Value {
+        match &self.reply {
+            Reply::Response(v) => v,
+            other => panic!("an error instead of a response: {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resources on the AWS emulator.
+// ---------------------------------------------------------------------------------------------
+
+/// One provisioned stack: resources on the emulator, adapters and the example account.
+struct Stack {
+    config: SdkConfig,
+    settings: AwsSettings,
+    backends: AwsBackends,
+    account: Account,
+}
+
+impl Stack {
+    async fn new(tag: &str) -> Stack {
+        assert!(
+            std::env::var_os("AWS_ENDPOINT_URL").is_some(),
+            "these tests run the Lambda binaries against an AWS emulator, never AWS itself: \
+             run scripts/test.sh (it starts moto and sets AWS_ENDPOINT_URL), or start \
+             moto_server and set AWS_ENDPOINT_URL, AWS_REGION and dummy credentials"
+        );
+        let config = aws_config::load_defaults(BehaviorVersion::latest()).await;
+        let prefix = format!("lb-{tag}-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let settings = provision(&config, &prefix)
+            .await
+            .expect("provisioning on the AWS emulator");
+        let backends = AwsBackends::connect(&settings).await;
+        let new = Account::create(CREDITS, Some(EXAMPLE_KEY.to_string()));
+        assert_eq!(new.api_key, EXAMPLE_KEY);
+        backends
+            .store
+            .create_account(&new.account)
+            .await
+            .expect("creating the example account");
+        Stack {
+            config,
+            settings,
+            backends,
+            account: new.account,
+        }
+    }
+
+    /// The function configuration template.yaml sets (with its default parameters).
+    fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TASKLANE_TABLE", self.settings.table.clone()),
+            ("TASKLANE_QUEUE_URL", self.settings.queue_url.clone()),
+            ("TASKLANE_BUCKET", self.settings.bucket.clone()),
+            ("TASKLANE_RESULT_URL_TTL", "3600".into()),
+            ("TASKLANE_SYNC_WAIT_CAP", "25".into()),
+            ("TASKLANE_CALLBACK_ALLOW_PRIVATE", "false".into()),
+            ("RUST_LOG", "info".into()),
+        ]
+    }
+
+    async fn insert(&self, task: &Task) {
+        self.backends
+            .store
+            .insert_task(task, None)
+            .await
+            .expect("inserting a task");
+    }
+
+    async fn task(&self, id: &str) -> Task {
+        self.backends
+            .store
+            .task(id)
+            .await
+            .expect("reading a task")
+            .expect("the task exists")
+    }
+
+    async fn credits(&self) -> u64 {
+        self.backends
+            .store
+            .account(&self.account.id)
+            .await
+            .expect("reading the account")
+            .expect("the account exists")
+            .credits
+    }
+
+    /// A completed `echo` task whose output (`hello`) is stored in the bucket.
+    async fn completed_echo(&self, id: &str) -> Task {
+        let key = format!("tasks/{id}/output-0.txt");
+        self.backends
+            .blobs
+            .put(&key, "hello".into(), "text/plain; charset=utf-8")
+            .await
+            .expect("storing an output");
+        let now = Utc::now();
+        Task {
+            model: "echo".into(),
+            status: TaskStatus::Completed,
+            progress: 100,
+            input: TaskInput {
+                prompt: Some("hello".into()),
+                duration: None,
+                params: Map::new(),
+            },
+            outputs: vec![Output {
+                key,
+                content_type: "text/plain; charset=utf-8".into(),
+                size_bytes: 5,
+            }],
+            cost: Cost {
+                credits: 1,
+                refunded: false,
+            },
+            started_at: Some(now),
+            completed_at: Some(now),
+            attempts: 1,
+            ..queued_veo3(id, &self.account.id)
+        }
+    }
+
+    /// An object of the results bucket.
+    async fn object(&self, key: &str) -> Vec<u8> {
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.config)
+                .force_path_style(true)
+                .build(),
+        );
+        let got = s3
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("s3://{}/{key}: {e:?}", self.settings.bucket));
+        got.body
+            .collect()
+            .await
+            .expect("the object's bytes")
+            .into_bytes()
+            .to_vec()
+    }
+}
+
+/// The task submit.json creates, queued, with the given id.
+fn queued_veo3(id: &str, account_id: &str) -> Task {
+    Task {
+        id: id.into(),
+        account_id: account_id.into(),
+        model: "veo3".into(),
+        action: "generate".into(),
+        status: TaskStatus::Queued,
+        progress: 0,
+        input: TaskInput {
+            prompt: Some("A cat walking on the beach".into()),
+            duration: Some(5),
+            params: Map::new(),
+        },
+        outputs: vec![],
+        error: None,
+        cost: Cost {
+            credits: 50,
+            refunded: false,
+        },
+        callback: None,
+        metadata: BTreeMap::new(),
+        created_at: Utc::now(),
+        started_at: None,
+        completed_at: None,
+        attempts: 0,
+        lease_until: None,
+        version: 1,
+    }
+}
+
+/// What SQS's event source mapping does for the processor function: receives from the work
+/// queue, invokes the function with the messages as an SQS event, and deletes those not
+/// reported in `batchItemFailures`. Runs until dropped; records each batch and the reply.
+async fn event_source_mapping(
+    stack: &Stack,
+    processor: &mut Function,
+    fed: &Mutex<Vec<(Vec<String>, Value)>>,
+) {
+    let sqs = aws_sdk_sqs::Client::new(&stack.config);
+    let url = &stack.settings.queue_url;
+    loop {
+        let got = sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .expect("receiving from the work queue");
+        let messages = got.messages();
+        if messages.is_empty() {
+            continue;
+        }
+        let records: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let attributes: Map<String, Value> = m
+                    .attributes()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str().to_string(), json!(v)))
+                    .collect();
+                json!({
+                    "messageId": m.message_id(),
+                    "receiptHandle": m.receipt_handle(),
+                    "body": m.body(),
+                    "attributes": attributes,
+                    "messageAttributes": {},
+                    "md5OfBody": m.md5_of_body(),
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:tasklane-WorkQueue-EXAMPLE1234",
+                    "awsRegion": "us-east-1"
+                })
+            })
+            .collect();
+        let event = json!({ "Records": records }).to_string();
+        let reply = processor.invoke(&event).await.response().clone();
+        let failed: Vec<&str> = reply["batchItemFailures"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f["itemIdentifier"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for m in messages {
+            if !failed.contains(&m.message_id().unwrap_or_default())
+                && let Some(handle) = m.receipt_handle()
+            {
+                sqs.delete_message()
+                    .queue_url(url)
+                    .receipt_handle(handle)
+                    .send()
+                    .await
+                    .expect("deleting a handled message");
+            }
+        }
+        let bodies = messages
+            .iter()
+            .map(|m| m.body().unwrap_or_default().to_string())
+            .collect();
+        fed.lock().unwrap().push((bodies, reply));
+    }
+}
+
+async fn download(url: &str) -> Vec<u8> {
+    let resp = reqwest::get(url).await.expect("the presigned URL answers");
+    assert_eq!(resp.status(), 200, "GET {url}");
+    resp.bytes().await.expect("the object's bytes").to_vec()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_binary_starts_and_asks_the_runtime_api_for_an_invocation() {
+    let stack = Stack::new("start").await;
+    let mut table = Vec::new();
+    // One at a time, so that the figures do not include each other's start.
+    for (binary, _, _) in FUNCTIONS {
+        let mut f = Function::start(binary, &stack.vars()).await;
+        let cold = f.cold_start().await;
+        f.assert_running("after asking for an invocation");
+        f.assert_clean_runtime_use();
+        f.json_logs();
+        table.push((binary, cold));
+    }
+    println!("cold starts (debug build; spawn to the first GET .../invocation/next):");
+    for (binary, cold) in table {
+        println!("  {binary:<10} {:>6} ms", cold.as_millis());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_binary_answers_submit_json_with_202_and_the_queued_veo3_task_costing_fifty_credits()
+{
+    let stack = Stack::new("submit").await;
+    let mut submit = Function::ready("submit", &stack.vars()).await;
+
+    let invoked = submit.invoke(SUBMIT).await;
+    let a = invoked.gateway();
+    assert_eq!(a.status, 202, "body: {}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    let id = a.body["task_id"].as_str().expect("a task id").to_string();
+    assert!(tasklane_core::is_task_id(&id), "{id}");
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/v1/tasks/{id}").as_str())
+    );
+    assert!(
+        a.header("retry-after")
+            .is_some_and(|s| s.parse::<u64>().is_ok()),
+        "{:?}",
+        a.headers
+    );
+    assert_eq!(a.body["model"], "veo3");
+    assert_eq!(a.body["action"], "generate");
+    assert_eq!(a.body["status"], "queued");
+    assert_eq!(a.body["progress"], 0);
+    assert_eq!(a.body["cost"], json!({"credits": 50, "refunded": false}));
+    assert_eq!(
+        a.body["input"],
+        json!({"prompt": "A cat walking on the beach", "duration": 5, "params": {}})
+    );
+
+    assert_eq!(stack.task(&id).await.status, TaskStatus::Queued);
+    assert_eq!(stack.credits().await, CREDITS - 50);
+    let work = stack
+        .backends
+        .queue
+        .receive(10, Duration::from_secs(60))
+        .await
+        .expect("receiving from the work queue");
+    let messages: Vec<_> = work.iter().map(|d| d.message.clone()).collect();
+    assert_eq!(
+        messages,
+        [Some(WorkMessage::Run {
+            task_id: id.clone()
+        })]
+    );
+
+    // Logs are JSON lines, inside the invocation's span (its request id and trace id).
+    let log = submit.log_of("task submitted", &invoked.request_id).await;
+    println!("a JSON log line of `submit`: {log}");
+    assert_eq!(log["level"], "INFO");
+    assert_eq!(log["fields"]["task_id"], id.as_str());
+    assert_eq!(log["fields"]["credits"], 50);
+    let span = log["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["requestId"] == invoked.request_id.as_str())
+        .unwrap();
+    assert_eq!(span["name"], "Lambda runtime invoke");
+    assert_eq!(span["xrayTraceId"], invoked.trace_id.as_str());
+    submit.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_binary_answers_status_json_then_list_json_in_the_same_process() {
+    let stack = Stack::new("status").await;
+    stack
+        .insert(&queued_veo3(EXAMPLE_TASK, &stack.account.id))
+        .await;
+    let completed = ulid_task_id();
+    stack.insert(&stack.completed_echo(&completed).await).await;
+    let mut status = Function::ready("status", &stack.vars()).await;
+
+    let first = status.invoke(STATUS).await;
+    let a = first.gateway();
+    assert_eq!(a.status, 200, "body: {}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    assert_eq!(a.header("retry-after"), Some("1"), "not terminal yet");
+    assert_eq!(a.body["task_id"], EXAMPLE_TASK);
+    assert_eq!(a.body["status"], "queued");
+    assert_eq!(a.body["model"], "veo3");
+    assert_eq!(a.body["cost"], json!({"credits": 50, "refunded": false}));
+
+    // The runtime loop: the same process takes a second invocation.
+    let second = status.invoke(LIST).await;
+    assert_ne!(first.request_id, second.request_id);
+    let a = second.gateway();
+    assert_eq!(a.status, 200, "body: {}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    let data = a.body["data"].as_array().expect("a data array");
+    let ids: Vec<&str> = data.iter().filter_map(|t| t["task_id"].as_str()).collect();
+    assert_eq!(ids, [completed.as_str()], "only the completed task");
+    assert_eq!(data[0]["status"], "completed");
+    let out = &data[0]["result"]["outputs"][0];
+    assert_eq!(out["content_type"], "text/plain; charset=utf-8");
+    assert_eq!(
+        download(out["url"].as_str().expect("a URL")).await,
+        b"hello"
+    );
+    assert_eq!(a.body["next_cursor"], Value::Null);
+
+    // …and, having answered, asks for a third.
+    let deadline = Instant::now() + INVOKE_DEADLINE;
+    while status.runtime.next_requests() < 3 {
+        status.assert_running("after two invocations");
+        assert!(
+            Instant::now() < deadline,
+            "no third `next` request\n{}",
+            status.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    status.json_logs();
+    status.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_binary_cancels_the_example_task_and_refunds_its_fifty_credits_once() {
+    let stack = Stack::new("cancel").await;
+    stack
+        .insert(&queued_veo3(EXAMPLE_TASK, &stack.account.id))
+        .await;
+    assert_eq!(stack.credits().await, CREDITS - 50);
+    let mut cancel = Function::ready("cancel", &stack.vars()).await;
+
+    let invoked = cancel.invoke(CANCEL).await;
+    let a = invoked.gateway();
+    assert_eq!(a.status, 200, "body: {}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    assert_eq!(a.header("retry-after"), None, "cancelled is terminal");
+    assert_eq!(a.body["task_id"], EXAMPLE_TASK);
+    assert_eq!(a.body["status"], "cancelled");
+    assert_eq!(a.body["cost"], json!({"credits": 50, "refunded": true}));
+    assert!(a.body["completed_at"].is_string());
+    assert_eq!(stack.task(EXAMPLE_TASK).await.status, TaskStatus::Cancelled);
+    assert_eq!(stack.credits().await, CREDITS);
+    let log = cancel.log_of("task cancelled", &invoked.request_id).await;
+    assert_eq!(log["fields"]["task_id"], EXAMPLE_TASK);
+
+    let again = cancel.invoke(CANCEL).await.gateway();
+    assert_eq!(again.status, 200, "body: {}", again.body);
+    assert_eq!(again.body["status"], "cancelled");
+    assert_eq!(stack.credits().await, CREDITS, "no second refund");
+    cancel.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_binary_answers_account_json_with_the_credits_and_the_webhook_secret() {
+    let stack = Stack::new("account").await;
+    let mut account = Function::ready("account", &stack.vars()).await;
+
+    let a = account.invoke(ACCOUNT).await.gateway();
+    assert_eq!(a.status, 200, "body: {}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    assert_eq!(
+        a.body,
+        json!({
+            "account_id": stack.account.id,
+            "credits": CREDITS,
+            "webhook_secret": stack.account.webhook_secret,
+        })
+    );
+    account.json_logs();
+    account.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_wait_binary_answers_completed_while_the_processor_binary_runs_the_work_it_queued() {
+    let stack = Stack::new("sync").await;
+    let mut processor = Function::ready("processor", &stack.vars()).await;
+    let mut sync = Function::ready("sync-wait", &stack.vars()).await;
+
+    let fed = Mutex::new(Vec::new());
+    let invoked = {
+        let mapping = event_source_mapping(&stack, &mut processor, &fed);
+        tokio::pin!(mapping);
+        tokio::select! {
+            invoked = sync.invoke(SYNC_WAIT) => invoked,
+            () = &mut mapping => unreachable!("the event source mapping runs until dropped"),
+        }
+    };
+
+    let a = invoked.gateway();
+    assert_eq!(a.status, 200, "body: {}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    assert_eq!(a.header("location"), None);
+    assert_eq!(a.header("retry-after"), None);
+    let b = &a.body;
+    assert_eq!(b["status"], "completed");
+    assert_eq!(b["progress"], 100);
+    assert_eq!(b["model"], "echo");
+    assert_eq!(b["input"]["prompt"], "hello");
+    assert_eq!(b["cost"], json!({"credits": 1, "refunded": false}));
+    assert!(b.get("poll_url").is_none());
+    let out = &b["result"]["outputs"][0];
+    assert_eq!(out["content_type"], "text/plain; charset=utf-8");
+    assert_eq!(out["size_bytes"], 5);
+    assert_eq!(download(out["url"].as_str().unwrap()).await, b"hello");
+    assert_eq!(stack.credits().await, CREDITS - 1);
+
+    let id = b["task_id"].as_str().expect("a task id");
+    let run = json!({"type": "run", "task_id": id});
+    let fed = fed.into_inner().unwrap();
+    assert!(
+        fed.iter().any(|(bodies, _)| bodies
+            .iter()
+            .any(|m| serde_json::from_str::<Value>(m).ok() == Some(run.clone()))),
+        "the processor binary ran the task's run message: {fed:?}"
+    );
+    for (bodies, reply) in &fed {
+        assert_eq!(reply, &json!({"batchItemFailures": []}), "batch {bodies:?}");
+    }
+    sync.assert_clean_runtime_use();
+    processor.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_binary_runs_processor_json_and_stores_the_task_output_in_s3() {
+    let stack = Stack::new("proc").await;
+    stack
+        .insert(&queued_veo3(EXAMPLE_TASK, &stack.account.id))
+        .await;
+    // The deliver message is a duplicate: the webhook was delivered on attempt 0 already.
+    let delivered = Task {
+        callback: Some(Callback {
+            url: "https://hooks.example.com/tasklane".into(),
+            state: CallbackState::Delivered,
+            attempts: 1,
+            last_status_code: Some(200),
+            last_attempt_at: Some(Utc::now()),
+        }),
+        ..stack.completed_echo(DELIVER_TASK).await
+    };
+    stack.insert(&delivered).await;
+    let mut processor = Function::ready("processor", &stack.vars()).await;
+
+    let invoked = processor.invoke(PROCESSOR).await;
+    assert_eq!(
+        invoked.response(),
+        &json!({"batchItemFailures": []}),
+        "the partial batch response Lambda expects"
+    );
+
+    let task = stack.task(EXAMPLE_TASK).await;
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert_eq!(task.progress, 100);
+    assert_eq!(task.outputs.len(), 1);
+    let output = &task.outputs[0];
+    assert_eq!(output.content_type, "image/gif");
+    let gif = stack.object(&output.key).await;
+    assert!(gif.starts_with(b"GIF8"), "a GIF in the results bucket");
+    assert_eq!(output.size_bytes, gif.len() as u64);
+    assert_eq!(
+        stack.task(DELIVER_TASK).await,
+        delivered,
+        "a stale deliver changes nothing"
+    );
+    assert_eq!(stack.credits().await, CREDITS - 50 - 1, "no refund");
+
+    let log = processor.log_of("task finished", &invoked.request_id).await;
+    assert_eq!(log["level"], "INFO");
+    assert_eq!(log["fields"]["task_id"], EXAMPLE_TASK);
+    assert_eq!(log["fields"]["status"], "completed");
+    processor.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_a_function_cannot_read_goes_to_the_error_endpoint_and_the_next_one_is_served() {
+    let stack = Stack::new("invalid").await;
+    let not_an_event = json!("not an event this function takes").to_string();
+    let cases = [
+        ("account", ACCOUNT.to_string()),
+        ("processor", json!({"Records": []}).to_string()),
+    ];
+    for (binary, good) in cases {
+        let mut f = Function::ready(binary, &stack.vars()).await;
+        let bad = f.invoke(&not_an_event).await;
+        let Reply::Error {
+            error_type,
+            diagnostic,
+        } = &bad.reply
+        else {
+            panic!("`{binary}` answered an unreadable event: {:?}", bad.reply);
+        };
+        assert_eq!(error_type.as_deref(), Some("unhandled"), "`{binary}`");
+        assert!(
+            diagnostic["errorType"].is_string(),
+            "`{binary}`: {diagnostic}"
+        );
+        assert!(
+            diagnostic["errorMessage"]
+                .as_str()
+                .is_some_and(|m| m.contains("failed to deserialize")),
+            "`{binary}`: {diagnostic}"
+        );
+
+        let ok = f.invoke(&good).await;
+        match binary {
+            "account" => assert_eq!(ok.gateway().status, 200),
+            _ => assert_eq!(ok.response(), &json!({"batchItemFailures": []})),
+        }
+        f.json_logs();
+        f.assert_clean_runtime_use();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_the_variable() {
+    let stack = Stack::new("noqueue").await;
+    let vars: Vec<_> = stack
+        .vars()
+        .into_iter()
+        .filter(|(k, _)| *k != "TASKLANE_QUEUE_URL")
+        .collect();
+    for (binary, _, _) in FUNCTIONS {
+        let mut f = Function::start(binary, &vars).await;
+        let status = f.exit_status().await;
+        let init_errors = f.runtime.init_errors();
+        println!(
+            "`{binary}` without TASKLANE_QUEUE_URL: {status}; init errors reported: {}; stderr: {:?}",
+            init_errors.len(),
+            f.stderr.lock().unwrap().join(" | ")
+        );
+        assert!(
+            !status.success() || !init_errors.is_empty(),
+            "`{binary}` neither failed nor reported an init error\n{}",
+            f.output()
+        );
+        assert_eq!(
+            f.runtime.next_requests(),
+            0,
+            "`{binary}` asked for work without its configuration\n{}",
+            f.output()
+        );
+        let init_reports: Vec<String> = init_errors
+            .iter()
+            .map(|e| format!("{:?}: {}", e.error_type, e.diagnostic))
+            .collect();
+        let reported = format!(
+            "{}\n{}\n{}",
+            init_reports.join("\n"),
+            f.stdout.lock().unwrap().join("\n"),
+            f.stderr.lock().unwrap().join("\n")
+        );
+        assert!(
+            reported.contains("TASKLANE_QUEUE_URL"),
+            "`{binary}`: no message names TASKLANE_QUEUE_URL\n{}",
+            f.output()
+        );
+        // The JSON log line says it too, at ERROR, for Lambda's log filter.
+        let logs = f.json_logs();
+        let error = logs
+            .iter()
+            .find(|v| v["level"] == "ERROR")
+            .unwrap_or_else(|| panic!("`{binary}`: no ERROR log line\n{}", f.output()));
+        assert!(
+            error.to_string().contains("TASKLANE_QUEUE_URL"),
+            "`{binary}`: {error}"
+        );
+    }
+}
+
+/// A fresh, well-formed task id.
+fn ulid_task_id() -> String {
+    format!("task_{}", ulid::Ulid::new())
+}
