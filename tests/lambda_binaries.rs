@@ -11,42 +11,28 @@
 //! binaries show: `main.rs` wiring, configuration read from the environment at start, the runtime
 //! loop, the wire format Lambda receives, JSON logs, and cold-start time (printed, never asserted).
 
-use std::collections::{BTreeMap, HashMap};
+mod aws_fixtures;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_config::{BehaviorVersion, SdkConfig};
+use aws_fixtures::{
+    ACCOUNT, CANCEL, CREDITS, DELIVER_TASK, EXAMPLE_TASK, LIST, PROCESSOR, STATUS, SUBMIT,
+    SYNC_WAIT, World, download, queued_veo3, sqs_records, ulid_task_id,
+};
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
-use tasklane_aws::provision::provision;
-use tasklane_aws::{AwsBackends, AwsSettings};
-use tasklane_core::account::Account;
-use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkMessage};
-use tasklane_core::task::{Callback, CallbackState, Cost, Output, Task, TaskInput, TaskStatus};
+use tasklane_core::ports::{MessageSource, WorkMessage};
+use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
-
-const SUBMIT: &str = include_str!("../events/submit.json");
-const SYNC_WAIT: &str = include_str!("../events/sync-wait.json");
-const STATUS: &str = include_str!("../events/status.json");
-const LIST: &str = include_str!("../events/list.json");
-const CANCEL: &str = include_str!("../events/cancel.json");
-const ACCOUNT: &str = include_str!("../events/account.json");
-const PROCESSOR: &str = include_str!("../events/processor.json");
-
-/// The obviously fake API key of every event (events/README.md).
-const EXAMPLE_KEY: &str = "tl_example_key_for_events_only_000000000000000";
-/// The task that status.json, cancel.json and the run message of processor.json name.
-const EXAMPLE_TASK: &str = "task_01JZ2XQDG0EXAMP1E000000001";
-/// The task that the deliver message of processor.json names.
-const DELIVER_TASK: &str = "task_01JZ2XQDG0EXAMP1E000000002";
-/// Credits the example account starts with.
-const CREDITS: u64 = 1000;
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
 const FUNCTIONS: [(&str, &str, u32); 6] = [
@@ -781,41 +767,30 @@ impl Invoked {
 // The resources on the AWS emulator.
 // ---------------------------------------------------------------------------------------------
 
-/// One provisioned stack: resources on the emulator, adapters and the example account.
+/// One provisioned stack: the world on the emulator the functions are configured for.
 struct Stack {
-    config: SdkConfig,
-    settings: AwsSettings,
-    backends: AwsBackends,
-    account: Account,
+    world: World,
+}
+
+impl Deref for Stack {
+    type Target = World;
+
+    fn deref(&self) -> &World {
+        &self.world
+    }
 }
 
 impl Stack {
     async fn new(tag: &str) -> Stack {
-        assert!(
-            std::env::var_os("AWS_ENDPOINT_URL").is_some(),
+        let world = World::new(
+            "lb",
+            tag,
             "these tests run the Lambda binaries against an AWS emulator, never AWS itself: \
              run scripts/test.sh (it starts moto and sets AWS_ENDPOINT_URL), or start \
-             moto_server and set AWS_ENDPOINT_URL, AWS_REGION and dummy credentials"
-        );
-        let config = aws_config::load_defaults(BehaviorVersion::latest()).await;
-        let prefix = format!("lb-{tag}-{}", ulid::Ulid::new().to_string().to_lowercase());
-        let settings = provision(&config, &prefix)
-            .await
-            .expect("provisioning on the AWS emulator");
-        let backends = AwsBackends::connect(&settings).await;
-        let new = Account::create(CREDITS, Some(EXAMPLE_KEY.to_string()));
-        assert_eq!(new.api_key, EXAMPLE_KEY);
-        backends
-            .store
-            .create_account(&new.account)
-            .await
-            .expect("creating the example account");
-        Stack {
-            config,
-            settings,
-            backends,
-            account: new.account,
-        }
+             moto_server and set AWS_ENDPOINT_URL, AWS_REGION and dummy credentials",
+        )
+        .await;
+        Stack { world }
     }
 
     /// The function configuration template.yaml sets (with its default parameters).
@@ -829,67 +804,6 @@ impl Stack {
             ("TASKLANE_CALLBACK_ALLOW_PRIVATE", "false".into()),
             ("RUST_LOG", "info".into()),
         ]
-    }
-
-    async fn insert(&self, task: &Task) {
-        self.backends
-            .store
-            .insert_task(task, None)
-            .await
-            .expect("inserting a task");
-    }
-
-    async fn task(&self, id: &str) -> Task {
-        self.backends
-            .store
-            .task(id)
-            .await
-            .expect("reading a task")
-            .expect("the task exists")
-    }
-
-    async fn credits(&self) -> u64 {
-        self.backends
-            .store
-            .account(&self.account.id)
-            .await
-            .expect("reading the account")
-            .expect("the account exists")
-            .credits
-    }
-
-    /// A completed `echo` task whose output (`hello`) is stored in the bucket.
-    async fn completed_echo(&self, id: &str) -> Task {
-        let key = format!("tasks/{id}/output-0.txt");
-        self.backends
-            .blobs
-            .put(&key, "hello".into(), "text/plain; charset=utf-8")
-            .await
-            .expect("storing an output");
-        let now = Utc::now();
-        Task {
-            model: "echo".into(),
-            status: TaskStatus::Completed,
-            progress: 100,
-            input: TaskInput {
-                prompt: Some("hello".into()),
-                duration: None,
-                params: Map::new(),
-            },
-            outputs: vec![Output {
-                key,
-                content_type: "text/plain; charset=utf-8".into(),
-                size_bytes: 5,
-            }],
-            cost: Cost {
-                credits: 1,
-                refunded: false,
-            },
-            started_at: Some(now),
-            completed_at: Some(now),
-            attempts: 1,
-            ..queued_veo3(id, &self.account.id)
-        }
     }
 
     /// An object of the results bucket.
@@ -912,37 +826,6 @@ impl Stack {
             .expect("the object's bytes")
             .into_bytes()
             .to_vec()
-    }
-}
-
-/// The task submit.json creates, queued, with the given id.
-fn queued_veo3(id: &str, account_id: &str) -> Task {
-    Task {
-        id: id.into(),
-        account_id: account_id.into(),
-        model: "veo3".into(),
-        action: "generate".into(),
-        status: TaskStatus::Queued,
-        progress: 0,
-        input: TaskInput {
-            prompt: Some("A cat walking on the beach".into()),
-            duration: Some(5),
-            params: Map::new(),
-        },
-        outputs: vec![],
-        error: None,
-        cost: Cost {
-            credits: 50,
-            refunded: false,
-        },
-        callback: None,
-        metadata: BTreeMap::new(),
-        created_at: Utc::now(),
-        started_at: None,
-        completed_at: None,
-        attempts: 0,
-        lease_until: None,
-        version: 1,
     }
 }
 
@@ -970,28 +853,10 @@ async fn event_source_mapping(
         if messages.is_empty() {
             continue;
         }
-        let records: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                let attributes: Map<String, Value> = m
-                    .attributes()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k.as_str().to_string(), json!(v)))
-                    .collect();
-                json!({
-                    "messageId": m.message_id(),
-                    "receiptHandle": m.receipt_handle(),
-                    "body": m.body(),
-                    "attributes": attributes,
-                    "messageAttributes": {},
-                    "md5OfBody": m.md5_of_body(),
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:tasklane-WorkQueue-EXAMPLE1234",
-                    "awsRegion": "us-east-1"
-                })
-            })
-            .collect();
+        let records = sqs_records(
+            messages,
+            "arn:aws:sqs:us-east-1:123456789012:tasklane-WorkQueue-EXAMPLE1234",
+        );
         let event = json!({ "Records": records }).to_string();
         let reply = processor.invoke(&event).await.response().clone();
         let failed: Vec<&str> = reply["batchItemFailures"]
@@ -1020,12 +885,6 @@ async fn event_source_mapping(
             .collect();
         fed.lock().unwrap().push((bodies, reply));
     }
-}
-
-async fn download(url: &str) -> Vec<u8> {
-    let resp = reqwest::get(url).await.expect("the presigned URL answers");
-    assert_eq!(resp.status(), 200, "GET {url}");
-    resp.bytes().await.expect("the object's bytes").to_vec()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1413,9 +1272,4 @@ async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_t
             "`{binary}`: {error}"
         );
     }
-}
-
-/// A fresh, well-formed task id.
-fn ulid_task_id() -> String {
-    format!("task_{}", ulid::Ulid::new())
 }

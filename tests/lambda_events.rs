@@ -3,11 +3,17 @@
 //! `scripts/test.sh` starts (`AWS_ENDPOINT_URL`). Each test provisions its own table, queues and
 //! bucket, and creates the account whose key is the example key every event carries.
 
-use std::collections::BTreeMap;
+mod aws_fixtures;
+
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
+use aws_fixtures::{
+    ACCOUNT, CANCEL, CREDITS, DELIVER_TASK, EXAMPLE_KEY, EXAMPLE_TASK, LIST, PROCESSOR, STATUS,
+    SUBMIT, SYNC_WAIT, World, download, queued_veo3, sqs_records,
+};
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use chrono::Utc;
@@ -16,22 +22,13 @@ use lambda_http::tower::ServiceExt;
 use lambda_http::{Adapter, Context, LambdaEvent, Request, RequestExt, service_fn};
 use serde_json::{Map, Value, json};
 use tasklane_aws::lambda::{handle_http, handle_sqs};
-use tasklane_aws::provision::{MAX_RECEIVE_COUNT, provision};
-use tasklane_aws::{AwsBackends, AwsSettings};
+use tasklane_aws::provision::MAX_RECEIVE_COUNT;
 use tasklane_core::App;
 use tasklane_core::account::Account;
 use tasklane_core::api::Api;
-use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkMessage};
+use tasklane_core::ports::{MessageSource, TaskStore, WorkMessage};
 use tasklane_core::processor::{Processor, run_worker};
-use tasklane_core::task::{Callback, CallbackState, Cost, Output, Task, TaskInput, TaskStatus};
-
-const SUBMIT: &str = include_str!("../events/submit.json");
-const SYNC_WAIT: &str = include_str!("../events/sync-wait.json");
-const STATUS: &str = include_str!("../events/status.json");
-const LIST: &str = include_str!("../events/list.json");
-const CANCEL: &str = include_str!("../events/cancel.json");
-const ACCOUNT: &str = include_str!("../events/account.json");
-const PROCESSOR: &str = include_str!("../events/processor.json");
+use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus};
 
 /// Every HTTP event, with the method and raw path it carries.
 const HTTP_EVENTS: [(&str, &str, &str, &str); 6] = [
@@ -53,23 +50,19 @@ const HTTP_EVENTS: [(&str, &str, &str, &str); 6] = [
     ("account.json", ACCOUNT, "GET", "/v1/account"),
 ];
 
-/// The obviously fake API key of every event (events/README.md).
-const EXAMPLE_KEY: &str = "tl_example_key_for_events_only_000000000000000";
-/// The task that status.json, cancel.json and the run message of processor.json name.
-const EXAMPLE_TASK: &str = "task_01JZ2XQDG0EXAMP1E000000001";
-/// The task that the deliver message of processor.json names.
-const DELIVER_TASK: &str = "task_01JZ2XQDG0EXAMP1E000000002";
-/// Credits the example account starts with.
-const CREDITS: u64 = 1000;
-
-/// One provisioned stack: resources on the emulator, adapters, the API and the example account.
+/// One provisioned stack: the world on the emulator, the API and the app behind it.
 struct Stack {
-    prefix: String,
-    settings: AwsSettings,
-    backends: AwsBackends,
+    world: World,
     app: Arc<App>,
     api: Api,
-    account: Account,
+}
+
+impl Deref for Stack {
+    type Target = World;
+
+    fn deref(&self) -> &World {
+        &self.world
+    }
 }
 
 /// An HTTP answer of a function, its body parsed as JSON.
@@ -103,32 +96,18 @@ impl Answer {
 
 impl Stack {
     async fn new(tag: &str) -> Stack {
-        assert!(
-            std::env::var_os("AWS_ENDPOINT_URL").is_some(),
+        let world = World::new(
+            "le",
+            tag,
             "these tests provision resources on an AWS emulator and never on AWS itself: \
-             run scripts/test.sh, or start moto_server and set AWS_ENDPOINT_URL"
-        );
-        let config = aws_config::load_defaults(BehaviorVersion::latest()).await;
-        let prefix = format!("le-{tag}-{}", ulid::Ulid::new().to_string().to_lowercase());
-        let settings = provision(&config, &prefix)
-            .await
-            .expect("provisioning on the AWS emulator");
-        let backends = AwsBackends::connect(&settings).await;
-        let app = backends.app(settings.core.clone());
-        let new = Account::create(CREDITS, Some(EXAMPLE_KEY.to_string()));
-        assert_eq!(new.api_key, EXAMPLE_KEY);
-        backends
-            .store
-            .create_account(&new.account)
-            .await
-            .expect("creating the example account");
+             run scripts/test.sh, or start moto_server and set AWS_ENDPOINT_URL",
+        )
+        .await;
+        let app = world.backends.app(world.settings.core.clone());
         Stack {
-            prefix,
-            settings,
-            backends,
+            world,
             api: Api::new(app.clone()),
             app,
-            account: new.account,
         }
     }
 
@@ -153,98 +132,6 @@ impl Stack {
 
     fn processor(&self) -> Processor {
         Processor::new(self.app.clone())
-    }
-
-    async fn insert(&self, task: &Task) {
-        self.backends
-            .store
-            .insert_task(task, None)
-            .await
-            .expect("inserting a task");
-    }
-
-    async fn task(&self, id: &str) -> Task {
-        self.backends
-            .store
-            .task(id)
-            .await
-            .expect("reading a task")
-            .expect("the task exists")
-    }
-
-    async fn credits(&self) -> u64 {
-        self.backends
-            .store
-            .account(&self.account.id)
-            .await
-            .expect("reading the account")
-            .expect("the account exists")
-            .credits
-    }
-
-    /// A completed `echo` task whose output (`hello`) is stored in the bucket.
-    async fn completed_echo(&self, id: &str) -> Task {
-        let key = format!("tasks/{id}/output-0.txt");
-        self.backends
-            .blobs
-            .put(&key, "hello".into(), "text/plain; charset=utf-8")
-            .await
-            .expect("storing an output");
-        let now = Utc::now();
-        Task {
-            model: "echo".into(),
-            status: TaskStatus::Completed,
-            progress: 100,
-            input: TaskInput {
-                prompt: Some("hello".into()),
-                duration: None,
-                params: Map::new(),
-            },
-            outputs: vec![Output {
-                key,
-                content_type: "text/plain; charset=utf-8".into(),
-                size_bytes: 5,
-            }],
-            cost: Cost {
-                credits: 1,
-                refunded: false,
-            },
-            started_at: Some(now),
-            completed_at: Some(now),
-            attempts: 1,
-            ..queued_veo3(id, &self.account.id)
-        }
-    }
-}
-
-/// The task submit.json creates, queued, with the given id.
-fn queued_veo3(id: &str, account_id: &str) -> Task {
-    Task {
-        id: id.into(),
-        account_id: account_id.into(),
-        model: "veo3".into(),
-        action: "generate".into(),
-        status: TaskStatus::Queued,
-        progress: 0,
-        input: TaskInput {
-            prompt: Some("A cat walking on the beach".into()),
-            duration: Some(5),
-            params: Map::new(),
-        },
-        outputs: vec![],
-        error: None,
-        cost: Cost {
-            credits: 50,
-            refunded: false,
-        },
-        callback: None,
-        metadata: BTreeMap::new(),
-        created_at: Utc::now(),
-        started_at: None,
-        completed_at: None,
-        attempts: 0,
-        lease_until: None,
-        version: 1,
     }
 }
 
@@ -297,12 +184,6 @@ fn base64_encode(bytes: &[u8]) -> String {
         }
     }
     out
-}
-
-async fn download(url: &str) -> Vec<u8> {
-    let resp = reqwest::get(url).await.expect("the presigned URL answers");
-    assert_eq!(resp.status(), 200, "GET {url}");
-    resp.bytes().await.expect("the object's bytes").to_vec()
 }
 
 #[test]
@@ -892,28 +773,7 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_not_lost() {
             break;
         }
         receives += 1;
-        let records: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                let attributes: Map<String, Value> = m
-                    .attributes()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k.as_str().to_string(), json!(v)))
-                    .collect();
-                json!({
-                    "messageId": m.message_id(),
-                    "receiptHandle": m.receipt_handle(),
-                    "body": m.body(),
-                    "attributes": attributes,
-                    "messageAttributes": {},
-                    "md5OfBody": m.md5_of_body(),
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": arn,
-                    "awsRegion": "us-east-1"
-                })
-            })
-            .collect();
+        let records = sqs_records(messages, &arn);
         let event: SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
         let all: Vec<String> = event
             .records
