@@ -359,19 +359,27 @@ pub fn check_callback_url(raw: &str, allow_private: bool) -> Result<String, ApiE
         let ip: Option<IpAddr> = match host {
             url::Host::Ipv4(a) => Some(a.into()),
             url::Host::Ipv6(a) => Some(a.into()),
-            url::Host::Domain(d) => {
-                let d = d.trim_end_matches('.').to_ascii_lowercase();
-                if d == "localhost" || d.ends_with(".localhost") {
-                    return Err(bad("callback_url must point to a public address"));
-                }
-                None
+            url::Host::Domain(d) if is_internal_name(d) => {
+                return Err(bad("callback_url must point to a public address"));
             }
+            url::Host::Domain(_) => None,
         };
         if ip.is_some_and(|ip| !crate::webhook::is_public(ip)) {
             return Err(bad("callback_url must point to a public address"));
         }
     }
     Ok(url.to_string())
+}
+
+/// Names only a local or internal resolver answers, refused without a lookup: single labels
+/// (`vm`, `metadata`, found through /etc/hosts or search domains), `localhost` and the
+/// special-use or internal suffixes. Any other name is checked on the addresses it resolves to
+/// when the callback is sent.
+fn is_internal_name(host: &str) -> bool {
+    const SUFFIXES: &[&str] = &["localhost", "localdomain", "local", "internal", "arpa"];
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    let last = name.rsplit('.').next().unwrap_or_default();
+    !name.contains('.') || SUFFIXES.contains(&last)
 }
 
 /// Checks an `Idempotency-Key` header value.
@@ -492,7 +500,61 @@ mod tests {
             assert!(check_callback_url(url, false).is_err(), "{url} accepted");
         }
         assert!(check_callback_url("https://example.com/hook", false).is_ok());
+        assert!(check_callback_url("https://[2606:4700:4700::1111]/hook", false).is_ok());
         assert!(check_callback_url("http://127.0.0.1:9/hook", true).is_ok());
+    }
+
+    #[test]
+    fn numeric_encodings_of_private_addresses_are_refused() {
+        for url in [
+            "https://2130706433/",
+            "https://017700000001/",
+            "https://0x7f000001/",
+            "https://0177.0.0.1/",
+            "https://0x7f.1/",
+            "https://127.1/",
+            "https://10.1/",
+            "https://0xa9.254.0251.0xfe/",
+            "https://127.0.0.1./",
+            "https://%31%32%37.0.0.1/",
+            "https://\u{ff11}\u{ff12}\u{ff17}.0.0.1/",
+            "https://0/",
+            "https://[::ffff:7f00:1]/",
+            "https://[64:ff9b::a9fe:a9fe]/",
+            "https://[2002:a00:1::1]/",
+            "https://[fd00:ec2::254]/",
+        ] {
+            assert!(check_callback_url(url, false).is_err(), "{url} accepted");
+        }
+    }
+
+    #[test]
+    fn internal_names_are_refused_without_a_lookup() {
+        for url in [
+            "https://localhost./",
+            "https://LOCALHOST/",
+            "https://api.localhost/",
+            "https://vm/",
+            "https://metadata/computeMetadata/v1/",
+            "https://metadata.google.internal/",
+            "https://printer.local/",
+            "https://localhost.localdomain/",
+            "https://router.home.arpa/",
+            "https://1.0.0.127.in-addr.arpa/",
+        ] {
+            assert!(check_callback_url(url, false).is_err(), "{url} accepted");
+        }
+        for url in ["https://hooks.example.com./x", "https://local.example.com/"] {
+            assert!(check_callback_url(url, false).is_ok(), "{url} refused");
+        }
+    }
+
+    #[test]
+    fn the_accepted_url_is_the_normalized_form_the_sender_parses() {
+        assert_eq!(
+            check_callback_url("HTTPS://Example.COM:443/a/../hook", false).unwrap(),
+            "https://example.com/hook"
+        );
     }
 
     #[test]

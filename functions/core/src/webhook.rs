@@ -4,7 +4,7 @@
 //! bodies, and (unless private targets are allowed for development) refuses to connect to
 //! any address that is not public, checked on the addresses the name resolves to at connect time.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine;
@@ -28,6 +28,15 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Whether `ip` is a public unicast address a webhook may be sent to.
+///
+/// IPv4: everything except "this network" 0/8, loopback, private, CGNAT 100.64/10, link-local
+/// (169.254.169.254 included), IETF 192.0.0/24, documentation, the 6to4 relay 192.88.99/24,
+/// benchmarking 198.18/15, multicast, reserved 240/4 and broadcast.
+/// IPv6: only global unicast 2000::/3 less 2001::/23 (Teredo, benchmarking, ORCHID and other
+/// protocol assignments) and the documentation blocks; forms that carry an IPv4 address
+/// (IPv4-mapped, NAT64 64:ff9b::/96, 6to4 2002::/16) are judged by that address, and every other
+/// form (loopback, unspecified, IPv4-compatible, unique-local, link-local, site-local,
+/// multicast, discard-only, local-use NAT64) lies outside 2000::/3.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -42,6 +51,7 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xc0) == 64)
                 || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 192 && o[1] == 88 && o[2] == 99)
                 || (o[0] == 198 && (o[1] & 0xfe) == 18)
                 || o[0] >= 240)
         }
@@ -50,15 +60,43 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] == 0x2001 && s[1] == 0x0db8)
-                || (s[0] == 0x64 && s[1] == 0xff9b)
-                || s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == 0 && s[4] == 0 && s[5] == 0)
+            let embedded = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+            };
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_public(embedded(s[1], s[2]));
+            }
+            (s[0] & 0xe000) == 0x2000
+                && !(s[0] == 0x2001 && s[1] < 0x0200)
+                && !(s[0] == 0x2001 && s[1] == 0x0db8)
+                && !(s[0] == 0x3fff && s[1] < 0x1000)
         }
+    }
+}
+
+/// Refuses, before any connection is tried, what the resolver never sees: a URL that does not
+/// parse, a scheme other than `https`, and a literal address that is not public (literal
+/// addresses are connected to without resolving).
+fn check_target(url: &str) -> Result<(), &'static str> {
+    let u = url::Url::parse(url).map_err(|_| "not a valid URL")?;
+    if u.scheme() != "https" {
+        return Err("not https");
+    }
+    let literal = match u.host() {
+        None => return Err("no host"),
+        Some(url::Host::Domain(_)) => return Ok(()),
+        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+    };
+    if is_public(literal) {
+        Ok(())
+    } else {
+        Err("not a public address")
     }
 }
 
@@ -78,6 +116,9 @@ pub struct WebhookSender {
     allow_private: bool,
 }
 
+/// Resolves names and keeps only their public addresses. What it returns is exactly what the
+/// connector connects to, so the check holds on the address actually connected to; a name that
+/// changes its answer (DNS rebinding) is resolved, and checked, again on every new connection.
 struct PublicOnly;
 
 impl reqwest::dns::Resolve for PublicOnly {
@@ -101,7 +142,10 @@ impl WebhookSender {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
-            .user_agent(concat!("tasklane-webhooks/", env!("CARGO_PKG_VERSION")));
+            .user_agent(concat!("tasklane-webhooks/", env!("CARGO_PKG_VERSION")))
+            // A proxy (HTTPS_PROXY and the like) would resolve and connect on our behalf,
+            // past the address check below.
+            .no_proxy();
         if !allow_private {
             b = b.dns_resolver(std::sync::Arc::new(PublicOnly));
         }
@@ -119,20 +163,10 @@ impl WebhookSender {
         msg_id: &str,
         body: Vec<u8>,
     ) -> DeliveryResult {
-        if !self.allow_private {
-            // Literal addresses never reach the resolver: check them here.
-            if let Ok(u) = url::Url::parse(url) {
-                let literal = match u.host() {
-                    Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
-                    Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
-                    _ => None,
-                };
-                if literal.is_some_and(|ip| !is_public(ip)) || u.scheme() != "https" {
-                    return DeliveryResult::NoAnswer(
-                        "callback target refused: not a public https address".into(),
-                    );
-                }
-            }
+        if !self.allow_private
+            && let Err(why) = check_target(url)
+        {
+            return DeliveryResult::NoAnswer(format!("callback target refused: {why}"));
         }
         let ts = chrono::Utc::now().timestamp();
         let sig = sign(secret, msg_id, ts, &body);
@@ -147,7 +181,8 @@ impl WebhookSender {
             .send()
             .await;
         match res {
-            // The body is dropped unread.
+            // The body is dropped unread: hyper then takes at most what one read of the
+            // connection already holds and closes it instead of draining the rest.
             Ok(r) => DeliveryResult::Status(r.status().as_u16()),
             Err(e) => DeliveryResult::NoAnswer(if e.is_timeout() {
                 "timed out".into()
@@ -195,5 +230,154 @@ mod tests {
         for a in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"] {
             assert!(is_public(a.parse().unwrap()), "{a}");
         }
+    }
+
+    fn refused(addrs: &[&str]) {
+        for a in addrs {
+            assert!(!is_public(a.parse().unwrap()), "{a} counted as public");
+        }
+    }
+
+    fn allowed(addrs: &[&str]) {
+        for a in addrs {
+            assert!(is_public(a.parse().unwrap()), "{a} counted as not public");
+        }
+    }
+
+    #[test]
+    fn every_special_purpose_ipv4_block_is_refused_at_both_ends() {
+        refused(&[
+            "0.0.0.0",
+            "0.255.255.255",
+            "10.0.0.0",
+            "10.255.255.255",
+            "100.64.0.0",
+            "100.127.255.255",
+            "127.0.0.0",
+            "127.255.255.255",
+            "169.254.0.0",
+            "169.254.255.255",
+            "172.16.0.0",
+            "172.31.255.255",
+            "192.0.0.0",
+            "192.0.0.255",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.0.0",
+            "192.168.255.255",
+            "198.18.0.0",
+            "198.19.255.255",
+            "198.51.100.1",
+            "203.0.113.1",
+            "224.0.0.0",
+            "239.255.255.255",
+            "240.0.0.0",
+            "255.255.255.254",
+        ]);
+        allowed(&[
+            "1.0.0.0",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "169.253.255.255",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.167.255.255",
+            "198.17.255.255",
+            "198.20.0.0",
+            "223.255.255.255",
+        ]);
+    }
+
+    #[test]
+    fn ipv6_outside_global_unicast_and_its_special_blocks_is_refused() {
+        refused(&[
+            "::",
+            "::1",
+            "::127.0.0.1",
+            "::8.8.8.8",
+            "::ffff:0:127.0.0.1",
+            "100::1",
+            "64:ff9b:1::1",
+            "5f00::1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "ff02::1",
+            "ff0e::1",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "2001:10::1",
+            "2001:1ff::1",
+            "2001:db8::1",
+            "3fff::1",
+            "3fff:fff::1",
+        ]);
+        allowed(&[
+            "2001:200::1",
+            "2001:4860:4860::8888",
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::1",
+            "3ffe::1",
+            "3fff:1000::1",
+        ]);
+    }
+
+    #[test]
+    fn ipv6_forms_carrying_an_ipv4_address_are_judged_by_that_address() {
+        refused(&[
+            "::ffff:127.0.0.1",
+            "::ffff:7f00:1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "::ffff:100.64.0.1",
+            "::ffff:0.0.0.0",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::192.168.0.1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::1",
+            "2002:0a00:0001:1::1",
+        ]);
+        allowed(&["::ffff:8.8.8.8", "64:ff9b::8.8.8.8", "2002:808:808::1"]);
+    }
+
+    #[test]
+    fn targets_that_need_no_lookup_are_refused_before_connecting() {
+        for url in [
+            "http://example.com/",
+            "ftp://example.com/",
+            "not a url",
+            "https://127.0.0.1/",
+            "https://0x7f.1/",
+            "https://2130706433/",
+            "https://[::ffff:127.0.0.1]/",
+            "https://[64:ff9b::a9fe:a9fe]/",
+            "https://[2002:7f00:1::]/",
+            "https://169.254.169.254/latest/meta-data/",
+        ] {
+            assert!(check_target(url).is_err(), "{url} passed");
+        }
+        for url in [
+            "https://example.com/hook",
+            "https://8.8.8.8/x",
+            "https://[2606:4700::1]/",
+        ] {
+            assert_eq!(check_target(url), Ok(()), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_resolver_refuses_a_name_that_resolves_only_to_loopback() {
+        use reqwest::dns::Resolve;
+        let answer = PublicOnly.resolve("localhost".parse().unwrap()).await;
+        assert!(answer.is_err(), "localhost resolved to a public address");
     }
 }
