@@ -1141,7 +1141,11 @@ async fn processor_binary_runs_processor_json_and_stores_the_task_output_in_s3()
             state: CallbackState::Delivered,
             attempts: 1,
             last_status_code: Some(200),
-            last_attempt_at: Some(Utc::now()),
+            deliveries: vec![tasklane_core::task::DeliveryAttempt {
+                at: Utc::now(),
+                status_code: Some(200),
+                error: None,
+            }],
         }),
         ..stack.completed_echo(DELIVER_TASK).await
     };

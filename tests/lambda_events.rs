@@ -667,7 +667,11 @@ async fn processor_event_runs_the_task_and_its_output_downloads_through_the_stat
             state: CallbackState::Delivered,
             attempts: 1,
             last_status_code: Some(200),
-            last_attempt_at: Some(Utc::now()),
+            deliveries: vec![tasklane_core::task::DeliveryAttempt {
+                at: Utc::now(),
+                status_code: Some(200),
+                error: None,
+            }],
         }),
         ..stack.completed_echo(DELIVER_TASK).await
     };

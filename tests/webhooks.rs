@@ -188,6 +188,19 @@ async fn past_the_retry_schedule() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
 }
 
+/// The callback object without its `deliveries`, after checking that the history agrees with
+/// it: one entry per attempt, the last one carrying `last_status_code`.
+fn without_history(cb: &Value) -> Value {
+    let history = cb["deliveries"].as_array().expect("deliveries");
+    assert_eq!(Some(history.len() as u64), cb["attempts"].as_u64(), "{cb}");
+    if let Some(last) = history.last() {
+        assert_eq!(last["status_code"], cb["last_status_code"], "{cb}");
+    }
+    let mut cb = cb.clone();
+    cb.as_object_mut().unwrap().remove("deliveries");
+    cb
+}
+
 #[tokio::test]
 async fn a_completed_task_posts_one_signed_task_completed_event_and_records_delivery() {
     let r = Receiver::start(vec![Reply::Status(200)]).await;
@@ -199,14 +212,14 @@ async fn a_completed_task_posts_one_signed_task_completed_event_and_records_deli
         .await;
     assert_eq!(
         t["callback"],
-        json!({"url": url, "state": "pending", "attempts": 0, "last_status_code": null})
+        json!({"url": url, "state": "pending", "attempts": 0, "last_status_code": null, "deliveries": []})
     );
     let id = id_of(&t);
     assert_eq!(s.wait_terminal(&id, 30).await["status"], "completed");
 
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(
-        settled["callback"],
+        without_history(&settled["callback"]),
         json!({"url": url, "state": "delivered", "attempts": 1, "last_status_code": 200})
     );
     past_the_retry_schedule().await;
@@ -341,6 +354,17 @@ async fn a_500_is_retried_with_the_same_webhook_id_until_delivered() {
     assert_eq!(settled["callback"]["state"], "delivered", "{settled}");
     assert_eq!(settled["callback"]["attempts"], 2);
     assert_eq!(settled["callback"]["last_status_code"], 200);
+    // The delivery history on the task: both attempts, oldest first, with their answers.
+    let history = settled["callback"]["deliveries"]
+        .as_array()
+        .expect("deliveries");
+    let codes: Vec<_> = history.iter().map(|d| d["status_code"].clone()).collect();
+    assert_eq!(codes, vec![json!(500), json!(200)], "{settled}");
+    assert!(
+        history
+            .iter()
+            .all(|d| d["at"].is_string() && d["error"].is_null())
+    );
     past_the_retry_schedule().await;
     let got = r.received();
     assert_eq!(got.len(), 2, "{got:?}");
@@ -385,7 +409,7 @@ async fn a_receiver_that_always_fails_gets_three_attempts_then_the_callback_fail
     let id = id_of(&t);
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(
-        settled["callback"],
+        without_history(&settled["callback"]),
         json!({"url": r.hook_url(), "state": "failed", "attempts": 3, "last_status_code": 500})
     );
     past_the_retry_schedule().await;

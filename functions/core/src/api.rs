@@ -347,7 +347,7 @@ impl Api {
                 state: CallbackState::Pending,
                 attempts: 0,
                 last_status_code: None,
-                last_attempt_at: None,
+                deliveries: Vec::new(),
             }),
             metadata: sub.metadata.clone(),
             created_at: chrono::Utc::now(),

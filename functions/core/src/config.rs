@@ -179,3 +179,15 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_webhook_retries_span_more_than_24_hours() {
+        let total: Duration = standard_retry_schedule().iter().sum();
+        assert!(total >= Duration::from_secs(24 * 3600), "{total:?}");
+        assert_eq!(standard_retry_schedule().len(), 7);
+    }
+}

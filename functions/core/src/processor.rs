@@ -18,7 +18,8 @@ use crate::App;
 use crate::generate::{Abort, GenerateOutcome, Job, ProgressSink};
 use crate::ports::{MessageSource, PortError, PortResult, TaskStore, WorkMessage};
 use crate::task::{
-    CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
+    CallbackState, DeliveryAttempt, Output, Task, TaskFailure, TaskStatus, Transition,
+    TransitionError,
 };
 use crate::view::{rfc3339, task_view};
 use crate::webhook::{DeliveryResult, WebhookSender};
@@ -269,25 +270,26 @@ impl Processor {
             .send(&cb.url, &account.webhook_secret, &msg_id, body)
             .await;
         let mut next = cb.clone();
-        next.attempts += 1;
-        next.last_attempt_at = Some(now);
+        let (status_code, error) = match &result {
+            DeliveryResult::Status(s) => (Some(*s), None),
+            DeliveryResult::NoAnswer(why) => (None, Some(why.clone())),
+        };
+        next.record(DeliveryAttempt {
+            at: now,
+            status_code,
+            error,
+        });
         let schedule = &self.app.config.callback_retry_schedule;
-        let retry_delay = match &result {
-            DeliveryResult::Status(s) => {
-                next.last_status_code = Some(*s);
-                match s {
-                    200..=299 => {
-                        next.state = CallbackState::Delivered;
-                        None
-                    }
-                    410 => {
-                        next.state = CallbackState::Failed;
-                        None
-                    }
-                    _ => schedule.get(attempt as usize).copied(),
-                }
+        let retry_delay = match status_code {
+            Some(200..=299) => {
+                next.state = CallbackState::Delivered;
+                None
             }
-            DeliveryResult::NoAnswer(_) => schedule.get(attempt as usize).copied(),
+            Some(410) => {
+                next.state = CallbackState::Failed;
+                None
+            }
+            _ => schedule.get(attempt as usize).copied(),
         };
         if next.state == CallbackState::Pending {
             match retry_delay {

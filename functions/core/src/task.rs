@@ -131,9 +131,37 @@ pub struct Callback {
     pub attempts: u32,
     /// HTTP status of the last attempt, if one answered.
     pub last_status_code: Option<u16>,
-    /// When the last attempt was made.
+    /// The most recent delivery attempts, oldest first (at most [`MAX_DELIVERY_HISTORY`]).
     #[serde(default)]
-    pub last_attempt_at: Option<DateTime<Utc>>,
+    pub deliveries: Vec<DeliveryAttempt>,
+}
+
+/// How many delivery attempts a task keeps in its history.
+pub const MAX_DELIVERY_HISTORY: usize = 10;
+
+/// One webhook delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryAttempt {
+    /// When it was made.
+    pub at: DateTime<Utc>,
+    /// The receiver's HTTP status, if it answered.
+    pub status_code: Option<u16>,
+    /// Why there was no answer (refused target, connection failure, timeout).
+    pub error: Option<String>,
+}
+
+impl Callback {
+    /// Records an attempt (keeping the last [`MAX_DELIVERY_HISTORY`]); `last_status_code`
+    /// stays the status of the last attempt that got an answer.
+    pub fn record(&mut self, attempt: DeliveryAttempt) {
+        self.attempts += 1;
+        if attempt.status_code.is_some() {
+            self.last_status_code = attempt.status_code;
+        }
+        self.deliveries.push(attempt);
+        let excess = self.deliveries.len().saturating_sub(MAX_DELIVERY_HISTORY);
+        self.deliveries.drain(..excess);
+    }
 }
 
 /// A task as stored. The API view (with signed URLs) is built from it by [`crate::view`].
@@ -413,6 +441,28 @@ pub(crate) mod tests {
                 message: "y".into(),
             },
         }
+    }
+
+    #[test]
+    fn the_delivery_history_keeps_the_latest_attempts_and_counts_them_all() {
+        let mut cb = Callback {
+            url: "https://example.com".into(),
+            state: CallbackState::Pending,
+            attempts: 0,
+            last_status_code: None,
+            deliveries: vec![],
+        };
+        for i in 0..15u16 {
+            cb.record(DeliveryAttempt {
+                at: Utc::now(),
+                status_code: Some(500 + i),
+                error: None,
+            });
+        }
+        assert_eq!(cb.attempts, 15);
+        assert_eq!(cb.last_status_code, Some(514));
+        assert_eq!(cb.deliveries.len(), MAX_DELIVERY_HISTORY);
+        assert_eq!(cb.deliveries[0].status_code, Some(505));
     }
 
     #[test]

@@ -108,6 +108,20 @@ pub struct CallbackView {
     pub attempts: u32,
     /// Status of the last answer.
     pub last_status_code: Option<u16>,
+    /// The most recent attempts, oldest first.
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// One delivery attempt in the task object.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryView {
+    /// When.
+    #[serde(serialize_with = "rfc3339_req")]
+    pub at: DateTime<Utc>,
+    /// The receiver's status, if it answered.
+    pub status_code: Option<u16>,
+    /// Why there was no answer.
+    pub error: Option<String>,
 }
 
 impl From<&Callback> for CallbackView {
@@ -117,6 +131,15 @@ impl From<&Callback> for CallbackView {
             state: c.state,
             attempts: c.attempts,
             last_status_code: c.last_status_code,
+            deliveries: c
+                .deliveries
+                .iter()
+                .map(|d| DeliveryView {
+                    at: d.at,
+                    status_code: d.status_code,
+                    error: d.error.clone(),
+                })
+                .collect(),
         }
     }
 }
