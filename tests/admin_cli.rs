@@ -180,6 +180,18 @@ async fn local_accounts_work_against_the_running_server() {
     );
     assert_eq!(body["account_id"], id);
 
+    // revoke-key: the key answers 401 at once; the account and its credits stay, and
+    // rotate-key gives it a working key again.
+    let revoked = ok_json(&admin(&["revoke-key", "--account", id, "--local", d, "--json"]).await);
+    assert_eq!(revoked["key_revoked"], true);
+    assert!(!revoked.to_string().contains(new_key), "{revoked}");
+    assert_eq!(account_api(&srv, new_key).await.0, 401);
+    let shown = ok_json(&admin(&["show", "--account", id, "--local", d, "--json"]).await);
+    assert_eq!(u(&shown, "credits"), 750);
+    let again = ok_json(&admin(&["rotate-key", "--account", id, "--local", d, "--json"]).await);
+    assert_eq!(account_api(&srv, s(&again, "api_key")).await.0, 200);
+    assert_eq!(account_api(&srv, new_key).await.0, 401);
+
     // The development account the server made is untouched and distinct.
     assert_ne!(srv.dev_account_id, id);
     assert_eq!(account_api(&srv, &srv.dev_api_key).await.0, 200);

@@ -23,6 +23,7 @@ Usage:
   tasklane-admin grant --account ACCOUNT_ID --credits N   BACKEND [--json]
   tasklane-admin show --account ACCOUNT_ID                BACKEND [--json]
   tasklane-admin rotate-key --account ACCOUNT_ID          BACKEND [--json]
+  tasklane-admin revoke-key --account ACCOUNT_ID          BACKEND [--json]
 
 Commands:
   create-account  Create an account holding N credits. Prints its id, its API key and its
@@ -33,6 +34,8 @@ Commands:
   show            Print an account's id, credits, credits ever granted and creation time
                   (never its key).
   rotate-key      Give an account a new API key, printed once; the old key stops working.
+  revoke-key      Revoke an account's API key: every request with it answers 401 until
+                  rotate-key gives the account a new one. Its tasks and credits stay.
 
 BACKEND (exactly one):
   --local [DIR]   The local server's SQLite database, DIR/tasklane.db. DIR defaults to
@@ -100,9 +103,16 @@ enum Command {
     Grant { account: String, credits: u64 },
     Show { account: String },
     RotateKey { account: String },
+    RevokeKey { account: String },
 }
 
-const COMMANDS: [&str; 4] = ["create-account", "grant", "show", "rotate-key"];
+const COMMANDS: [&str; 5] = [
+    "create-account",
+    "grant",
+    "show",
+    "rotate-key",
+    "revoke-key",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Backend {
@@ -307,10 +317,10 @@ fn command(raw: &mut Raw) -> Result<Command, Failure> {
             refuse(raw.key.is_some(), "--key")?;
             refuse(raw.credits.is_some(), "--credits")?;
             let account = need(raw.account.take(), "--account ACCOUNT_ID")?;
-            Ok(if name == "show" {
-                Command::Show { account }
-            } else {
-                Command::RotateKey { account }
+            Ok(match name.as_str() {
+                "show" => Command::Show { account },
+                "revoke-key" => Command::RevokeKey { account },
+                _ => Command::RotateKey { account },
             })
         }
     }
@@ -554,6 +564,18 @@ async fn run(inv: &Invocation) -> Result<Report, Failure> {
                 note: Some(
                     "The old key no longer works. Keep the new one now: it is not shown again.",
                 ),
+            })
+        }
+        Command::RevokeKey { account } => {
+            // No key hashes to this value (it is not 64 hex digits), so no key matches it.
+            let revoked = format!("revoked:{}", generate_api_key());
+            store
+                .set_key_hash(account, &revoked)
+                .await
+                .map_err(|e| opened.failure(e, "revoking the key", Some(account)))?;
+            Ok(Report {
+                fields: vec![("account_id", json!(account)), ("key_revoked", json!(true))],
+                note: Some("The key no longer works; `rotate-key` issues a new one."),
             })
         }
     }
