@@ -106,6 +106,27 @@ where
     }
 }
 
+/// The result of an update conditioned on the item existing: a failed condition is `NotFound`.
+fn existing<T>(
+    res: Result<
+        T,
+        SdkError<
+            aws_sdk_dynamodb::operation::update_item::UpdateItemError,
+            aws_smithy_runtime_api::http::Response,
+        >,
+    >,
+) -> PortResult<T> {
+    res.map_err(|e| {
+        if e.as_service_error()
+            .is_some_and(|se| se.is_conditional_check_failed_exception())
+        {
+            PortError::NotFound
+        } else {
+            sdk_error(e)
+        }
+    })
+}
+
 fn build_err(e: aws_sdk_dynamodb::error::BuildError) -> PortError {
     PortError::internal(e)
 }
@@ -189,6 +210,20 @@ impl DynamoStore {
             .await
             .map_err(sdk_error)?;
         Ok(out.item)
+    }
+
+    /// An `UpdateItem` on an existing account (the caller adds the update).
+    fn update_account(
+        &self,
+        account_id: &str,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        let (pk, sk) = account_key(account_id);
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .condition_expression("attribute_exists(PK)")
     }
 
     fn refund_update(&self, account_id: &str, credits: u64) -> PortResult<TransactWriteItem> {
@@ -325,55 +360,25 @@ impl TaskStore for DynamoStore {
     }
 
     async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
-        let (pk, sk) = account_key(account_id);
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("PK", pk)
-            .key("SK", sk)
+        let out = self
+            .update_account(account_id)
             .update_expression("SET credits = credits + :c, granted = granted + :c")
-            .condition_expression("attribute_exists(PK)")
             .expression_attribute_values(":c", n(credits))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
-        match res {
-            Ok(out) => account_from(out.attributes().ok_or(PortError::NotFound)?),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                Err(PortError::NotFound)
-            }
-            Err(e) => Err(sdk_error(e)),
-        }
+        account_from(existing(out)?.attributes().ok_or(PortError::NotFound)?)
     }
 
     async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
-        let (pk, sk) = account_key(account_id);
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("PK", pk)
-            .key("SK", sk)
+        let out = self
+            .update_account(account_id)
             .update_expression("SET key_hash = :h, GSI1PK = :g")
-            .condition_expression("attribute_exists(PK)")
             .expression_attribute_values(":h", s(key_hash))
             .expression_attribute_values(":g", s(format!("KEY#{key_hash}")))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                Err(PortError::NotFound)
-            }
-            Err(e) => Err(sdk_error(e)),
-        }
+        existing(out).map(|_| ())
     }
 
     async fn reserve_idempotency(
