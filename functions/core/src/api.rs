@@ -320,7 +320,7 @@ impl Api {
         let cost = spec.cost(sub.duration);
         if account.credits < cost {
             return Err(ApiError::InsufficientQuota {
-                needed: cost,
+                needed: Some(cost),
                 available: account.credits,
             });
         }
@@ -363,7 +363,7 @@ impl Api {
             .await
             .map_err(|e| match e {
                 PortError::InsufficientCredits { available } => ApiError::InsufficientQuota {
-                    needed: cost,
+                    needed: Some(cost),
                     available,
                 },
                 other => other.into(),

@@ -25,17 +25,10 @@ pub enum ApiError {
     #[error("missing or invalid API key")]
     Unauthorized,
     /// 402: too few credits.
-    #[error("this task costs {needed} credits; the account has {available}")]
+    #[error("{}", quota_message(*.needed, *.available))]
     InsufficientQuota {
-        /// Cost of the task.
-        needed: u64,
-        /// Credits held.
-        available: u64,
-    },
-    /// 402 when the cost is not known to the caller (a store refused the debit).
-    #[error("the account has too few credits ({available} available)")]
-    InsufficientCredits {
-        /// Credits held.
+        /// Cost of the task, when the caller knows it.
+        needed: Option<u64>,
         /// Credits held.
         available: u64,
     },
@@ -114,9 +107,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::InsufficientQuota { .. } | ApiError::InsufficientCredits { .. } => {
-                StatusCode::PAYMENT_REQUIRED
-            }
+            ApiError::InsufficientQuota { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -137,9 +128,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::InsufficientQuota { .. } | ApiError::InsufficientCredits { .. } => {
-                "insufficient_quota"
-            }
+            ApiError::InsufficientQuota { .. } => "insufficient_quota",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -196,13 +185,21 @@ impl ApiError {
     }
 }
 
+fn quota_message(needed: Option<u64>, available: u64) -> String {
+    match needed {
+        Some(n) => format!("this task costs {n} credits; the account has {available}"),
+        None => format!("the account has too few credits ({available} available)"),
+    }
+}
+
 impl From<PortError> for ApiError {
     fn from(e: PortError) -> Self {
         match e {
             PortError::NotFound => ApiError::NotFound("task not found"),
-            PortError::InsufficientCredits { available } => {
-                ApiError::InsufficientCredits { available }
-            }
+            PortError::InsufficientCredits { available } => ApiError::InsufficientQuota {
+                needed: None,
+                available,
+            },
             PortError::ReservationLost => ApiError::IdempotencyInProgress,
             PortError::Rejected(TransitionError::NotCancellable(s)) => {
                 ApiError::NotCancellable { status: s.as_str() }
