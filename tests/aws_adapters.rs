@@ -148,13 +148,14 @@ fn queued_task(account_id: &str, credits: u64, model: &str) -> Task {
         attempts: 0,
         lease_until: None,
         version: 1,
+        check_at: Some(Utc::now()),
     }
 }
 
 /// A task for `account` stored (and paid for) through `insert_task`.
 async fn submitted(store: &DynamoStore, account: &Account, credits: u64) -> Task {
     let task = queued_task(&account.id, credits, "echo");
-    store.insert_task(&task, None).await.unwrap();
+    store.insert_task(&task, None, u64::MAX).await.unwrap();
     task
 }
 
@@ -222,13 +223,13 @@ async fn submit_debits_the_credits_in_the_same_write_that_stores_the_task() {
     let account = open_account(store, 10).await;
 
     let task = queued_task(&account.id, 4, "echo");
-    store.insert_task(&task, None).await.unwrap();
+    store.insert_task(&task, None, u64::MAX).await.unwrap();
 
     assert_eq!(store.task(&task.id).await.unwrap().as_ref(), Some(&task));
     assert_eq!(balance(store, &account.id).await, (6, 10));
 
     // A second insert of the same task fails as a whole: the debit is rolled back with it.
-    let again = store.insert_task(&task, None).await;
+    let again = store.insert_task(&task, None, u64::MAX).await;
     assert!(matches!(again, Err(PortError::Internal(_))), "{again:?}");
     assert_eq!(balance(store, &account.id).await, (6, 10));
 }
@@ -251,7 +252,7 @@ async fn submit_with_too_few_credits_writes_nothing_and_reports_the_balance() {
         key: "k-poor".into(),
         token,
     };
-    let res = store.insert_task(&task, Some(&claim)).await;
+    let res = store.insert_task(&task, Some(&claim), u64::MAX).await;
 
     assert!(
         matches!(res, Err(PortError::InsufficientCredits { available: 3 })),
@@ -277,7 +278,7 @@ async fn submit_for_an_unknown_account_is_not_found_and_stores_nothing() {
     let env = env("noacct").await;
     let store = env.store();
     let task = queued_task("acct_does_not_exist", 1, "echo");
-    let res = store.insert_task(&task, None).await;
+    let res = store.insert_task(&task, None, u64::MAX).await;
     assert!(matches!(res, Err(PortError::NotFound)), "{res:?}");
     assert_eq!(store.task(&task.id).await.unwrap(), None);
 }
@@ -300,7 +301,7 @@ async fn a_claim_with_the_wrong_token_is_reservation_lost_and_writes_nothing() {
         key: "k-1".into(),
         token: "not-the-token".into(),
     };
-    let res = store.insert_task(&task, Some(&wrong)).await;
+    let res = store.insert_task(&task, Some(&wrong), u64::MAX).await;
     assert!(matches!(res, Err(PortError::ReservationLost)), "{res:?}");
     assert_eq!(store.task(&task.id).await.unwrap(), None);
     assert_eq!(balance(store, &account.id).await, (10, 10));
@@ -310,7 +311,7 @@ async fn a_claim_with_the_wrong_token_is_reservation_lost_and_writes_nothing() {
         key: "k-never-reserved".into(),
         token: "any".into(),
     };
-    let res = store.insert_task(&task, Some(&never)).await;
+    let res = store.insert_task(&task, Some(&never), u64::MAX).await;
     assert!(matches!(res, Err(PortError::ReservationLost)), "{res:?}");
     assert_eq!(store.task(&task.id).await.unwrap(), None);
     assert_eq!(balance(store, &account.id).await, (10, 10));
@@ -366,7 +367,10 @@ async fn an_idempotency_key_goes_from_reserved_to_in_progress_to_completed() {
         key: "k-1".into(),
         token,
     };
-    store.insert_task(&task, Some(&claim)).await.unwrap();
+    store
+        .insert_task(&task, Some(&claim), u64::MAX)
+        .await
+        .unwrap();
 
     let completed = Reservation::Completed {
         request_hash: "hash-a".into(),
@@ -458,6 +462,7 @@ async fn an_abandoned_reservation_is_taken_over_once_in_flight_has_passed() {
                 key: "k-1".into(),
                 token: first,
             }),
+            u64::MAX,
         )
         .await;
     assert!(matches!(res, Err(PortError::ReservationLost)), "{res:?}");
@@ -472,6 +477,7 @@ async fn an_abandoned_reservation_is_taken_over_once_in_flight_has_passed() {
                 key: "k-1".into(),
                 token: second,
             }),
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -516,6 +522,7 @@ async fn an_expired_idempotency_record_is_reserved_afresh() {
                 key: "k-1".into(),
                 token: token.clone(),
             }),
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -590,6 +597,7 @@ async fn release_frees_the_key_only_for_the_right_token() {
                 key: "k-1".into(),
                 token: again.clone(),
             }),
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -947,7 +955,7 @@ async fn status_and_model_filters_apply_across_dynamodb_pages() {
     for i in 0..30 {
         let model = if i % 5 == 0 { "demo-image" } else { "echo" };
         let task = queued_task(&account.id, 1, model);
-        store.insert_task(&task, None).await.unwrap();
+        store.insert_task(&task, None, u64::MAX).await.unwrap();
         let mut status = TaskStatus::Queued;
         if i % 5 == 2 || i == 0 {
             store
@@ -959,7 +967,7 @@ async fn status_and_model_filters_apply_across_dynamodb_pages() {
         tasks.push((task.id, model.to_string(), status));
 
         let theirs = queued_task(&other.id, 1, "demo-image");
-        store.insert_task(&theirs, None).await.unwrap();
+        store.insert_task(&theirs, None, u64::MAX).await.unwrap();
         store
             .update_task(&theirs.id, &Transition::Cancel)
             .await
@@ -1595,7 +1603,10 @@ async fn every_store_call(store: &DynamoStore, check: fn(&str, PortResult<String
         "release_idempotency",
         dbg(store.release_idempotency(&account.id, "k", "t").await),
     );
-    check("insert_task", dbg(store.insert_task(&task, None).await));
+    check(
+        "insert_task",
+        dbg(store.insert_task(&task, None, u64::MAX).await),
+    );
     check("task", dbg(store.task(&task.id).await));
     check(
         "list_tasks",
@@ -1785,8 +1796,16 @@ impl TaskStore for WritesFail {
     ) -> PortResult<()> {
         self.rest.release_idempotency(account_id, key, token).await
     }
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
-        self.rest.insert_task(task, claim).await
+    async fn insert_task(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+    ) -> PortResult<()> {
+        self.rest.insert_task(task, claim, max_open).await
+    }
+    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        self.rest.due_tasks(waited_since, limit).await
     }
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
         self.rest.task(task_id).await

@@ -78,7 +78,7 @@ impl World {
     pub async fn insert(&self, task: &Task) {
         self.backends
             .store
-            .insert_task(task, None)
+            .insert_task(task, None, u64::MAX)
             .await
             .expect("inserting a task");
     }
@@ -165,6 +165,7 @@ pub fn queued_veo3(id: &str, account_id: &str) -> Task {
         attempts: 0,
         lease_until: None,
         version: 1,
+        check_at: Some(Utc::now()),
     }
 }
 

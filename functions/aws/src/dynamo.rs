@@ -7,7 +7,11 @@
 //! | idempotency record | `IDEM#<account id>#<key>` | `IDEM` | – | – |
 //!
 //! `GSI1` answers both "which account has this key" (one query) and "this account's tasks,
-//! newest first" (task ids are ULIDs). Idempotency records carry `expires_at` (epoch seconds),
+//! newest first" (task ids are ULIDs). `GSI2` is sparse: only a task waiting on possibly
+//! lost work carries `GSI2PK = DUE#<shard 0..7>` and `GSI2SK = <check_at>#<task id>`, so the
+//! sweeper reads just those (eight queries, one per shard, spreading the index's writes).
+//! The account item counts its open tasks (`open_tasks`): submit increments it under the
+//! cap in the same transaction as the debit, and the write that ends a task decrements it. Idempotency records carry `expires_at` (epoch seconds),
 //! the table's TTL attribute. Submit is one `TransactWriteItems` (debit, task, idempotency
 //! record); every task change is a write conditioned on the version read, and a refund
 //! travels in the same transaction.
@@ -27,10 +31,23 @@ use tasklane_core::account::Account;
 use tasklane_core::ports::{
     IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore,
 };
-use tasklane_core::task::{Task, Transition, apply};
+use tasklane_core::task::{Applied, Task, Transition, apply};
 
 /// Name of the global secondary index.
 pub const GSI1: &str = "GSI1";
+/// Name of the sparse index of tasks waiting on possibly lost work.
+pub const GSI2: &str = "GSI2";
+/// Partitions of [`GSI2`].
+const DUE_SHARDS: u8 = 8;
+
+fn due_shard(task_id: &str) -> u8 {
+    task_id.bytes().last().unwrap_or(0) % DUE_SHARDS
+}
+
+/// A sort key that orders as the time does (fixed width, UTC).
+fn due_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -162,7 +179,7 @@ fn task_from(item: &Item) -> PortResult<Task> {
 
 fn task_item(task: &Task) -> PortResult<Item> {
     let (pk, sk) = task_key(&task.id);
-    Ok(HashMap::from([
+    let mut item = HashMap::from([
         ("PK".to_string(), pk),
         ("SK".to_string(), sk),
         ("GSI1PK".to_string(), s(format!("ACCT#{}", task.account_id))),
@@ -174,7 +191,18 @@ fn task_item(task: &Task) -> PortResult<Item> {
             "doc".to_string(),
             s(serde_json::to_string(task).map_err(PortError::internal)?),
         ),
-    ]))
+    ]);
+    if let Some(at) = task.check_at {
+        item.insert(
+            "GSI2PK".to_string(),
+            s(format!("DUE#{}", due_shard(&task.id))),
+        );
+        item.insert(
+            "GSI2SK".to_string(),
+            s(format!("{}#{}", due_time(at), task.id)),
+        );
+    }
+    Ok(item)
 }
 
 /// The task store on one DynamoDB table.
@@ -226,26 +254,38 @@ impl DynamoStore {
             .condition_expression("attribute_exists(PK)")
     }
 
-    fn refund_update(&self, account_id: &str, credits: u64) -> PortResult<TransactWriteItem> {
+    /// The account side of a task's change: `refund` credits back, one open task less when
+    /// `closed`.
+    fn account_settle(
+        &self,
+        account_id: &str,
+        refund: u64,
+        closed: bool,
+    ) -> PortResult<TransactWriteItem> {
         let (pk, sk) = account_key(account_id);
         let update = Update::builder()
             .table_name(&self.table)
             .key("PK", pk)
             .key("SK", sk)
-            .update_expression("SET credits = credits + :c")
+            .update_expression(
+                "SET credits = credits + :c, open_tasks = if_not_exists(open_tasks, :zero) - :o",
+            )
             .condition_expression("attribute_exists(PK)")
-            .expression_attribute_values(":c", n(credits))
+            .expression_attribute_values(":c", n(refund))
+            .expression_attribute_values(":o", n(u8::from(closed)))
+            .expression_attribute_values(":zero", n(0))
             .build()
             .map_err(build_err)?;
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
-    /// Writes `task` if the stored version is still `expected`, refunding `refund` credits in
-    /// the same transaction. `Ok(false)` when the version changed meanwhile.
-    async fn write_task(&self, task: &Task, expected: u64, refund: u64) -> PortResult<bool> {
+    /// Writes `task` if the stored version is still `expected`, settling its account (refund,
+    /// open-task count) in the same transaction. `Ok(false)` when the version changed meanwhile.
+    async fn write_task(&self, task: &Task, expected: u64, applied: Applied) -> PortResult<bool> {
         let item = task_item(task)?;
         let cond = "version = :expected";
-        if refund == 0 {
+        let (refund, closed) = (applied.refund(), applied.closed());
+        if refund == 0 && !closed {
             let res = self
                 .client
                 .put_item()
@@ -279,7 +319,7 @@ impl DynamoStore {
             .client
             .transact_write_items()
             .transact_items(TransactWriteItem::builder().put(put).build())
-            .transact_items(self.refund_update(&task.account_id, refund)?)
+            .transact_items(self.account_settle(&task.account_id, refund, closed)?)
             .send()
             .await;
         match res {
@@ -300,7 +340,7 @@ impl DynamoStore {
                 match reasons {
                     Some(r) if r.iter().any(|x| lost(x.code())) => Ok(false),
                     Some(r) => Err(PortError::unavailable(format!(
-                        "refund transaction cancelled: {:?}",
+                        "task write transaction cancelled: {:?}",
                         r.iter()
                             .map(|x| x.code().unwrap_or("None").to_string())
                             .collect::<Vec<_>>()
@@ -469,15 +509,28 @@ impl TaskStore for DynamoStore {
         }
     }
 
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+    async fn insert_task(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+    ) -> PortResult<()> {
         let (apk, ask) = account_key(&task.account_id);
         let debit = Update::builder()
             .table_name(&self.table)
             .key("PK", apk)
             .key("SK", ask)
-            .update_expression("SET credits = credits - :c")
-            .condition_expression("attribute_exists(PK) AND credits >= :c")
+            .update_expression(
+                "SET credits = credits - :c, open_tasks = if_not_exists(open_tasks, :zero) + :one",
+            )
+            .condition_expression(
+                "attribute_exists(PK) AND credits >= :c \
+                 AND (attribute_not_exists(open_tasks) OR open_tasks < :cap)",
+            )
             .expression_attribute_values(":c", n(task.cost.credits))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":cap", n(max_open))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(build_err)?;
@@ -522,10 +575,13 @@ impl TaskStore for DynamoStore {
         let failed =
             |i: usize| reasons.get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
         if failed(0) {
-            let available = match reasons[0].item() {
-                Some(old) => get_n(old, "credits")?,
-                None => return Err(PortError::NotFound),
+            let Some(old) = reasons[0].item() else {
+                return Err(PortError::NotFound);
             };
+            let available = get_n(old, "credits")?;
+            if available >= task.cost.credits {
+                return Err(PortError::TooManyOpenTasks { limit: max_open });
+            }
             return Err(PortError::InsufficientCredits { available });
         }
         if failed(2) {
@@ -623,11 +679,37 @@ impl TaskStore for DynamoStore {
         let expected = task.version;
         if let Ok(applied) = apply(&mut task, transition, Utc::now())
             && task.version != expected
-            && self.write_task(&task, expected, applied.refund()).await?
+            && self.write_task(&task, expected, applied).await?
         {
             return Ok(task);
         }
         self.update_task(&current.id, transition).await
+    }
+
+    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        // Every shard's oldest `limit`, merged: the oldest `limit` overall.
+        let upper = format!("{}#~", due_time(waited_since));
+        let mut due = Vec::new();
+        for shard in 0..DUE_SHARDS {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI2)
+                .key_condition_expression("GSI2PK = :p AND GSI2SK <= :u")
+                .expression_attribute_values(":p", s(format!("DUE#{shard}")))
+                .expression_attribute_values(":u", s(upper.clone()))
+                .limit(i32::try_from(limit).unwrap_or(100))
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            for item in out.items() {
+                due.push(task_from(item)?);
+            }
+        }
+        due.sort_by_key(|t| t.check_at);
+        due.truncate(limit);
+        Ok(due)
     }
 
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
@@ -640,7 +722,7 @@ impl TaskStore for DynamoStore {
             if task.version == expected {
                 return Ok(task);
             }
-            if self.write_task(&task, expected, applied.refund()).await? {
+            if self.write_task(&task, expected, applied).await? {
                 return Ok(task);
             }
         }

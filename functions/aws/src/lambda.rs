@@ -7,6 +7,7 @@ use std::sync::Arc;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use bytes::Bytes;
 use lambda_http::{Body, Request, RequestExt, Response};
+use tasklane_core::App;
 use tasklane_core::api::Api;
 use tasklane_core::ports::WorkMessage;
 use tasklane_core::processor::{Disposition, Processor};
@@ -92,8 +93,49 @@ pub async fn handle_sqs(
             }
         }
     }
+    batch_failures(failures)
+}
+
+/// Ends each dead-lettered SQS record's task the way exhausted work ends
+/// ([`Processor::dead_letter`]). A record that cannot be handled now (a backend failed) is
+/// reported so it comes back; an unparseable one is dropped with an error log, as nothing can
+/// be done with it.
+pub async fn handle_dead_letters(processor: &Processor, event: SqsEvent) -> SqsBatchResponse {
+    let mut failures = Vec::new();
+    for record in event.records {
+        let id = record.message_id.clone().unwrap_or_default();
+        let Some(msg) = record
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<WorkMessage>(b).ok())
+        else {
+            tracing::error!(message_id = %id, body = ?record.body, "unparseable dead letter dropped");
+            continue;
+        };
+        let span = tracing::info_span!("dead_letter", task_id = %msg.task_id(), message_id = %id);
+        if let Err(e) = processor.dead_letter(&msg).instrument(span).await {
+            tracing::warn!(task_id = %msg.task_id(), error = %e, "dead letter not handled; SQS retries it");
+            failures.push(id);
+        }
+    }
+    batch_failures(failures)
+}
+
+/// Runs one sweep (see [`tasklane_core::sweeper`]); the EventBridge schedule's event is ignored.
+pub async fn handle_sweep(app: &App) -> Result<serde_json::Value, lambda_runtime::Error> {
+    let report = tasklane_core::sweeper::sweep(app, chrono::Utc::now()).await?;
+    tracing::info!(?report, "sweep");
+    Ok(serde_json::json!({
+        "due": report.due,
+        "runs": report.runs,
+        "callbacks": report.callbacks,
+        "moved_on": report.moved_on,
+    }))
+}
+
+fn batch_failures(ids: Vec<String>) -> SqsBatchResponse {
     let mut resp = SqsBatchResponse::default();
-    resp.batch_item_failures = failures
+    resp.batch_item_failures = ids
         .into_iter()
         .map(|id| {
             let mut f = BatchItemFailure::default();
@@ -106,6 +148,8 @@ pub async fn handle_sqs(
 
 /// The shared dependencies of a Lambda function, built once at cold start.
 pub struct Function {
+    /// The core's shared dependencies (the sweeper runs on them).
+    pub app: Arc<App>,
     /// The HTTP API.
     pub api: Api,
     /// The processor.
@@ -130,6 +174,7 @@ impl Function {
         let backends = crate::AwsBackends::connect(&settings).await;
         let app = backends.app(settings.core.clone());
         Arc::new(Function {
+            app: app.clone(),
             api: Api::new(app.clone()),
             processor: Processor::new(app),
             queue: backends.queue,

@@ -1,4 +1,4 @@
-//! Creates the resources `template.yaml` declares — table (with `GSI1` and TTL), work queue
+//! Creates the resources `template.yaml` declares — table (with `GSI1`, `GSI2` and TTL), work queue
 //! with its dead-letter queue, results bucket — on an AWS emulator, for tests and local trials.
 //! Real deployments use the SAM template.
 
@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_sqs::types::QueueAttributeName;
 
 use crate::AwsSettings;
-use crate::dynamo::GSI1;
+use crate::dynamo::{GSI1, GSI2};
 
 /// Receives before a work message moves to the dead-letter queue (as in template.yaml).
 pub const MAX_RECEIVE_COUNT: u32 = 5;
@@ -41,6 +41,8 @@ pub async fn provision(
         .attribute_definitions(attr("SK")?)
         .attribute_definitions(attr("GSI1PK")?)
         .attribute_definitions(attr("GSI1SK")?)
+        .attribute_definitions(attr("GSI2PK")?)
+        .attribute_definitions(attr("GSI2SK")?)
         .key_schema(key("PK", KeyType::Hash)?)
         .key_schema(key("SK", KeyType::Range)?)
         .global_secondary_indexes(
@@ -48,6 +50,18 @@ pub async fn provision(
                 .index_name(GSI1)
                 .key_schema(key("GSI1PK", KeyType::Hash)?)
                 .key_schema(key("GSI1SK", KeyType::Range)?)
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::All)
+                        .build(),
+                )
+                .build()?,
+        )
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(GSI2)
+                .key_schema(key("GSI2PK", KeyType::Hash)?)
+                .key_schema(key("GSI2SK", KeyType::Range)?)
                 .projection(
                     Projection::builder()
                         .projection_type(ProjectionType::All)

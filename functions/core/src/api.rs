@@ -324,6 +324,7 @@ impl Api {
                 available: account.credits,
             });
         }
+        let now = chrono::Utc::now();
         let task = Task {
             id: self.app.new_task_id(),
             account_id: account.id.clone(),
@@ -350,21 +351,26 @@ impl Api {
                 deliveries: Vec::new(),
             }),
             metadata: sub.metadata.clone(),
-            created_at: chrono::Utc::now(),
+            created_at: now,
             started_at: None,
             completed_at: None,
             attempts: 0,
             lease_until: None,
             version: 1,
+            check_at: Some(now),
         };
         self.app
             .store
-            .insert_task(&task, claim)
+            .insert_task(&task, claim, self.app.config.max_open_tasks)
             .await
             .map_err(|e| match e {
                 PortError::InsufficientCredits { available } => ApiError::InsufficientQuota {
                     needed: Some(cost),
                     available,
+                },
+                PortError::TooManyOpenTasks { limit } => ApiError::TooManyOpenTasks {
+                    limit,
+                    retry_after: self.app.config.poll_after_secs.max(1),
                 },
                 other => other.into(),
             })?;

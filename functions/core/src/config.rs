@@ -35,6 +35,18 @@ pub struct Config {
     pub poll_after_secs: u64,
     /// Per-account request rate limit; `None` for none.
     pub rate_limit: Option<RateLimit>,
+    /// Most open (queued or processing) tasks an account may have; submits over it get 429.
+    pub max_open_tasks: u64,
+    /// How long a task may wait on possibly lost work (a queued task with no message, an
+    /// expired lease, an unsent first webhook) before the sweeper re-enqueues it.
+    pub sweep_after: Duration,
+    /// How often a polling runtime runs the sweeper (on AWS a schedule does).
+    pub sweep_interval: Duration,
+    /// Receives after which a polling worker treats a message as dead-lettered (SQS: the
+    /// queue's `maxReceiveCount`).
+    pub max_receives: u32,
+    /// How long a polling worker hides a message it received.
+    pub visibility: Duration,
 }
 
 /// The Standard Webhooks retry schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (about 27.6 h in all).
@@ -65,6 +77,11 @@ impl Default for Config {
                 per_second: 100.0,
                 burst: 200,
             }),
+            max_open_tasks: 1000,
+            sweep_after: Duration::from_secs(120),
+            sweep_interval: Duration::from_secs(30),
+            max_receives: 5,
+            visibility: Duration::from_secs(300),
         }
     }
 }
@@ -119,7 +136,8 @@ impl Config {
     /// Overrides settings from the `TASKLANE_*` variables every runtime shares:
     /// `TASKLANE_CALLBACK_ALLOW_PRIVATE`, `TASKLANE_RESULT_URL_TTL`, `TASKLANE_SYNC_WAIT_CAP`,
     /// `TASKLANE_RATE_LIMIT`, `TASKLANE_RATE_BURST`, `TASKLANE_LEASE`,
-    /// `TASKLANE_CALLBACK_RETRY_SCHEDULE`.
+    /// `TASKLANE_CALLBACK_RETRY_SCHEDULE`, `TASKLANE_MAX_OPEN_TASKS`, `TASKLANE_SWEEP_AFTER`,
+    /// `TASKLANE_SWEEP_INTERVAL`, `TASKLANE_MAX_RECEIVES`, `TASKLANE_VISIBILITY`.
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
         if let Some(b) = env_parse("TASKLANE_CALLBACK_ALLOW_PRIVATE")? {
             self.callback_allow_private = b;
@@ -157,6 +175,35 @@ impl Config {
                 "TASKLANE_LEASE must be at least 1 second",
             )?;
             self.lease = t;
+        }
+        if let Some(n) = env_parse::<u64>("TASKLANE_MAX_OPEN_TASKS")? {
+            ensure(n >= 1, "TASKLANE_MAX_OPEN_TASKS must be at least 1")?;
+            self.max_open_tasks = n;
+        }
+        if let Some(t) = env_secs("TASKLANE_SWEEP_AFTER")? {
+            ensure(
+                t >= Duration::from_secs(1),
+                "TASKLANE_SWEEP_AFTER must be at least 1 second",
+            )?;
+            self.sweep_after = t;
+        }
+        if let Some(t) = env_secs("TASKLANE_SWEEP_INTERVAL")? {
+            ensure(
+                t >= Duration::from_millis(100),
+                "TASKLANE_SWEEP_INTERVAL must be at least 0.1 seconds",
+            )?;
+            self.sweep_interval = t;
+        }
+        if let Some(n) = env_parse::<u32>("TASKLANE_MAX_RECEIVES")? {
+            ensure(n >= 1, "TASKLANE_MAX_RECEIVES must be at least 1")?;
+            self.max_receives = n;
+        }
+        if let Some(t) = env_secs("TASKLANE_VISIBILITY")? {
+            ensure(
+                t >= Duration::from_secs(1),
+                "TASKLANE_VISIBILITY must be at least 1 second",
+            )?;
+            self.visibility = t;
         }
         if let Ok(s) = std::env::var("TASKLANE_CALLBACK_RETRY_SCHEDULE")
             && !s.trim().is_empty()

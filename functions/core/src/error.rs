@@ -71,6 +71,16 @@ pub enum ApiError {
         /// Seconds until a retry may succeed.
         retry_after: u64,
     },
+    /// 429: the account has as many open (queued or processing) tasks as it may.
+    #[error(
+        "this account has {limit} unfinished tasks, the most it may have; retry when some have finished"
+    )]
+    TooManyOpenTasks {
+        /// The cap.
+        limit: u64,
+        /// Seconds until a retry may succeed.
+        retry_after: u64,
+    },
     /// 500: a bug or unexpected backend failure.
     #[error("internal error")]
     Internal(#[source] BoxError),
@@ -117,7 +127,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::TooManyOpenTasks { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -137,7 +149,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
-            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::RateLimited { .. } | ApiError::TooManyOpenTasks { .. } => "rate_limited",
             ApiError::Internal(_) => "internal",
             ApiError::Unavailable { .. } => "unavailable",
         }
@@ -171,7 +183,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow } => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::RateLimited { retry_after } | ApiError::Unavailable { retry_after, .. } => {
+            ApiError::RateLimited { retry_after }
+            | ApiError::TooManyOpenTasks { retry_after, .. }
+            | ApiError::Unavailable { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             // A 409 that retrying cannot fix: tell clients that retry 409s by default
@@ -201,6 +215,10 @@ impl From<PortError> for ApiError {
                 available,
             },
             PortError::ReservationLost => ApiError::IdempotencyInProgress,
+            PortError::TooManyOpenTasks { limit } => ApiError::TooManyOpenTasks {
+                limit,
+                retry_after: 1,
+            },
             PortError::Rejected(TransitionError::NotCancellable(s)) => {
                 ApiError::NotCancellable { status: s.as_str() }
             }

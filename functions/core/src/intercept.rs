@@ -40,6 +40,8 @@ pub enum Op {
     ListTasks,
     /// [`TaskStore::update_task`].
     UpdateTask,
+    /// [`TaskStore::due_tasks`].
+    DueTasks,
     /// [`WorkQueue::enqueue`].
     Enqueue,
     /// [`BlobStore::put`].
@@ -113,9 +115,18 @@ impl TaskStore for Intercepted<dyn TaskStore> {
         self.hook.before(Op::ReleaseIdempotency).await?;
         self.inner.release_idempotency(account_id, key, token).await
     }
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+    async fn insert_task(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+    ) -> PortResult<()> {
         self.hook.before(Op::InsertTask).await?;
-        self.inner.insert_task(task, claim).await
+        self.inner.insert_task(task, claim, max_open).await
+    }
+    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        self.hook.before(Op::DueTasks).await?;
+        self.inner.due_tasks(waited_since, limit).await
     }
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
         self.hook.before(Op::Task).await?;

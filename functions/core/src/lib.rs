@@ -13,12 +13,15 @@
 //! - [`processor`]: runs queued work (generation, webhook delivery) idempotently.
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
 //! - [`error`]: the one error enum and its mapping to the API error shape.
-//! - [`intercept`]: port wrappers that run a hook before each call (fault injection).
+//! - [`intercept`]: port wrappers that run a hook before each call; [`chaos`]: seeded fault
+//!   injection on top of it (failures, delays, duplicate messages, worker crashes).
+//! - [`sweeper`]: re-enqueues work a task waits on when its message was lost.
 //! - [`limits`]: per-account rate limiting.
 //! - [`view`], [`events`], [`config`]: the task object, in-process wake-ups, settings.
 
 pub mod account;
 pub mod api;
+pub mod chaos;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -28,6 +31,7 @@ pub mod limits;
 pub mod ports;
 pub mod processor;
 pub mod registry;
+pub mod sweeper;
 pub mod task;
 pub mod validate;
 pub mod view;

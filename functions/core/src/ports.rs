@@ -28,6 +28,12 @@ pub enum PortError {
         /// Credits the account holds.
         available: u64,
     },
+    /// The account already has as many open (queued or processing) tasks as allowed.
+    #[error("too many open tasks (limit {limit})")]
+    TooManyOpenTasks {
+        /// The cap.
+        limit: u64,
+    },
     /// The idempotency reservation is no longer ours (expired and taken by another request).
     #[error("idempotency reservation lost")]
     ReservationLost,
@@ -140,15 +146,25 @@ pub trait TaskStore: Send + Sync {
     -> PortResult<()>;
 
     /// Atomically: debits `task.cost.credits` from the account (refusing with
-    /// [`PortError::InsufficientCredits`] rather than going negative), stores the task, and
-    /// marks the idempotency reservation completed with this task's id.
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()>;
+    /// [`PortError::InsufficientCredits`] rather than going negative), refuses with
+    /// [`PortError::TooManyOpenTasks`] when the account already has `max_open` open tasks,
+    /// stores the task, and marks the idempotency reservation completed with this task's id.
+    async fn insert_task(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+    ) -> PortResult<()>;
     /// Reads a task by id (any account; callers scope by `account_id`).
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>>;
     /// Lists an account's tasks, newest first.
     async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage>;
+    /// Tasks of any account that have waited on possibly lost work since `waited_since` or
+    /// earlier ([`Task::check_at`]), oldest first, at most `limit`.
+    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;
     /// Applies `transition` with [`crate::task::apply`] and writes the result conditioned on the
-    /// version read, together with any refund, in one atomic write. Returns the task as stored.
+    /// version read, together with any refund (and, when the task closes, one less open task on
+    /// its account), in one atomic write. Returns the task as stored.
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task>;
     /// Like [`TaskStore::update_task`], starting from `current`, a version of the task the
     /// caller read: an adapter may apply the transition to it and write conditioned on its

@@ -79,6 +79,57 @@ impl Processor {
         }
     }
 
+    /// Ends what a message that could not be processed (it reached the dead-letter queue, or
+    /// a polling worker received it more than [`crate::Config::max_receives`] times) was
+    /// about, the way the processor ends exhausted work: a `Run` fails its task with a refund
+    /// unless a worker holds the task's lease (that worker is still completing it; if it dies
+    /// the sweeper re-enqueues the task); a `Deliver` marks the webhook failed.
+    pub async fn dead_letter(&self, msg: &WorkMessage) -> PortResult<()> {
+        let store = &self.app.store;
+        let Some(task) = store.task(msg.task_id()).await? else {
+            return Ok(());
+        };
+        match msg {
+            WorkMessage::Run { task_id } => {
+                if !task.is_open() {
+                    self.schedule_callback(&task).await?;
+                    return Ok(());
+                }
+                let fail = Transition::Fail {
+                    attempt: None,
+                    error: TaskFailure {
+                        code: "attempts_exhausted".into(),
+                        message: "the task could not be processed; credits were refunded".into(),
+                    },
+                };
+                tracing::warn!(task_id, status = %task.status, "dead-lettered work: failing the task");
+                self.finish(&task, &fail).await.map(|_| ())
+            }
+            WorkMessage::Deliver {
+                task_id, attempt, ..
+            } => {
+                let Some(cb) = task.callback.clone() else {
+                    return Ok(());
+                };
+                if cb.state != CallbackState::Pending || cb.attempts != *attempt {
+                    return Ok(());
+                }
+                tracing::warn!(task_id, attempt, "dead-lettered webhook: marking it failed");
+                let failed = crate::task::Callback {
+                    state: CallbackState::Failed,
+                    ..cb
+                };
+                match store
+                    .update_task_from(&task, &Transition::Callback(failed))
+                    .await
+                {
+                    Ok(_) | Err(PortError::Rejected(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
     async fn run(&self, task_id: &str) -> PortResult<Disposition> {
         let store = &self.app.store;
         let cfg = &self.app.config;
@@ -168,8 +219,12 @@ impl Processor {
             lease: cfg.lease,
             last_pct: 0,
             last_write: Instant::now(),
+            crashed: None,
         };
         let outcome = spec.generator.generate(job, &mut sink).await;
+        if let Some(crash) = sink.crashed.take() {
+            return Err(crash);
+        }
         let transition = match outcome {
             GenerateOutcome::Aborted => {
                 tracing::warn!(task_id, attempt, "attempt aborted: the task was taken over");
@@ -318,22 +373,22 @@ impl Processor {
     }
 }
 
-/// How long a polling worker hides a message it received.
-pub const VISIBILITY: Duration = Duration::from_secs(300);
-
 /// A worker: receives messages from `source`, handles them with `processor` and settles them,
-/// until `stop` turns true (it finishes the message in hand first).
+/// until `stop` turns true (it finishes the message in hand first). A message received more
+/// than [`crate::Config::max_receives`] times is dead-lettered ([`Processor::dead_letter`]).
 pub async fn run_worker(
     n: usize,
     source: Arc<dyn MessageSource>,
     processor: Processor,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let visibility = processor.app.config.visibility;
+    let max_receives = processor.app.config.max_receives;
     loop {
         if *stop.borrow() {
             return;
         }
-        let batch = match source.receive(1, VISIBILITY).await {
+        let batch = match source.receive(1, visibility).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(worker = n, error = %e, "queue receive failed");
@@ -364,8 +419,34 @@ pub async fn run_worker(
                 "received"
             );
             let span = tracing::info_span!("work", worker = n, task_id = %msg.task_id());
-            let settled = match processor.handle(&msg).instrument(span).await {
+            let handled = if d.receive_count > max_receives {
+                tracing::warn!(
+                    worker = n,
+                    task_id = msg.task_id(),
+                    receive_count = d.receive_count,
+                    "message dead-lettered"
+                );
+                async {
+                    processor
+                        .dead_letter(&msg)
+                        .await
+                        .map(|()| Disposition::Done)
+                }
+                .instrument(span)
+                .await
+            } else {
+                crate::chaos::as_worker(processor.handle(&msg).instrument(span)).await
+            };
+            let settled = match handled {
                 Ok(Disposition::Done) => source.ack(&d).await,
+                Err(e) if e.is_simulated_crash() => {
+                    tracing::warn!(
+                        worker = n,
+                        task_id = msg.task_id(),
+                        "simulated crash: message left unsettled"
+                    );
+                    continue;
+                }
                 Ok(Disposition::RetryAfter(delay)) => source.retry(&d, delay).await,
                 Err(e) => {
                     let backoff = Duration::from_millis(200 * 2u64.pow(d.receive_count.min(8)));
@@ -389,6 +470,8 @@ struct StoreProgress<'a> {
     lease: Duration,
     last_pct: u8,
     last_write: Instant,
+    /// A simulated crash met while reporting: the attempt stops and its message stays unsettled.
+    crashed: Option<PortError>,
 }
 
 #[async_trait]
@@ -412,6 +495,10 @@ impl ProgressSink for StoreProgress<'_> {
                 Ok(())
             }
             Err(PortError::Rejected(_)) => Err(Abort),
+            Err(e) if e.is_simulated_crash() => {
+                self.crashed = Some(e);
+                Err(Abort)
+            }
             Err(e) => {
                 tracing::warn!(task_id = %self.current.id, error = %e, "progress not recorded");
                 Ok(())

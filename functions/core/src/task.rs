@@ -203,6 +203,29 @@ pub struct Task {
     pub lease_until: Option<DateTime<Utc>>,
     /// Optimistic-concurrency version, bumped on every write.
     pub version: u64,
+    /// Since when the task has been waiting on work that may have been lost: its submit or
+    /// last re-enqueue while queued, its lease end while processing, its end while the first
+    /// webhook attempt is outstanding; `None` when nothing is owed. The sweeper
+    /// ([`crate::sweeper`]) re-enqueues work for tasks that have waited too long. Kept by
+    /// [`apply`]; never shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_at: Option<DateTime<Utc>>,
+}
+
+impl Task {
+    /// Whether the task is queued or processing (counts towards the account's open-task cap).
+    pub fn is_open(&self) -> bool {
+        !self.status.is_terminal()
+    }
+
+    /// Whether the first webhook attempt is still owed.
+    pub fn first_callback_owed(&self) -> bool {
+        self.status.is_terminal()
+            && self
+                .callback
+                .as_ref()
+                .is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0)
+    }
 }
 
 /// A change requested of a task. See [`apply`] for the rules.
@@ -231,7 +254,8 @@ pub enum Transition {
     },
     /// `processing -> failed` (for `attempt`, when given) or `queued -> failed`; refunds.
     Fail {
-        /// The attempt failing; `None` fails a task regardless of attempt (queued or processing).
+        /// The attempt failing; `None` fails a task no worker holds: queued, or processing
+        /// with its lease expired (a held lease refuses with [`TransitionError::LeaseHeld`]).
         attempt: Option<u32>,
         /// Why.
         error: TaskFailure,
@@ -240,6 +264,12 @@ pub enum Transition {
     Cancel,
     /// Records a webhook delivery attempt.
     Callback(Callback),
+    /// The sweeper re-enqueued the work a task waits on: restarts its wait at `now`. Refused
+    /// with [`TransitionError::NotDue`] unless the task has waited since `due_before` or earlier.
+    Requeue {
+        /// Only a task waiting since this time or earlier is due.
+        due_before: DateTime<Utc>,
+    },
 }
 
 /// Why a transition was refused.
@@ -260,6 +290,9 @@ pub enum TransitionError {
     /// The task has no callback to record.
     #[error("task has no callback")]
     NoCallback,
+    /// The task is not waiting on lost work (it moved on since it was read).
+    #[error("task is not due for a sweep")]
+    NotDue,
 }
 
 /// The effect of an applied transition, for the adapter to write.
@@ -267,10 +300,13 @@ pub enum TransitionError {
 pub enum Applied {
     /// Nothing changed; no write is needed.
     Unchanged,
-    /// The task changed; write it and add `refund` credits to its account in the same atomic write.
+    /// The task changed; write it and, in the same atomic write, add `refund` credits to its
+    /// account and, when `closed`, take one off the account's open tasks.
     Changed {
         /// Credits to give back (0 for none).
         refund: u64,
+        /// The task left the open states (queued, processing) for a terminal one.
+        closed: bool,
     },
 }
 
@@ -279,8 +315,13 @@ impl Applied {
     pub fn refund(self) -> u64 {
         match self {
             Applied::Unchanged => 0,
-            Applied::Changed { refund } => refund,
+            Applied::Changed { refund, .. } => refund,
         }
+    }
+
+    /// Whether the task left the open states with this change.
+    pub fn closed(self) -> bool {
+        matches!(self, Applied::Changed { closed: true, .. })
     }
 }
 
@@ -303,17 +344,48 @@ pub fn apply(
     let before = task.clone();
     let result = apply_inner(task, t, now);
     match result {
-        Ok(Applied::Changed { .. }) => task.version += 1,
-        Ok(Applied::Unchanged) | Err(_) => *task = before,
+        Ok(Inner::Changed { refund }) => {
+            task.version += 1;
+            if !matches!(t, Transition::Requeue { .. }) {
+                task.check_at = waiting_since(task, now);
+            }
+            Ok(Applied::Changed {
+                refund,
+                closed: before.is_open() && !task.is_open(),
+            })
+        }
+        Ok(Inner::Unchanged) => {
+            *task = before;
+            Ok(Applied::Unchanged)
+        }
+        Err(e) => {
+            *task = before;
+            Err(e)
+        }
     }
-    result
+}
+
+/// Since when `task`, just changed at `now`, waits on work that may have been lost.
+fn waiting_since(task: &Task, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    match task.status {
+        TaskStatus::Queued => task.check_at.or(Some(now)),
+        TaskStatus::Processing => task.lease_until,
+        _ if task.first_callback_owed() => task.completed_at.or(Some(now)),
+        _ => None,
+    }
+}
+
+/// What [`apply_inner`] reports: the task changed (refunding this much) or not.
+enum Inner {
+    Unchanged,
+    Changed { refund: u64 },
 }
 
 fn apply_inner(
     task: &mut Task,
     t: &Transition,
     now: DateTime<Utc>,
-) -> Result<Applied, TransitionError> {
+) -> Result<Inner, TransitionError> {
     use TaskStatus::*;
     match t {
         Transition::Start { lease_until } => {
@@ -331,7 +403,7 @@ fn apply_inner(
             task.lease_until = Some(*lease_until);
             task.started_at.get_or_insert(now);
             task.progress = 0;
-            Ok(Applied::Changed { refund: 0 })
+            Ok(Inner::Changed { refund: 0 })
         }
         Transition::Progress {
             attempt,
@@ -341,7 +413,7 @@ fn apply_inner(
             current_attempt(task, *attempt)?;
             task.progress = (*progress).min(99).max(task.progress);
             task.lease_until = Some(*lease_until);
-            Ok(Applied::Changed { refund: 0 })
+            Ok(Inner::Changed { refund: 0 })
         }
         Transition::Complete { attempt, outputs } => {
             current_attempt(task, *attempt)?;
@@ -350,11 +422,14 @@ fn apply_inner(
             task.outputs = outputs.clone();
             task.lease_until = None;
             task.completed_at = Some(now);
-            Ok(Applied::Changed { refund: 0 })
+            Ok(Inner::Changed { refund: 0 })
         }
         Transition::Fail { attempt, error } => {
             match (task.status, attempt) {
                 (Processing, Some(a)) => current_attempt(task, *a)?,
+                (Processing, None) if task.lease_until.is_some_and(|l| l > now) => {
+                    return Err(TransitionError::LeaseHeld);
+                }
                 (Queued | Processing, None) => {}
                 (s, _) => return Err(TransitionError::WrongState(s)),
             }
@@ -362,7 +437,7 @@ fn apply_inner(
             task.error = Some(error.clone());
             task.lease_until = None;
             task.completed_at = Some(now);
-            Ok(Applied::Changed {
+            Ok(Inner::Changed {
                 refund: refund(task),
             })
         }
@@ -370,20 +445,27 @@ fn apply_inner(
             Queued => {
                 task.status = Cancelled;
                 task.completed_at = Some(now);
-                Ok(Applied::Changed {
+                Ok(Inner::Changed {
                     refund: refund(task),
                 })
             }
-            Cancelled => Ok(Applied::Unchanged),
+            Cancelled => Ok(Inner::Unchanged),
             s => Err(TransitionError::NotCancellable(s)),
         },
         Transition::Callback(cb) => match &mut task.callback {
             None => Err(TransitionError::NoCallback),
-            Some(existing) if existing == cb => Ok(Applied::Unchanged),
+            Some(existing) if existing == cb => Ok(Inner::Unchanged),
             Some(existing) => {
                 *existing = cb.clone();
-                Ok(Applied::Changed { refund: 0 })
+                Ok(Inner::Changed { refund: 0 })
             }
+        },
+        Transition::Requeue { due_before } => match task.check_at {
+            Some(since) if since <= *due_before => {
+                task.check_at = Some(now);
+                Ok(Inner::Changed { refund: 0 })
+            }
+            _ => Err(TransitionError::NotDue),
         },
     }
 }
@@ -430,6 +512,7 @@ pub(crate) mod tests {
             attempts: 0,
             lease_until: None,
             version: 1,
+            check_at: None,
         }
     }
 
@@ -500,7 +583,10 @@ pub(crate) mod tests {
         let mut task = sample(TaskStatus::Queued);
         assert_eq!(
             apply(&mut task, &Transition::Cancel, now),
-            Ok(Applied::Changed { refund: 7 })
+            Ok(Applied::Changed {
+                refund: 7,
+                closed: true
+            })
         );
         assert_eq!(task.status, TaskStatus::Cancelled);
         assert!(task.cost.refunded);

@@ -150,10 +150,23 @@ impl TaskStore for MemStore {
         }
         Ok(())
     }
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+    async fn insert_task(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+    ) -> PortResult<()> {
         let mut s = self.lock();
         if s.tasks.contains_key(&task.id) {
             return Err(PortError::internal("task exists"));
+        }
+        let open = s
+            .tasks
+            .values()
+            .filter(|t| t.account_id == task.account_id && t.is_open())
+            .count() as u64;
+        if open >= max_open {
+            return Err(PortError::TooManyOpenTasks { limit: max_open });
         }
         if let Some(c) = claim {
             let slot = (task.account_id.clone(), c.key.clone());
@@ -197,6 +210,18 @@ impl TaskStore for MemStore {
         let more = matching.next().is_some();
         let next_before = more.then(|| tasks.last().map(|t| t.id.clone())).flatten();
         Ok(TaskPage { tasks, next_before })
+    }
+    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        let s = self.lock();
+        let mut due: Vec<Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.check_at.is_some_and(|c| c <= waited_since))
+            .cloned()
+            .collect();
+        due.sort_by_key(|t| t.check_at);
+        due.truncate(limit);
+        Ok(due)
     }
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
         let mut s = self.lock();

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Limited};
 use rand::RngCore;
 use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
+use tasklane_core::chaos::Chaos;
 use tasklane_core::config::{env_parse, env_secs};
 use tasklane_core::generate::builtin_registry;
 use tasklane_core::intercept::{Intercepted, Interceptor};
@@ -156,6 +157,16 @@ impl Running {
 }
 
 impl Hooks {
+    /// Seeded fault injection ([`Chaos`]) on the store and work queue the API, the processor
+    /// and the sweeper use.
+    pub fn chaos(chaos: Arc<Chaos>) -> Hooks {
+        let c2 = chaos.clone();
+        Hooks {
+            store: Some(Box::new(move |inner| chaos.store(inner))),
+            queue: Some(Box::new(move |inner| c2.queue(inner))),
+        }
+    }
+
     /// Runs `hook` before every store and work-queue call the API and the processor make.
     pub fn intercept(hook: Arc<dyn Interceptor>) -> Hooks {
         let h2 = hook.clone();
@@ -341,6 +352,7 @@ pub async fn start_on(
             stop_rx.clone(),
         ));
     }
+    tasks.spawn(run_sweeper(app.clone(), stop_rx.clone()));
     let state = Served {
         api: Api::new(app.clone()),
         files,
@@ -369,6 +381,21 @@ pub async fn start_on(
         tasks,
         grace: cfg.shutdown_grace,
     })
+}
+
+/// Runs the sweeper every `sweep_interval` until `stop` turns true.
+async fn run_sweeper(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(app.config.sweep_interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match tasklane_core::sweeper::sweep(&app, chrono::Utc::now()).await {
+            Ok(r) if r.due > 0 => tracing::info!(?r, "sweep"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep stopped early; the next one goes on"),
+        }
+    }
 }
 
 struct Served {

@@ -59,6 +59,28 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_visible ON queue (visible_at, id);
 ";
 
+/// Indexes over columns a database from an earlier version may lack (added by [`migrate`]).
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS tasks_due ON tasks (check_at) WHERE check_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks (account_id) WHERE status IN ('queued', 'processing');
+";
+
+/// Brings a database written by an earlier version up to date.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    let has_check_at: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'check_at'")?
+        .exists([])?;
+    if !has_check_at {
+        c.execute_batch("ALTER TABLE tasks ADD COLUMN check_at INTEGER;")?;
+        // Unfinished tasks are re-enqueued at start-up; from then on they are swept normally.
+        c.execute(
+            "UPDATE tasks SET check_at = ?1 WHERE status IN ('queued', 'processing')",
+            [now_ms()],
+        )?;
+    }
+    c.execute_batch(INDEXES)
+}
+
 fn internal(e: impl Into<tasklane_core::ports::BoxError>) -> PortError {
     PortError::internal(e)
 }
@@ -96,6 +118,7 @@ impl Db {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -199,13 +222,14 @@ fn write_task(c: &Connection, task: &Task, expected_version: u64) -> PortResult<
     let doc = serde_json::to_string(task).map_err(internal)?;
     let n = c
         .execute(
-            "UPDATE tasks SET status = ?2, version = ?3, doc = ?4 WHERE id = ?1 AND version = ?5",
+            "UPDATE tasks SET status = ?2, version = ?3, doc = ?4, check_at = ?6 WHERE id = ?1 AND version = ?5",
             params![
                 task.id,
                 task.status.as_str(),
                 task.version as i64,
                 doc,
-                expected_version as i64
+                expected_version as i64,
+                task.check_at.map(millis),
             ],
         )
         .map_err(db_err)?;
@@ -355,12 +379,27 @@ impl TaskStore for SqliteStore {
             .await
     }
 
-    async fn insert_task(&self, task: &Task, claim: Option<&IdempotencyClaim>) -> PortResult<()> {
+    async fn insert_task(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+    ) -> PortResult<()> {
         let task = task.clone();
         let claim = claim.cloned();
         self.db
             .with(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+                let open: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM tasks WHERE account_id = ?1 AND status IN ('queued', 'processing')",
+                        [&task.account_id],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                if open as u64 >= max_open {
+                    return Err(PortError::TooManyOpenTasks { limit: max_open });
+                }
                 let cost = task.cost.credits as i64;
                 let debited = tx
                     .execute(
@@ -391,8 +430,8 @@ impl TaskStore for SqliteStore {
                 }
                 let doc = serde_json::to_string(&task).map_err(internal)?;
                 tx.execute(
-                    "INSERT INTO tasks (id, account_id, status, model, version, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![task.id, task.account_id, task.status.as_str(), task.model, task.version as i64, doc],
+                    "INSERT INTO tasks (id, account_id, status, model, version, doc, check_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![task.id, task.account_id, task.status.as_str(), task.model, task.version as i64, doc, task.check_at.map(millis)],
                 )
                 .map_err(db_err)?;
                 tx.commit().map_err(db_err)
@@ -442,6 +481,25 @@ impl TaskStore for SqliteStore {
                     None
                 };
                 Ok(TaskPage { tasks, next_before })
+            })
+            .await
+    }
+
+    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        let since = millis(waited_since);
+        self.db
+            .with(move |c| {
+                let mut st = c
+                    .prepare("SELECT doc FROM tasks WHERE check_at IS NOT NULL AND check_at <= ?1 ORDER BY check_at LIMIT ?2")
+                    .map_err(db_err)?;
+                let docs: Vec<String> = st
+                    .query_map(params![since, limit as i64], |r| r.get(0))
+                    .map_err(db_err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(db_err)?;
+                docs.iter()
+                    .map(|d| serde_json::from_str(d).map_err(internal))
+                    .collect()
             })
             .await
     }

@@ -14,7 +14,7 @@ use tasklane_aws::{AwsBackends, provision};
 use tasklane_core::account::Account;
 use tasklane_core::api::Api;
 use tasklane_core::ports::{MessageSource, TaskStore};
-use tasklane_core::processor::{Processor, VISIBILITY};
+use tasklane_core::processor::Processor;
 
 struct Bench {
     api: Api,
@@ -60,7 +60,11 @@ impl Bench {
         let mut total = BTreeMap::new();
         let mut handled = 0;
         for _ in 0..20 {
-            let batch = self.source.receive(10, VISIBILITY).await.expect("receive");
+            let batch = self
+                .source
+                .receive(10, Duration::from_secs(300))
+                .await
+                .expect("receive");
             if batch.is_empty() {
                 break;
             }

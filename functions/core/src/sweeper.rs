@@ -1,0 +1,91 @@
+//! The sweeper: closes the gap between the store and the queue.
+//!
+//! A task is written before its work message is sent, so a crash, a failed send or a lost
+//! message can leave a task with no work behind it: queued with no `Run`, processing under a
+//! lease nobody renews, or finished with its first webhook never sent. Every task records since
+//! when it has been waiting ([`Task::check_at`], kept by [`crate::task::apply`]); the sweeper
+//! finds the tasks that have waited longer than [`crate::Config::sweep_after`], restarts their
+//! wait with a conditional write, and enqueues their work again. Duplicate messages are no-ops
+//! for the processor, so sweeping a task whose message was only slow is harmless.
+//!
+//! Locally the server runs [`sweep`] every [`crate::Config::sweep_interval`]; on AWS an
+//! EventBridge schedule invokes the `sweeper` function.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::App;
+use crate::ports::{PortError, PortResult, WorkMessage};
+use crate::task::{Task, Transition};
+
+/// Tasks read per page.
+const PAGE: usize = 100;
+/// Pages per sweep; what is left waits for the next sweep.
+const MAX_PAGES: usize = 50;
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Due tasks found.
+    pub due: usize,
+    /// `Run` messages enqueued again (queued or processing tasks).
+    pub runs: usize,
+    /// First webhook attempts enqueued again.
+    pub callbacks: usize,
+    /// Tasks that moved on between the read and the write (nothing to do).
+    pub moved_on: usize,
+}
+
+/// The message a due task waits on, if any.
+fn owed(task: &Task) -> Option<WorkMessage> {
+    if task.is_open() {
+        Some(WorkMessage::Run {
+            task_id: task.id.clone(),
+        })
+    } else if task.first_callback_owed() {
+        Some(WorkMessage::Deliver {
+            task_id: task.id.clone(),
+            attempt: 0,
+            not_before: None,
+        })
+    } else {
+        None
+    }
+}
+
+/// Re-enqueues the work of every task that has waited since `now - sweep_after` or earlier.
+/// A backend error stops the sweep (the rest is found by the next one).
+pub async fn sweep(app: &App, now: DateTime<Utc>) -> PortResult<SweepReport> {
+    let after = chrono::Duration::from_std(app.config.sweep_after).unwrap_or(chrono::Duration::MAX);
+    let since = now - after;
+    let mut report = SweepReport::default();
+    for _ in 0..MAX_PAGES {
+        let due = app.store.due_tasks(since, PAGE).await?;
+        report.due += due.len();
+        for task in &due {
+            let requeue = Transition::Requeue { due_before: since };
+            let task = match app.store.update_task_from(task, &requeue).await {
+                Ok(t) => t,
+                Err(PortError::Rejected(_) | PortError::NotFound) => {
+                    report.moved_on += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(msg) = owed(&task) else {
+                continue;
+            };
+            tracing::warn!(task_id = %task.id, status = %task.status, message = ?msg, "sweeper: work re-enqueued");
+            app.queue.enqueue(&msg, Duration::ZERO).await?;
+            match msg {
+                WorkMessage::Run { .. } => report.runs += 1,
+                WorkMessage::Deliver { .. } => report.callbacks += 1,
+            }
+        }
+        if due.len() < PAGE {
+            break;
+        }
+    }
+    Ok(report)
+}
