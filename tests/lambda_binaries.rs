@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_fixtures::{
-    ACCOUNT, CANCEL, CREDITS, DELIVER_TASK, EXAMPLE_TASK, LIST, PROCESSOR, STATUS, SUBMIT,
-    SYNC_WAIT, World, download, queued_veo3, sqs_records, ulid_task_id,
+    ACCOUNT, CANCEL, CREDITS, DEAD_LETTER, DELIVER_TASK, EXAMPLE_TASK, LIST, PROCESSOR, STATUS,
+    SUBMIT, SWEEPER, SYNC_WAIT, World, download, queued_veo3, sqs_records, ulid_task_id,
 };
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use chrono::Utc;
@@ -35,13 +35,15 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
-const FUNCTIONS: [(&str, &str, u32); 6] = [
+const FUNCTIONS: [(&str, &str, u32); 8] = [
     ("submit", "SubmitFunction", 256),
     ("status", "StatusFunction", 256),
     ("cancel", "CancelFunction", 256),
     ("sync-wait", "SyncWaitFunction", 256),
     ("account", "AccountFunction", 256),
     ("processor", "ProcessorFunction", 512),
+    ("dead-letter", "DeadLetterFunction", 256),
+    ("sweeper", "SweeperFunction", 256),
 ];
 
 // Generous deadlines: debug binaries on a loaded two-core machine. Nothing asserts a duration.
@@ -442,6 +444,8 @@ fn binary(name: &str) -> &'static str {
         "sync-wait" => env!("CARGO_BIN_EXE_sync-wait"),
         "account" => env!("CARGO_BIN_EXE_account"),
         "processor" => env!("CARGO_BIN_EXE_processor"),
+        "dead-letter" => env!("CARGO_BIN_EXE_dead-letter"),
+        "sweeper" => env!("CARGO_BIN_EXE_sweeper"),
         other => panic!("no function binary named {other}"),
     }
 }
@@ -802,6 +806,8 @@ impl Stack {
             ("TASKLANE_RESULT_URL_TTL", "3600".into()),
             ("TASKLANE_SYNC_WAIT_CAP", "25".into()),
             ("TASKLANE_CALLBACK_ALLOW_PRIVATE", "false".into()),
+            ("TASKLANE_SWEEP_AFTER", "120".into()),
+            ("TASKLANE_MAX_OPEN_TASKS", "1000".into()),
             ("RUST_LOG", "info".into()),
         ]
     }
@@ -1056,6 +1062,63 @@ async fn cancel_binary_cancels_the_example_task_and_refunds_its_fifty_credits_on
     assert_eq!(again.body["status"], "cancelled");
     assert_eq!(stack.credits().await, CREDITS, "no second refund");
     cancel.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_binary_fails_the_dead_lettered_example_task_and_refunds_its_fifty_credits() {
+    let stack = Stack::new("dlq").await;
+    stack
+        .insert(&queued_veo3(EXAMPLE_TASK, &stack.account.id))
+        .await;
+    assert_eq!(stack.credits().await, CREDITS - 50);
+    let mut dlq = Function::ready("dead-letter", &stack.vars()).await;
+
+    let invoked = dlq.invoke(DEAD_LETTER).await;
+    assert_eq!(invoked.response(), &json!({"batchItemFailures": []}));
+    let task = stack.task(EXAMPLE_TASK).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert_eq!(task.error.unwrap().code, "attempts_exhausted");
+    assert!(task.cost.refunded);
+    assert_eq!(stack.credits().await, CREDITS);
+
+    // The same dead letter again (SQS delivers at least once): no second refund.
+    let again = dlq.invoke(DEAD_LETTER).await;
+    assert_eq!(again.response(), &json!({"batchItemFailures": []}));
+    assert_eq!(stack.credits().await, CREDITS, "refunded once");
+    dlq.assert_clean_runtime_use();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeper_binary_re_enqueues_the_run_of_a_task_stored_without_one() {
+    let stack = Stack::new("sweep").await;
+    // Stored ten minutes ago, its Run message lost (the template sweeps after 120 s).
+    let lost = Task {
+        check_at: Some(Utc::now() - chrono::Duration::minutes(10)),
+        ..queued_veo3(EXAMPLE_TASK, &stack.account.id)
+    };
+    stack.insert(&lost).await;
+    let mut sweeper = Function::ready("sweeper", &stack.vars()).await;
+
+    let invoked = sweeper.invoke(SWEEPER).await;
+    let report = invoked.response();
+    assert_eq!(report["runs"], 1, "{report}");
+    let work = stack
+        .backends
+        .queue
+        .receive(10, Duration::from_secs(60))
+        .await
+        .expect("receiving from the work queue");
+    let messages: Vec<_> = work.iter().map(|d| d.message.clone()).collect();
+    assert_eq!(
+        messages,
+        [Some(WorkMessage::Run {
+            task_id: EXAMPLE_TASK.into()
+        })]
+    );
+    // Re-armed: the next sweep does not send it again before SweepAfterSeconds.
+    let next = sweeper.invoke(SWEEPER).await;
+    assert_eq!(next.response()["runs"], 0, "{}", next.response());
+    sweeper.assert_clean_runtime_use();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

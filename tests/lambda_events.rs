@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_fixtures::{
-    ACCOUNT, CANCEL, CREDITS, DELIVER_TASK, EXAMPLE_KEY, EXAMPLE_TASK, LIST, PROCESSOR, STATUS,
-    SUBMIT, SYNC_WAIT, World, download, queued_veo3, sqs_records,
+    ACCOUNT, CANCEL, CREDITS, DEAD_LETTER, DELIVER_TASK, EXAMPLE_KEY, EXAMPLE_TASK, LIST,
+    PROCESSOR, STATUS, SUBMIT, SWEEPER, SYNC_WAIT, World, download, queued_veo3, sqs_records,
 };
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
@@ -21,7 +21,7 @@ use lambda_http::request::LambdaRequest;
 use lambda_http::tower::ServiceExt;
 use lambda_http::{Adapter, Context, LambdaEvent, Request, RequestExt, service_fn};
 use serde_json::{Map, Value, json};
-use tasklane_aws::lambda::{handle_http, handle_sqs};
+use tasklane_aws::lambda::{handle_dead_letters, handle_http, handle_sqs, handle_sweep};
 use tasklane_aws::provision::MAX_RECEIVE_COUNT;
 use tasklane_core::App;
 use tasklane_core::account::Account;
@@ -848,4 +848,88 @@ async fn processor_reports_a_run_for_a_task_another_worker_holds_a_fresh_lease_o
         held,
         "the task is untouched"
     );
+}
+
+#[tokio::test]
+async fn dead_letter_event_fails_the_queued_example_task_with_a_refund_once() {
+    let stack = Stack::new("dlq").await;
+    stack
+        .insert(&queued_veo3(EXAMPLE_TASK, &stack.account.id))
+        .await;
+    let event: SqsEvent = serde_json::from_str(DEAD_LETTER).expect("an SQS event");
+
+    let resp = handle_dead_letters(&stack.processor(), event.clone()).await;
+    assert!(message_ids(&resp).is_empty());
+    let task = stack.task(EXAMPLE_TASK).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert_eq!(task.error.as_ref().unwrap().code, "attempts_exhausted");
+    assert!(task.cost.refunded);
+    assert_eq!(stack.credits().await, CREDITS);
+
+    let resp = handle_dead_letters(&stack.processor(), event).await;
+    assert!(message_ids(&resp).is_empty());
+    assert_eq!(
+        stack.task(EXAMPLE_TASK).await,
+        task,
+        "a second copy changes nothing"
+    );
+    assert_eq!(stack.credits().await, CREDITS, "refunded once");
+}
+
+#[tokio::test]
+async fn dead_letter_event_leaves_a_task_another_worker_holds_a_fresh_lease_on() {
+    let stack = Stack::new("dlqlease").await;
+    let now = Utc::now();
+    let held = Task {
+        status: TaskStatus::Processing,
+        progress: 40,
+        started_at: Some(now),
+        attempts: 1,
+        lease_until: Some(now + chrono::Duration::seconds(60)),
+        ..queued_veo3(EXAMPLE_TASK, &stack.account.id)
+    };
+    stack.insert(&held).await;
+    let event: SqsEvent = serde_json::from_str(DEAD_LETTER).expect("an SQS event");
+
+    let resp = handle_dead_letters(&stack.processor(), event).await;
+    assert!(message_ids(&resp).is_empty(), "nothing to retry");
+    assert_eq!(
+        stack.task(EXAMPLE_TASK).await,
+        held,
+        "the worker completing it is not overruled"
+    );
+    assert_eq!(stack.credits().await, CREDITS - 50);
+}
+
+#[tokio::test]
+async fn sweeper_event_re_enqueues_only_the_task_that_waited_too_long() {
+    let stack = Stack::new("sweep").await;
+    let _: Value = serde_json::from_str(SWEEPER).expect("the scheduled event is JSON");
+    let lost = Task {
+        check_at: Some(Utc::now() - chrono::Duration::minutes(10)),
+        ..queued_veo3(EXAMPLE_TASK, &stack.account.id)
+    };
+    stack.insert(&lost).await;
+    // Submitted just now: its message is presumably on its way.
+    stack
+        .insert(&queued_veo3(DELIVER_TASK, &stack.account.id))
+        .await;
+
+    let report = handle_sweep(&stack.app).await.expect("a sweep");
+    assert_eq!(report["runs"], 1, "{report}");
+    let work = stack
+        .backends
+        .queue
+        .receive(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let messages: Vec<_> = work.iter().map(|d| d.message.clone()).collect();
+    assert_eq!(
+        messages,
+        [Some(WorkMessage::Run {
+            task_id: EXAMPLE_TASK.into()
+        })]
+    );
+    let again = handle_sweep(&stack.app).await.expect("a sweep");
+    assert_eq!(again["runs"], 0, "re-armed: {again}");
 }

@@ -22,6 +22,8 @@ pub const LIST: &str = include_str!("../../events/list.json");
 pub const CANCEL: &str = include_str!("../../events/cancel.json");
 pub const ACCOUNT: &str = include_str!("../../events/account.json");
 pub const PROCESSOR: &str = include_str!("../../events/processor.json");
+pub const DEAD_LETTER: &str = include_str!("../../events/dead-letter.json");
+pub const SWEEPER: &str = include_str!("../../events/sweeper.json");
 
 /// The obviously fake API key of every event (events/README.md).
 pub const EXAMPLE_KEY: &str = "tl_example_key_for_events_only_000000000000000";
@@ -132,6 +134,7 @@ impl World {
             started_at: Some(now),
             completed_at: Some(now),
             attempts: 1,
+            check_at: None,
             ..queued_veo3(id, &self.account.id)
         }
     }

@@ -462,7 +462,8 @@ fn apply_inner(
         },
         Transition::Requeue { due_before } => match task.check_at {
             Some(since) if since <= *due_before => {
-                task.check_at = Some(now);
+                let owes_work = task.is_open() || task.first_callback_owed();
+                task.check_at = owes_work.then_some(now);
                 Ok(Inner::Changed { refund: 0 })
             }
             _ => Err(TransitionError::NotDue),
