@@ -1087,6 +1087,43 @@ async fn a_rotated_key_hash_finds_the_account_and_the_old_one_no_longer_does() {
     );
 }
 
+#[tokio::test]
+async fn a_key_hash_belongs_to_one_account_at_creation_and_at_rotation() {
+    let env = env("keyuniq").await;
+    let store = env.store();
+    let first = open_account(store, 5).await;
+    let second = open_account(store, 7).await;
+
+    // A new account with a key another account holds is refused, and nothing is stored.
+    let mut clash = Account::create(9, None).account;
+    clash.key_hash = first.key_hash.clone();
+    assert!(store.create_account(&clash).await.is_err());
+    assert_eq!(store.account(&clash.id).await.unwrap(), None);
+
+    // Rotating onto another account's key is refused; both keys keep answering as before.
+    assert!(
+        store
+            .set_key_hash(&second.id, &first.key_hash)
+            .await
+            .is_err()
+    );
+    let by_first = store.account_by_key_hash(&first.key_hash).await.unwrap();
+    assert_eq!(by_first.map(|a| a.id), Some(first.id.clone()));
+    let by_second = store.account_by_key_hash(&second.key_hash).await.unwrap();
+    assert_eq!(by_second.map(|a| a.id), Some(second.id.clone()));
+
+    // A rotation releases the old key: a new account may then hold it.
+    store
+        .set_key_hash(&first.id, &hash_api_key("tl_first_rotated"))
+        .await
+        .unwrap();
+    let mut reuse = Account::create(1, None).account;
+    reuse.key_hash = first.key_hash.clone();
+    store.create_account(&reuse).await.unwrap();
+    let found = store.account_by_key_hash(&first.key_hash).await.unwrap();
+    assert_eq!(found.map(|a| a.id), Some(reuse.id));
+}
+
 // ---------------------------------------------------------------------------------------------
 // SqsQueue
 // ---------------------------------------------------------------------------------------------

@@ -5,11 +5,14 @@
 //! | account | `ACCT#<id>` | `ACCOUNT` | `KEY#<sha256 of the API key>` | `ACCOUNT` |
 //! | task | `TASK#<id>` | `TASK` | `ACCT#<account id>` | `<task id>` |
 //! | idempotency record | `IDEM#<account id>#<key>` | `IDEM` | – | – |
+//! | key claim | `KEY#<sha256 of the API key>` | `KEY` | – | – |
 //!
 //! `GSI1` answers both "which account has this key" (one query) and "this account's tasks,
 //! newest first" (task ids are ULIDs). `GSI2` is sparse: only a task waiting on possibly
 //! lost work carries `GSI2PK = DUE#<shard 0..7>` and `GSI2SK = <check_at>#<task id>`, so the
 //! sweeper reads just those (eight queries, one per shard, spreading the index's writes).
+//! A key claim item makes each key hash unique: it is written with its account (and swapped on
+//! rotation) in one transaction, conditioned on not existing.
 //! The account item counts its open tasks (`open_tasks`): submit increments it under the
 //! cap in the same transaction as the debit, and the write that ends a task decrements it. Idempotency records carry `expires_at` (epoch seconds),
 //! the table's TTL attribute. Submit is one `TransactWriteItems` (debit, task, idempotency
@@ -156,6 +159,10 @@ fn task_key(id: &str) -> (AttributeValue, AttributeValue) {
     (s(format!("TASK#{id}")), s("TASK"))
 }
 
+fn key_claim(key_hash: &str) -> (AttributeValue, AttributeValue) {
+    (s(format!("KEY#{key_hash}")), s("KEY"))
+}
+
 fn idem_key(account_id: &str, key: &str) -> (AttributeValue, AttributeValue) {
     (s(format!("IDEM#{account_id}#{key}")), s("IDEM"))
 }
@@ -279,6 +286,57 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
+    /// The put of a key claim item, refused when another account holds the key hash.
+    fn claim_key(&self, key_hash: &str, account_id: &str) -> PortResult<TransactWriteItem> {
+        let (pk, sk) = key_claim(key_hash);
+        let put = Put::builder()
+            .table_name(&self.table)
+            .item("PK", pk)
+            .item("SK", sk)
+            .item("account_id", s(account_id))
+            .condition_expression("attribute_not_exists(PK)")
+            .build()
+            .map_err(build_err)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// Maps the result of a transaction whose items are conditioned on existence: a failed
+    /// condition (the account exists, changed meanwhile, or the key is taken) is an internal
+    /// error naming `what`; conflicts are retryable.
+    fn keyed_transaction<T>(
+        &self,
+        res: Result<
+            T,
+            SdkError<
+                aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+                aws_smithy_runtime_api::http::Response,
+            >,
+        >,
+        what: &str,
+    ) -> PortResult<()> {
+        let Err(e) = res else {
+            return Ok(());
+        };
+        let reasons = e.as_service_error().and_then(|se| match se {
+            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+                Some(c.cancellation_reasons().to_vec())
+            }
+            _ => None,
+        });
+        match reasons {
+            Some(r) if r.iter().any(|x| x.code() == Some("ConditionalCheckFailed")) => Err(
+                PortError::internal(format!("{what} exists already or changed meanwhile")),
+            ),
+            Some(r) => Err(PortError::unavailable(format!(
+                "{what} transaction cancelled: {:?}",
+                r.iter()
+                    .map(|x| x.code().unwrap_or("None").to_string())
+                    .collect::<Vec<_>>()
+            ))),
+            None => Err(sdk_error(e)),
+        }
+    }
+
     /// Writes `task` if the stored version is still `expected`, settling its account (refund,
     /// open-task count) in the same transaction. `Ok(false)` when the version changed meanwhile.
     async fn write_task(&self, task: &Task, expected: u64, applied: Applied) -> PortResult<bool> {
@@ -356,8 +414,7 @@ impl DynamoStore {
 impl TaskStore for DynamoStore {
     async fn create_account(&self, account: &Account) -> PortResult<()> {
         let (pk, sk) = account_key(&account.id);
-        self.client
-            .put_item()
+        let put = Put::builder()
             .table_name(&self.table)
             .item("PK", pk)
             .item("SK", sk)
@@ -367,13 +424,20 @@ impl TaskStore for DynamoStore {
             .item("key_hash", s(account.key_hash.clone()))
             .item("credits", n(account.credits))
             .item("granted", n(account.granted))
+            .item("open_tasks", n(0))
             .item("webhook_secret", s(account.webhook_secret.clone()))
             .item("created_at", s(account.created_at.to_rfc3339()))
             .condition_expression("attribute_not_exists(PK)")
+            .build()
+            .map_err(build_err)?;
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(self.claim_key(&account.key_hash, &account.id)?)
             .send()
-            .await
-            .map_err(sdk_error)?;
-        Ok(())
+            .await;
+        self.keyed_transaction(res, "account")
     }
 
     async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
@@ -411,14 +475,42 @@ impl TaskStore for DynamoStore {
     }
 
     async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
-        let out = self
-            .update_account(account_id)
+        let old = self
+            .account(account_id)
+            .await?
+            .ok_or(PortError::NotFound)?
+            .key_hash;
+        if old == key_hash {
+            return Ok(());
+        }
+        let (pk, sk) = account_key(account_id);
+        let update = Update::builder()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
             .update_expression("SET key_hash = :h, GSI1PK = :g")
+            .condition_expression("attribute_exists(PK) AND key_hash = :old")
             .expression_attribute_values(":h", s(key_hash))
             .expression_attribute_values(":g", s(format!("KEY#{key_hash}")))
+            .expression_attribute_values(":old", s(old.clone()))
+            .build()
+            .map_err(build_err)?;
+        let (opk, osk) = key_claim(&old);
+        let release = aws_sdk_dynamodb::types::Delete::builder()
+            .table_name(&self.table)
+            .key("PK", opk)
+            .key("SK", osk)
+            .build()
+            .map_err(build_err)?;
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(update).build())
+            .transact_items(TransactWriteItem::builder().delete(release).build())
+            .transact_items(self.claim_key(key_hash, account_id)?)
             .send()
             .await;
-        existing(out).map(|_| ())
+        self.keyed_transaction(res, "key")
     }
 
     async fn reserve_idempotency(
