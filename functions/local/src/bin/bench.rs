@@ -512,8 +512,10 @@ async fn run(o: Options) -> Result<(), String> {
                 dev_credits: BENCH_CREDITS,
                 ..LocalConfig::default()
             };
-            // One account drives the whole load: measure the server, not its rate limit.
+            // One account drives the whole load: measure the server, not its rate limit or its
+            // cap on unfinished tasks (the submit phase queues thousands).
             cfg.core.rate_limit = None;
+            cfg.core.max_open_tasks = u64::MAX;
             let desc = format!("{} workers, data in {}", cfg.workers, dir.display());
             let mut guard = Local { running: None, dir };
             let running = tasklane_local::start(cfg)
