@@ -54,5 +54,5 @@ if [ "$#" -gt 0 ]; then
 else
   # --workspace keeps the feature set of the first pass: nothing is rebuilt.
   TASKLANE_TEST_BACKEND=aws cargo test --workspace --locked \
-    --test lifecycle --test submit --test webhooks --test errors --test races
+    --test lifecycle --test submit --test webhooks --test errors --test races --test faults --test soak
 fi

@@ -1993,3 +1993,339 @@ async fn submit_against_a_missing_table_answers_500_without_backend_text() {
     assert_error_answer(&resp, 500, "internal");
     assert!(!resp.headers().contains_key("retry-after"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// DynamoStore: the sweeper's index (sparse GSI2, sharded) and the open-task count
+// ---------------------------------------------------------------------------------------------
+
+/// The item stored under `(pk, sk)`, as DynamoDB holds it.
+async fn raw_item(
+    env: &Env,
+    pk: String,
+    sk: &str,
+) -> std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    aws_sdk_dynamodb::Client::new(&env.config)
+        .get_item()
+        .table_name(&env.settings.table)
+        .key("PK", AttributeValue::S(pk))
+        .key("SK", AttributeValue::S(sk.to_string()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .expect("the item exists")
+}
+
+/// A string attribute of `item`, if it has it.
+fn raw_s(
+    item: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
+    name: &str,
+) -> Option<String> {
+    item.get(name).map(|v| v.as_s().expect("a string").clone())
+}
+
+/// The task's `(GSI2PK, GSI2SK)`, when it carries them.
+async fn due_keys(env: &Env, task_id: &str) -> (Option<String>, Option<String>) {
+    let item = raw_item(env, format!("TASK#{task_id}"), "TASK").await;
+    (raw_s(&item, "GSI2PK"), raw_s(&item, "GSI2SK"))
+}
+
+/// The account item's `open_tasks` counter (`None` before its first task).
+async fn open_tasks(env: &Env, account_id: &str) -> Option<i64> {
+    let item = raw_item(env, format!("ACCT#{account_id}"), "ACCOUNT").await;
+    item.get("open_tasks")
+        .map(|v| v.as_n().expect("a number").parse().unwrap())
+}
+
+/// The GSI2 partition of a task id (as the adapter shards: last byte modulo 8).
+fn shard_of(task_id: &str) -> u8 {
+    task_id.bytes().last().unwrap() % 8
+}
+
+/// A time at millisecond precision (what the index keys keep).
+fn ms(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap()
+}
+
+/// The index sort key of a task waiting since `at`.
+fn due_sort_key(at: DateTime<Utc>, task_id: &str) -> String {
+    format!("{}#{task_id}", at.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
+}
+
+fn ids(tasks: &[Task]) -> Vec<String> {
+    tasks.iter().map(|t| t.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first() {
+    let env = env("due").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    let now = ms(Utc::now());
+    let base = now - TimeDelta::hours(1);
+
+    // Sixteen waiting tasks, two in each of the eight shards, the k-th (waiting since base + k s)
+    // in shard k mod 8: the oldest few are each in another shard.
+    let mut waiting: Vec<Task> = Vec::new();
+    for k in 0..16u8 {
+        let task = loop {
+            let t = queued_task(&account.id, 1, "echo");
+            if shard_of(&t.id) == k % 8 {
+                break t;
+            }
+        };
+        let task = Task {
+            check_at: Some(base + TimeDelta::seconds(i64::from(k))),
+            ..task
+        };
+        store.insert_task(&task, None, u64::MAX).await.unwrap();
+        waiting.push(task);
+    }
+    // Four whose wait began in the future (a lease still running, say) are not due.
+    for _ in 0..4 {
+        let task = Task {
+            check_at: Some(now + TimeDelta::hours(1)),
+            ..queued_task(&account.id, 1, "echo")
+        };
+        store.insert_task(&task, None, u64::MAX).await.unwrap();
+    }
+
+    // The index entry names the shard and sorts by the time the wait began.
+    let first = &waiting[0];
+    assert_eq!(
+        due_keys(&env, &first.id).await,
+        (
+            Some("DUE#0".to_string()),
+            Some(due_sort_key(first.check_at.unwrap(), &first.id))
+        )
+    );
+
+    let due = store.due_tasks(now, 100).await.unwrap();
+    assert_eq!(ids(&due), ids(&waiting), "every shard, oldest first");
+    assert_eq!(due, waiting, "the tasks as stored");
+    // A limit keeps the oldest overall, merged across shards.
+    let oldest = store.due_tasks(now, 5).await.unwrap();
+    assert_eq!(ids(&oldest), ids(&waiting[..5]));
+    // `waited_since` is inclusive.
+    let since = store
+        .due_tasks(base + TimeDelta::seconds(3), 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(&since), ids(&waiting[..4]));
+    assert!(
+        store
+            .due_tasks(base - TimeDelta::milliseconds(1), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A terminal task owing nothing leaves the index: cancelled, or completed without webhook.
+    store
+        .update_task(&waiting[0].id, &Transition::Cancel)
+        .await
+        .unwrap();
+    assert_eq!(due_keys(&env, &waiting[0].id).await, (None, None));
+    store
+        .update_task(&waiting[1].id, &start(TimeDelta::seconds(60)))
+        .await
+        .unwrap();
+    store
+        .update_task(
+            &waiting[1].id,
+            &Transition::Complete {
+                attempt: 1,
+                outputs: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(due_keys(&env, &waiting[1].id).await, (None, None));
+    // A processing task waits from its lease end: not due before it.
+    let lease_end = ms(Utc::now()) + TimeDelta::minutes(10);
+    let processing = store
+        .update_task(
+            &waiting[2].id,
+            &Transition::Start {
+                lease_until: lease_end,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(processing.check_at, Some(lease_end));
+    assert_eq!(
+        due_keys(&env, &waiting[2].id).await,
+        (
+            Some(format!("DUE#{}", shard_of(&waiting[2].id))),
+            Some(due_sort_key(lease_end, &waiting[2].id))
+        )
+    );
+    let due = store.due_tasks(now, 100).await.unwrap();
+    assert_eq!(ids(&due), ids(&waiting[3..]));
+    let at_lease_end = store.due_tasks(lease_end, 100).await.unwrap();
+    assert!(ids(&at_lease_end).contains(&waiting[2].id));
+
+    // A requeue restarts the wait: the entry moves to the end of its shard.
+    let requeued = store
+        .update_task(
+            &waiting[3].id,
+            &Transition::Requeue {
+                due_before: now - TimeDelta::seconds(1),
+            },
+        )
+        .await
+        .unwrap();
+    let restarted = requeued.check_at.unwrap();
+    assert!(restarted > now - TimeDelta::seconds(1));
+    let (_, sk) = due_keys(&env, &waiting[3].id).await;
+    assert_eq!(sk, Some(due_sort_key(restarted, &waiting[3].id)));
+    let due = store
+        .due_tasks(now - TimeDelta::seconds(1), 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(&due), ids(&waiting[4..]));
+    // Requeued again with the same horizon: it moved on, not due.
+    let again = store
+        .update_task(
+            &waiting[3].id,
+            &Transition::Requeue {
+                due_before: now - TimeDelta::seconds(1),
+            },
+        )
+        .await;
+    assert!(
+        matches!(again, Err(PortError::Rejected(TransitionError::NotDue))),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_open_task_count_rises_at_submit_falls_with_the_write_that_ends_a_task_and_caps_submits()
+ {
+    let env = env("opencap").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    assert_eq!(open_tasks(&env, &account.id).await.unwrap_or(0), 0);
+
+    let a = queued_task(&account.id, 3, "echo");
+    let b = queued_task(&account.id, 3, "echo");
+    store.insert_task(&a, None, 2).await.unwrap();
+    store.insert_task(&b, None, 2).await.unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(2));
+    assert_eq!(balance(store, &account.id).await, (94, 100));
+
+    // At the cap: refused, nothing stored, nothing debited, the count unchanged.
+    let c = queued_task(&account.id, 3, "echo");
+    let res = store.insert_task(&c, None, 2).await;
+    assert!(
+        matches!(res, Err(PortError::TooManyOpenTasks { limit: 2 })),
+        "{res:?}"
+    );
+    assert_eq!(store.task(&c.id).await.unwrap(), None);
+    assert_eq!(balance(store, &account.id).await, (94, 100));
+    assert_eq!(open_tasks(&env, &account.id).await, Some(2));
+    // Too few credits at the cap is still reported as too few credits.
+    let dear = queued_task(&account.id, 1000, "echo");
+    let res = store.insert_task(&dear, None, 2).await;
+    assert!(
+        matches!(res, Err(PortError::InsufficientCredits { available: 94 })),
+        "{res:?}"
+    );
+
+    // A cancel ends a task: one slot back (and only once for a repeated cancel).
+    store.update_task(&a.id, &Transition::Cancel).await.unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(1));
+    store.update_task(&a.id, &Transition::Cancel).await.unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(1));
+    store.insert_task(&c, None, 2).await.unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(2));
+
+    // Starting, progress and a requeue leave it; completing ends the task.
+    store
+        .update_task(&b.id, &start(TimeDelta::seconds(60)))
+        .await
+        .unwrap();
+    store
+        .update_task(
+            &b.id,
+            &Transition::Progress {
+                attempt: 1,
+                progress: 50,
+                lease_until: Utc::now() + TimeDelta::seconds(60),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .update_task(
+            &c.id,
+            &Transition::Requeue {
+                due_before: Utc::now(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(2));
+    store
+        .update_task(
+            &b.id,
+            &Transition::Complete {
+                attempt: 1,
+                outputs: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(1));
+    // A failure ends a task, refunded in the same write; a second failure changes nothing.
+    store.update_task(&c.id, &fail(None)).await.unwrap();
+    assert_eq!(open_tasks(&env, &account.id).await, Some(0));
+    assert!(store.update_task(&c.id, &fail(None)).await.is_err());
+    assert_eq!(open_tasks(&env, &account.id).await, Some(0));
+    // a (cancelled) and c (failed) refunded; b completed.
+    assert_eq!(balance(store, &account.id).await, (97, 100));
+
+    // All slots are free again.
+    for _ in 0..2 {
+        submitted_under(store, &account, 2).await.unwrap();
+    }
+    assert!(matches!(
+        submitted_under(store, &account, 2).await,
+        Err(PortError::TooManyOpenTasks { limit: 2 })
+    ));
+}
+
+/// Stores a 1-credit task for `account` under an open-task cap of `cap`.
+async fn submitted_under(store: &DynamoStore, account: &Account, cap: u64) -> PortResult<Task> {
+    let task = queued_task(&account.id, 1, "echo");
+    store.insert_task(&task, None, cap).await.map(|()| task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_concurrent_submits_under_a_cap_of_three_store_exactly_three() {
+    let env = env("opencaprace").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    let barrier = Arc::new(Barrier::new(10));
+    let mut set = JoinSet::new();
+    for _ in 0..10 {
+        let (store, account, barrier) = (store.clone(), account.clone(), barrier.clone());
+        set.spawn(async move {
+            barrier.wait().await;
+            submitted_under(&store, &account, 3).await
+        });
+    }
+    let results = set.join_all().await;
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    for r in &results {
+        assert!(
+            matches!(r, Ok(_) | Err(PortError::TooManyOpenTasks { limit: 3 })),
+            "{r:?}"
+        );
+    }
+    assert_eq!(stored, 3);
+    assert_eq!(open_tasks(&env, &account.id).await, Some(3));
+    assert_eq!(balance(store, &account.id).await, (97, 100));
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -92,7 +93,7 @@ macro_rules! local_only {
 }
 
 /// Creates a fresh table, queue and bucket on the emulator and connects adapters to them.
-async fn aws_backends(
+pub async fn aws_backends(
     settings: Option<tasklane_aws::AwsSettings>,
 ) -> (tasklane_local::Backends, tasklane_aws::AwsSettings) {
     let settings = match settings {
@@ -106,13 +107,93 @@ async fn aws_backends(
         }
     };
     let b = tasklane_aws::AwsBackends::connect(&settings).await;
+    let emulator = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL is set");
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let ddb = aws_sdk_dynamodb::config::Builder::from(&config)
+        .endpoint_url(one_at_a_time(emulator).await)
+        .build();
+    let store = tasklane_aws::dynamo::DynamoStore::new(
+        aws_sdk_dynamodb::Client::from_conf(ddb),
+        &settings.table,
+    );
     let backends = tasklane_local::Backends {
-        store: std::sync::Arc::new(b.store.clone()),
+        store: std::sync::Arc::new(store),
         queue: std::sync::Arc::new(b.queue.clone()),
         source: std::sync::Arc::new(b.queue.clone()),
         blobs: std::sync::Arc::new(b.blobs.clone()),
     };
     (backends, settings)
+}
+
+/// Forwards every request to `target`, one at a time.
+///
+/// The AWS emulator (moto) serves requests on threads without isolating them: a
+/// `TransactWriteItems` whose condition fails restores a snapshot of the whole table taken when
+/// it began, silently undoing writes other requests made meanwhile and were told succeeded
+/// (and its conditions are not checked atomically with its writes). Real DynamoDB isolates
+/// transactions, so the suites send the emulator their DynamoDB requests one at a time; every
+/// interleaving of the tasklane code between two requests (read, then conditional write) stays.
+async fn one_at_a_time(target: String) -> String {
+    use axum::extract::{Request, State};
+    use axum::response::Response;
+
+    struct Proxy {
+        target: String,
+        client: reqwest::Client,
+        lock: tokio::sync::Mutex<()>,
+    }
+    async fn forward(State(p): State<Arc<Proxy>>, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut headers = parts.headers;
+        headers.remove(http::header::HOST);
+        headers.remove(http::header::CONTENT_LENGTH);
+        let answer = {
+            let _one = p.lock.lock().await;
+            let resp = p
+                .client
+                .request(parts.method, format!("{}{path}", p.target))
+                .headers(headers)
+                .body(body)
+                .send()
+                .await;
+            match resp {
+                Ok(r) => {
+                    let (status, headers) = (r.status(), r.headers().clone());
+                    r.bytes().await.map(|b| (status, headers, b))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match answer {
+            Ok((status, headers, bytes)) => {
+                let mut out = Response::new(axum::body::Body::from(bytes));
+                *out.status_mut() = status;
+                for (k, v) in &headers {
+                    if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING {
+                        out.headers_mut().append(k, v.clone());
+                    }
+                }
+                out
+            }
+            Err(e) => {
+                let mut out = Response::new(axum::body::Body::from(e.to_string()));
+                *out.status_mut() = http::StatusCode::BAD_GATEWAY;
+                out
+            }
+        }
+    }
+    let proxy = Arc::new(Proxy {
+        target: target.trim_end_matches('/').to_string(),
+        client: reqwest::Client::new(),
+        lock: tokio::sync::Mutex::new(()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
 }
 
 fn ulid_like() -> String {

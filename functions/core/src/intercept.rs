@@ -55,6 +55,18 @@ pub enum Op {
 pub trait Interceptor: Send + Sync {
     /// Called before `op`; may wait, or fail the call.
     async fn before(&self, op: Op) -> PortResult<()>;
+
+    /// Called before a task update with its transition, instead of `before(Op::UpdateTask)`
+    /// (which it calls unless overridden).
+    async fn before_update(&self, transition: &Transition) -> PortResult<()> {
+        let _ = transition;
+        self.before(Op::UpdateTask).await
+    }
+
+    /// Called after a task update was made, with its result.
+    fn after_update(&self, transition: &Transition, result: &PortResult<Task>) {
+        let _ = (transition, result);
+    }
 }
 
 /// A port wrapped so that an [`Interceptor`] runs before every call.
@@ -137,12 +149,16 @@ impl TaskStore for Intercepted<dyn TaskStore> {
         self.inner.list_tasks(account_id, query).await
     }
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
-        self.hook.before(Op::UpdateTask).await?;
-        self.inner.update_task(task_id, transition).await
+        self.hook.before_update(transition).await?;
+        let result = self.inner.update_task(task_id, transition).await;
+        self.hook.after_update(transition, &result);
+        result
     }
     async fn update_task_from(&self, current: &Task, transition: &Transition) -> PortResult<Task> {
-        self.hook.before(Op::UpdateTask).await?;
-        self.inner.update_task_from(current, transition).await
+        self.hook.before_update(transition).await?;
+        let result = self.inner.update_task_from(current, transition).await;
+        self.hook.after_update(transition, &result);
+        result
     }
 }
 

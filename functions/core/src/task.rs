@@ -674,4 +674,219 @@ pub(crate) mod tests {
         apply(&mut task, &p(100), now).unwrap();
         assert_eq!(task.progress, 99);
     }
+
+    fn with_callback(mut task: Task) -> Task {
+        task.callback = Some(Callback {
+            url: "https://example.com/hook".into(),
+            state: CallbackState::Pending,
+            attempts: 0,
+            last_status_code: None,
+            deliveries: vec![],
+        });
+        task
+    }
+
+    #[test]
+    fn fail_without_an_attempt_refuses_a_held_lease_and_fails_an_expired_one() {
+        let now = Utc::now();
+        let mut task = sample(TaskStatus::Queued);
+        let start = Transition::Start {
+            lease_until: now + Duration::seconds(30),
+        };
+        apply(&mut task, &start, now).unwrap();
+        let held = task.clone();
+        // A dead letter or sweeper (no attempt) must not end a task a live worker holds.
+        assert_eq!(
+            apply(&mut task, &fail(), now),
+            Err(TransitionError::LeaseHeld)
+        );
+        assert_eq!(task, held);
+        assert_eq!(
+            apply(&mut task, &fail(), now + Duration::seconds(29)),
+            Err(TransitionError::LeaseHeld)
+        );
+        // The holder itself may fail its attempt while its lease runs.
+        let mut own = held.clone();
+        let own_fail = Transition::Fail {
+            attempt: Some(1),
+            error: TaskFailure {
+                code: "x".into(),
+                message: "y".into(),
+            },
+        };
+        assert_eq!(apply(&mut own, &own_fail, now).unwrap().refund(), 7);
+        // Once the lease has run out, nobody holds the task: it fails, refunded, closed.
+        let later = now + Duration::seconds(30);
+        assert_eq!(
+            apply(&mut task, &fail(), later),
+            Ok(Applied::Changed {
+                refund: 7,
+                closed: true
+            })
+        );
+        assert_eq!(task.status, TaskStatus::Failed);
+        assert_eq!(task.lease_until, None);
+        assert_eq!(task.completed_at, Some(later));
+        assert!(task.cost.refunded);
+        // A queued task has no lease to respect.
+        let mut queued = sample(TaskStatus::Queued);
+        assert_eq!(apply(&mut queued, &fail(), now).unwrap().refund(), 7);
+    }
+
+    #[test]
+    fn check_at_follows_what_the_task_waits_on() {
+        let t0 = Utc::now();
+        let t1 = t0 + Duration::seconds(10);
+        let cb = |state, attempts| Callback {
+            url: "https://example.com/hook".into(),
+            state,
+            attempts,
+            last_status_code: None,
+            deliveries: vec![],
+        };
+
+        // Queued: a change keeps the time the wait began, or starts it.
+        let mut task = with_callback(sample(TaskStatus::Queued));
+        task.check_at = Some(t0);
+        let touch = Transition::Callback(cb(CallbackState::Pending, 0));
+        let mut other = task.callback.clone().unwrap();
+        other.url = "https://example.com/other".into();
+        apply(&mut task, &Transition::Callback(other), t1).unwrap();
+        assert_eq!(task.check_at, Some(t0));
+        let mut fresh = with_callback(sample(TaskStatus::Queued));
+        fresh.callback.as_mut().unwrap().url = "https://example.com/old".into();
+        apply(&mut fresh, &touch, t1).unwrap();
+        assert_eq!(fresh.check_at, Some(t1));
+
+        // Processing: the lease end, renewed by progress.
+        let lease = t1 + Duration::seconds(60);
+        apply(&mut task, &Transition::Start { lease_until: lease }, t1).unwrap();
+        assert_eq!(task.check_at, Some(lease));
+        let renewed = lease + Duration::seconds(5);
+        let progress = Transition::Progress {
+            attempt: 1,
+            progress: 50,
+            lease_until: renewed,
+        };
+        apply(&mut task, &progress, t1).unwrap();
+        assert_eq!(task.check_at, Some(renewed));
+
+        // Finished with the first webhook owed: the end; once attempted: nothing.
+        let end = t1 + Duration::seconds(2);
+        let complete = Transition::Complete {
+            attempt: 1,
+            outputs: vec![],
+        };
+        let mut no_hook = task.clone();
+        no_hook.callback = None;
+        apply(&mut task, &complete, end).unwrap();
+        assert_eq!(task.check_at, Some(end));
+        let mut attempted = cb(CallbackState::Pending, 1);
+        attempted.last_status_code = Some(500);
+        apply(&mut task, &Transition::Callback(attempted), end).unwrap();
+        assert_eq!(
+            task.check_at, None,
+            "a retry is scheduled by its own message"
+        );
+
+        // Finished without a webhook: nothing.
+        apply(&mut no_hook, &complete, end).unwrap();
+        assert_eq!(no_hook.check_at, None);
+
+        // Failed or cancelled with a webhook owed: the end; a webhook given up on: nothing.
+        let mut failed = with_callback(sample(TaskStatus::Queued));
+        apply(&mut failed, &fail(), end).unwrap();
+        assert_eq!(failed.check_at, Some(end));
+        apply(
+            &mut failed,
+            &Transition::Callback(cb(CallbackState::Failed, 0)),
+            end,
+        )
+        .unwrap();
+        assert_eq!(failed.check_at, None);
+        let mut cancelled = with_callback(sample(TaskStatus::Queued));
+        apply(&mut cancelled, &Transition::Cancel, end).unwrap();
+        assert_eq!(cancelled.check_at, Some(end));
+        let mut cancelled = sample(TaskStatus::Queued);
+        cancelled.check_at = Some(t0);
+        apply(&mut cancelled, &Transition::Cancel, end).unwrap();
+        assert_eq!(cancelled.check_at, None);
+        // A refused change leaves it as it was.
+        let before = cancelled.clone();
+        assert!(apply(&mut cancelled, &fail(), end).is_err());
+        assert_eq!(cancelled, before);
+    }
+
+    #[test]
+    fn requeue_restarts_a_due_tasks_wait_and_is_not_due_once_the_task_moved_on() {
+        let t0 = Utc::now();
+        let sweep = t0 + Duration::seconds(120);
+        let mut task = sample(TaskStatus::Queued);
+        task.check_at = Some(t0);
+
+        // Not waiting long enough yet: not due, nothing changes.
+        let before = task.clone();
+        let early = Transition::Requeue {
+            due_before: t0 - Duration::milliseconds(1),
+        };
+        assert_eq!(
+            apply(&mut task, &early, sweep),
+            Err(TransitionError::NotDue)
+        );
+        assert_eq!(task, before);
+
+        // Due: the wait restarts now, nothing else changes.
+        let due = Transition::Requeue { due_before: t0 };
+        assert_eq!(
+            apply(&mut task, &due, sweep),
+            Ok(Applied::Changed {
+                refund: 0,
+                closed: false
+            })
+        );
+        assert_eq!(task.check_at, Some(sweep));
+        assert_eq!(task.version, before.version + 1);
+        assert_eq!(
+            Task {
+                check_at: before.check_at,
+                version: before.version,
+                ..task.clone()
+            },
+            before
+        );
+        // A second sweeper that read the same version finds it not due any more.
+        assert_eq!(apply(&mut task, &due, sweep), Err(TransitionError::NotDue));
+
+        // Moved on: a worker took it meanwhile, its lease running past the sweep's horizon.
+        let mut taken = before.clone();
+        let lease = sweep + Duration::seconds(60);
+        apply(&mut taken, &Transition::Start { lease_until: lease }, sweep).unwrap();
+        let due_then = Transition::Requeue {
+            due_before: sweep - Duration::seconds(1),
+        };
+        assert_eq!(
+            apply(&mut taken, &due_then, sweep),
+            Err(TransitionError::NotDue)
+        );
+        // ... and once that lease is long over, the processing task is due again; its lease is
+        // left to the worker that takes it over.
+        let much_later = lease + Duration::seconds(120);
+        let due_later = Transition::Requeue { due_before: lease };
+        apply(&mut taken, &due_later, much_later).unwrap();
+        assert_eq!(taken.check_at, Some(much_later));
+        assert_eq!(taken.lease_until, Some(lease));
+        assert_eq!(taken.status, TaskStatus::Processing);
+
+        // Moved on: it finished with nothing owed.
+        let mut done = before.clone();
+        apply(&mut done, &Transition::Cancel, sweep).unwrap();
+        assert_eq!(apply(&mut done, &due, sweep), Err(TransitionError::NotDue));
+
+        // A due task that owes nothing (written by an older version, say) leaves the sweep.
+        let mut stale = done.clone();
+        stale.check_at = Some(t0);
+        apply(&mut stale, &due, sweep).unwrap();
+        assert_eq!(stale.check_at, None);
+        assert_eq!(apply(&mut stale, &due, sweep), Err(TransitionError::NotDue));
+    }
 }

@@ -390,16 +390,6 @@ impl TaskStore for SqliteStore {
         self.db
             .with(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-                let open: i64 = tx
-                    .query_row(
-                        "SELECT COUNT(*) FROM tasks WHERE account_id = ?1 AND status IN ('queued', 'processing')",
-                        [&task.account_id],
-                        |r| r.get(0),
-                    )
-                    .map_err(db_err)?;
-                if open as u64 >= max_open {
-                    return Err(PortError::TooManyOpenTasks { limit: max_open });
-                }
                 let cost = task.cost.credits as i64;
                 let debited = tx
                     .execute(
@@ -416,6 +406,17 @@ impl TaskStore for SqliteStore {
                         Some(a) => PortError::InsufficientCredits { available: a as u64 },
                         None => PortError::NotFound,
                     });
+                }
+                // After the debit, as on DynamoDB: too few credits is reported first.
+                let open: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM tasks WHERE account_id = ?1 AND status IN ('queued', 'processing')",
+                        [&task.account_id],
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                if open as u64 >= max_open {
+                    return Err(PortError::TooManyOpenTasks { limit: max_open });
                 }
                 if let Some(claim) = &claim {
                     let n = tx
