@@ -18,9 +18,7 @@ use tokio::time::Instant;
 use crate::account::{Account, hash_api_key};
 use crate::error::ApiError;
 use crate::ports::{IdempotencyClaim, ListQuery, PortError, Reservation, WorkMessage};
-use crate::task::{
-    Callback, CallbackState, Cost, Task, TaskFailure, TaskInput, TaskStatus, Transition,
-};
+use crate::task::{Callback, CallbackState, Cost, Task, TaskInput, TaskStatus, Transition};
 use crate::validate::{SubmitRequest, SubmitRules, check_idempotency_key, parse_submit};
 use crate::view::{TaskView, task_view};
 use crate::{App, is_task_id};
@@ -304,8 +302,8 @@ impl Api {
         }
     }
 
-    /// Debits, stores and enqueues a new task. If the enqueue fails the task is failed and
-    /// refunded at once, so nothing stays `queued` with no work behind it.
+    /// Debits, stores and enqueues a new task. A failed enqueue does not fail the submit: the
+    /// stored task is swept up ([`crate::sweeper`]) once the queue works again.
     async fn create(
         &self,
         account: &Account,
@@ -378,21 +376,10 @@ impl Api {
             task_id: task.id.clone(),
         };
         if let Err(e) = self.app.queue.enqueue(&run, Duration::ZERO).await {
-            tracing::error!(task_id = %task.id, error = %e, "enqueue failed; failing the task with a refund");
-            let fail = Transition::Fail {
-                attempt: None,
-                error: TaskFailure {
-                    code: "enqueue_failed".into(),
-                    message: "the task could not be queued; its credits were refunded".into(),
-                },
-            };
-            if let Err(e2) = self.app.store.update_task_from(&task, &fail).await {
-                tracing::error!(task_id = %task.id, error = %e2, "compensation failed");
-            }
-            return Err(ApiError::Unavailable {
-                retry_after: 1,
-                source: Box::new(e),
-            });
+            // The task is stored and paid for: that is the commit point. Its wait started at
+            // submit (`check_at`), so the sweeper enqueues it once the queue takes messages
+            // again; the client keeps its 202 and its task.
+            tracing::error!(task_id = %task.id, error = %e, "enqueue failed; the sweeper will queue the task");
         }
         tracing::info!(task_id = %task.id, model = %task.model, credits = cost, "task submitted");
         Ok(task)
