@@ -62,20 +62,31 @@ CREATE INDEX IF NOT EXISTS queue_visible ON queue (visible_at, id);
 /// Indexes over columns a database from an earlier version may lack (added by [`migrate`]).
 const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS tasks_due ON tasks (check_at) WHERE check_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_open ON tasks (account_id) WHERE status IN ('queued', 'processing');
+DROP INDEX IF EXISTS tasks_open;
 ";
+
+fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    c.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists(params![table, column])
+}
 
 /// Brings a database written by an earlier version up to date.
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
-    let has_check_at: bool = c
-        .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'check_at'")?
-        .exists([])?;
-    if !has_check_at {
+    if !has_column(c, "tasks", "check_at")? {
         c.execute_batch("ALTER TABLE tasks ADD COLUMN check_at INTEGER;")?;
         // Unfinished tasks are re-enqueued at start-up; from then on they are swept normally.
         c.execute(
             "UPDATE tasks SET check_at = ?1 WHERE status IN ('queued', 'processing')",
             [now_ms()],
+        )?;
+    }
+    if !has_column(c, "accounts", "open_tasks")? {
+        // Open (queued or processing) tasks per account, kept with the credits: submit adds one
+        // under the cap in the debit's statement, the write that ends a task takes it off.
+        c.execute_batch(
+            "ALTER TABLE accounts ADD COLUMN open_tasks INTEGER NOT NULL DEFAULT 0;
+             UPDATE accounts SET open_tasks = (SELECT COUNT(*) FROM tasks
+                 WHERE tasks.account_id = accounts.id AND tasks.status IN ('queued', 'processing'));",
         )?;
     }
     c.execute_batch(INDEXES)
@@ -391,32 +402,29 @@ impl TaskStore for SqliteStore {
             .with(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
                 let cost = task.cost.credits as i64;
+                let max_open = i64::try_from(max_open).unwrap_or(i64::MAX);
                 let debited = tx
                     .execute(
-                        "UPDATE accounts SET credits = credits - ?2 WHERE id = ?1 AND credits >= ?2",
-                        params![task.account_id, cost],
+                        "UPDATE accounts SET credits = credits - ?2, open_tasks = open_tasks + 1 \
+                         WHERE id = ?1 AND credits >= ?2 AND open_tasks < ?3",
+                        params![task.account_id, cost, max_open],
                     )
                     .map_err(db_err)?;
                 if debited == 0 {
-                    let available: Option<i64> = tx
-                        .query_row("SELECT credits FROM accounts WHERE id = ?1", [&task.account_id], |r| r.get(0))
+                    let found: Option<(i64, i64)> = tx
+                        .query_row(
+                            "SELECT credits, open_tasks FROM accounts WHERE id = ?1",
+                            [&task.account_id],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
                         .optional()
                         .map_err(db_err)?;
-                    return Err(match available {
-                        Some(a) => PortError::InsufficientCredits { available: a as u64 },
+                    // As on DynamoDB: too few credits is reported before the cap.
+                    return Err(match found {
+                        Some((credits, _)) if credits < cost => PortError::InsufficientCredits { available: credits as u64 },
+                        Some(_) => PortError::TooManyOpenTasks { limit: max_open as u64 },
                         None => PortError::NotFound,
                     });
-                }
-                // After the debit, as on DynamoDB: too few credits is reported first.
-                let open: i64 = tx
-                    .query_row(
-                        "SELECT COUNT(*) FROM tasks WHERE account_id = ?1 AND status IN ('queued', 'processing')",
-                        [&task.account_id],
-                        |r| r.get(0),
-                    )
-                    .map_err(db_err)?;
-                if open as u64 >= max_open {
-                    return Err(PortError::TooManyOpenTasks { limit: max_open });
                 }
                 if let Some(claim) = &claim {
                     let n = tx
@@ -517,11 +525,11 @@ impl TaskStore for SqliteStore {
                 let applied = apply(&mut task, &t, Utc::now())?;
                 if task.version != old_version {
                     write_task(&tx, &task, old_version)?;
-                    let refund = applied.refund();
-                    if refund > 0 {
+                    let (refund, closed) = (applied.refund(), applied.closed());
+                    if refund > 0 || closed {
                         tx.execute(
-                            "UPDATE accounts SET credits = credits + ?2 WHERE id = ?1",
-                            params![task.account_id, refund as i64],
+                            "UPDATE accounts SET credits = credits + ?2, open_tasks = open_tasks - ?3 WHERE id = ?1",
+                            params![task.account_id, refund as i64, i64::from(closed)],
                         )
                         .map_err(db_err)?;
                     }
@@ -680,5 +688,79 @@ impl WorkQueue for SqliteQueue {
             self.wake.notify_one();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tasklane_core::task::{Cost, TaskInput};
+
+    fn queued(id: &str, account_id: &str) -> Task {
+        Task {
+            id: id.into(),
+            account_id: account_id.into(),
+            model: "echo".into(),
+            action: "generate".into(),
+            status: TaskStatus::Queued,
+            progress: 0,
+            input: TaskInput {
+                prompt: Some("x".into()),
+                duration: None,
+                params: serde_json::Map::new(),
+            },
+            outputs: vec![],
+            error: None,
+            cost: Cost {
+                credits: 1,
+                refunded: false,
+            },
+            callback: None,
+            metadata: Default::default(),
+            created_at: Utc::now(),
+            started_at: None,
+            completed_at: None,
+            attempts: 0,
+            lease_until: None,
+            version: 1,
+            check_at: Some(Utc::now()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_open_task_count_is_migrated_with_the_real_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasklane.db");
+        let account = Account::create(10, None).account;
+        {
+            let store = SqliteStore::new(Db::open(&path).unwrap());
+            store.create_account(&account).await.unwrap();
+            for i in 0..3 {
+                let id = format!("task_0000000000000000000000000{i}");
+                store
+                    .insert_task(&queued(&id, &account.id), None, u64::MAX)
+                    .await
+                    .unwrap();
+            }
+            store
+                .update_task("task_00000000000000000000000000", &Transition::Cancel)
+                .await
+                .unwrap();
+        }
+        // What an earlier version wrote: no open_tasks column.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("ALTER TABLE accounts DROP COLUMN open_tasks;")
+            .unwrap();
+
+        let store = SqliteStore::new(Db::open(&path).unwrap());
+        let next = queued("task_00000000000000000000000009", &account.id);
+        // Two tasks are open: a cap of 2 refuses, a cap of 3 admits.
+        let refused = store.insert_task(&next, None, 2).await;
+        assert!(
+            matches!(refused, Err(PortError::TooManyOpenTasks { limit: 2 })),
+            "{refused:?}"
+        );
+        store.insert_task(&next, None, 3).await.unwrap();
     }
 }
