@@ -809,6 +809,7 @@ async fn submits_over_the_open_task_cap_get_429_until_a_task_finishes_fails_or_i
     );
     let list = s.get("/tasks").await.body;
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(s.get("/account").await.body["open_tasks"], 2);
 
     // A cancel frees a slot; the refused Idempotency-Key was not used up.
     let c = s
@@ -839,6 +840,9 @@ async fn submits_over_the_open_task_cap_get_429_until_a_task_finishes_fails_or_i
     assert_eq!(s.wait_terminal(&failing, 30).await["status"], "failed");
     // slow, third and fourth stay charged; waiting and failing were refunded.
     assert_eq!(s.credits().await, start - 3);
+    let account = s.get("/account").await.body;
+    assert_eq!(account["open_tasks"], 0, "{account}");
+    assert_eq!(account["max_open_tasks"], 2, "{account}");
 
     // Every slot came back (the count is exactly zero, on DynamoDB too): with no workers, two
     // submits fit and the third is refused.

@@ -1134,6 +1134,8 @@ async fn account_binary_answers_account_json_with_the_credits_and_the_webhook_se
         json!({
             "account_id": stack.account.id,
             "credits": CREDITS,
+            "open_tasks": 0,
+            "max_open_tasks": 1000,
             "webhook_secret": stack.account.webhook_secret,
         })
     );

@@ -495,6 +495,9 @@ async fn cancel_event_on_a_completed_task_answers_409_not_cancellable() {
 #[tokio::test]
 async fn account_event_answers_the_credits_and_the_webhook_secret() {
     let stack = Stack::new("account").await;
+    stack
+        .insert(&queued_veo3(EXAMPLE_TASK, &stack.account.id))
+        .await;
     let a = stack.http(ACCOUNT).await;
     assert_eq!(a.status, 200, "body: {}", a.body);
     assert_eq!(a.header("content-type"), Some("application/json"));
@@ -502,7 +505,9 @@ async fn account_event_answers_the_credits_and_the_webhook_secret() {
         a.body,
         json!({
             "account_id": stack.account.id,
-            "credits": CREDITS,
+            "credits": CREDITS - 50,
+            "open_tasks": 1,
+            "max_open_tasks": 1000,
             "webhook_secret": stack.account.webhook_secret,
         })
     );

@@ -174,6 +174,12 @@ fn account_from(item: &Item) -> PortResult<Account> {
         credits: get_n(item, "credits")?,
         granted: get_n(item, "granted")?,
         webhook_secret: get_s(item, "webhook_secret")?.to_string(),
+        // Absent on accounts written before the count existed.
+        open_tasks: item
+            .get("open_tasks")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .map_or(0, |n| n.max(0) as u64),
         created_at: get_s(item, "created_at")?
             .parse()
             .map_err(PortError::internal)?,

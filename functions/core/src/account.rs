@@ -26,6 +26,8 @@ pub struct Account {
     pub granted: u64,
     /// Standard Webhooks secret, `whsec_` + base64.
     pub webhook_secret: String,
+    /// Unfinished (queued or processing) tasks, counted against the open-task cap.
+    pub open_tasks: u64,
     /// Creation time.
     pub created_at: DateTime<Utc>,
 }
@@ -53,6 +55,7 @@ impl Account {
                 credits,
                 granted: credits,
                 webhook_secret: format!("whsec_{}", STANDARD.encode(secret)),
+                open_tasks: 0,
                 created_at: Utc::now(),
             },
             api_key,

@@ -153,7 +153,13 @@ impl Api {
                     .unwrap_or(account);
                 json_response(
                     StatusCode::OK,
-                    &json!({"account_id": account.id, "credits": account.credits, "webhook_secret": account.webhook_secret}),
+                    &json!({
+                        "account_id": account.id,
+                        "credits": account.credits,
+                        "open_tasks": account.open_tasks,
+                        "max_open_tasks": self.app.config.max_open_tasks,
+                        "webhook_secret": account.webhook_secret,
+                    }),
                 )
             }
             Route::Models => {

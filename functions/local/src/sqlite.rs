@@ -210,6 +210,7 @@ fn read_account(c: &Connection, sql: &str, arg: &str) -> PortResult<Option<Accou
             granted: r.get::<_, i64>(3)? as u64,
             webhook_secret: r.get(4)?,
             created_at: r.get::<_, String>(5)?.parse().unwrap_or_default(),
+            open_tasks: r.get::<_, i64>(6)?.max(0) as u64,
         })
     })
     .optional()
@@ -217,7 +218,7 @@ fn read_account(c: &Connection, sql: &str, arg: &str) -> PortResult<Option<Accou
 }
 
 const ACCOUNT_COLS: &str =
-    "SELECT id, key_hash, credits, granted, webhook_secret, created_at FROM accounts";
+    "SELECT id, key_hash, credits, granted, webhook_secret, created_at, open_tasks FROM accounts";
 
 fn read_task(c: &Connection, id: &str) -> PortResult<Option<Task>> {
     let doc: Option<String> = c
