@@ -148,30 +148,6 @@ async fn update(s: &Server, id: &str, t: &Transition) -> Task {
         .unwrap_or_else(|e| panic!("{t:?} on {id}: {e}"))
 }
 
-/// Polls `GET /tasks/{id}` until `done` holds (at most `secs`); returns the task.
-async fn wait_for(
-    s: &Server,
-    id: &str,
-    secs: u64,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let t = s.get(&format!("/tasks/{id}")).await;
-        assert_eq!(t.status, 200, "{}", t.body);
-        if done(&t.body) {
-            return t.body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task {id} not {what} after {secs} s: {}",
-            t.body
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Polls `check` until it returns `true` (at most `secs`).
 async fn eventually(secs: u64, what: &str, check: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -464,10 +440,11 @@ async fn a_finished_tasks_first_webhook_that_was_never_enqueued_is_delivered_by_
     let done_off = completed_without_webhook(&off, &hook_off).await;
     let done = completed_without_webhook(&on, &hook_on).await;
 
-    let t = wait_for(&on, &done.id, 30, "delivered", |t| {
-        t["callback"]["state"] == "delivered"
-    })
-    .await;
+    let t = on
+        .wait_for(&done.id, 30, "delivered", |t| {
+            t["callback"]["state"] == "delivered"
+        })
+        .await;
     assert_eq!(t["callback"]["attempts"], 1, "{t}");
     let got = hook_on.received();
     assert_eq!(got.len(), 1, "{got:?}");
@@ -796,7 +773,8 @@ async fn submits_over_the_open_task_cap_get_429_until_a_task_finishes_fails_or_i
     let slow = id(&s
         .submit(json!({"model": "echo", "prompt": "slow", "params": {"sleep_ms": 4000}}))
         .await);
-    wait_for(&s, &slow, 30, "processing", |t| t["status"] == "processing").await;
+    s.wait_for(&slow, 30, "processing", |t| t["status"] == "processing")
+        .await;
     let waiting = id(&s.submit(echo("waiting")).await);
     let before = s.credits().await;
     assert_capped(&s.post("/tasks", &echo("over the cap")).await, 2);

@@ -315,22 +315,36 @@ impl Server {
         self.get("/account").await.body["credits"].as_u64().unwrap()
     }
 
-    /// Polls until the task is terminal (at most `secs` seconds); returns it.
-    pub async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
+    /// Polls `GET /tasks/{id}` until `done` holds (at most `secs` seconds); returns the task.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        secs: u64,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let t = self.get(&format!("/tasks/{id}")).await;
             assert_eq!(t.status, 200, "{}", t.body);
-            let s = t.body["status"].as_str().unwrap().to_string();
-            if ["completed", "failed", "cancelled"].contains(&s.as_str()) {
+            if done(&t.body) {
                 return t.body;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "task {id} still {s} after {secs}s"
+                "task {id} not {what} after {secs} s: {}",
+                t.body
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Polls until the task is terminal (at most `secs` seconds); returns it.
+    pub async fn wait_terminal(&self, id: &str, secs: u64) -> Value {
+        self.wait_for(id, secs, "terminal", |t| {
+            ["completed", "failed", "cancelled"].contains(&t["status"].as_str().unwrap_or(""))
+        })
+        .await
     }
 
     /// Creates a second account with `credits` directly in the store; returns its API key.

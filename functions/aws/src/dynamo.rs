@@ -147,6 +147,51 @@ fn existing<T>(
     })
 }
 
+type TransactError = SdkError<
+    aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+    aws_smithy_runtime_api::http::Response,
+>;
+
+/// Why each item of a cancelled `TransactWriteItems` was refused (`None` for other errors).
+fn cancellation_reasons(
+    e: &TransactError,
+) -> Option<Vec<aws_sdk_dynamodb::types::CancellationReason>> {
+    match e.as_service_error()? {
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+            Some(c.cancellation_reasons().to_vec())
+        }
+        _ => None,
+    }
+}
+
+/// A transaction cancelled for reasons retrying may cure (conflicts, throttling).
+fn cancelled(what: &str, reasons: &[aws_sdk_dynamodb::types::CancellationReason]) -> PortError {
+    PortError::unavailable(format!(
+        "{what} transaction cancelled: {:?}",
+        reasons
+            .iter()
+            .map(|r| r.code().unwrap_or("None").to_string())
+            .collect::<Vec<_>>()
+    ))
+}
+
+/// Maps the result of a transaction whose items are conditioned on existence: a failed
+/// condition (the account exists, changed meanwhile, or the key is taken) is an internal
+/// error naming `what`; conflicts are retryable.
+fn keyed_transaction<T>(res: Result<T, TransactError>, what: &str) -> PortResult<()> {
+    let Err(e) = res else {
+        return Ok(());
+    };
+    let reasons = cancellation_reasons(&e);
+    match reasons {
+        Some(r) if r.iter().any(|x| x.code() == Some("ConditionalCheckFailed")) => Err(
+            PortError::internal(format!("{what} exists already or changed meanwhile")),
+        ),
+        Some(r) => Err(cancelled(what, &r)),
+        None => Err(sdk_error(e)),
+    }
+}
+
 fn build_err(e: aws_sdk_dynamodb::error::BuildError) -> PortError {
     PortError::internal(e)
 }
@@ -306,43 +351,6 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().put(put).build())
     }
 
-    /// Maps the result of a transaction whose items are conditioned on existence: a failed
-    /// condition (the account exists, changed meanwhile, or the key is taken) is an internal
-    /// error naming `what`; conflicts are retryable.
-    fn keyed_transaction<T>(
-        &self,
-        res: Result<
-            T,
-            SdkError<
-                aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
-                aws_smithy_runtime_api::http::Response,
-            >,
-        >,
-        what: &str,
-    ) -> PortResult<()> {
-        let Err(e) = res else {
-            return Ok(());
-        };
-        let reasons = e.as_service_error().and_then(|se| match se {
-            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
-                Some(c.cancellation_reasons().to_vec())
-            }
-            _ => None,
-        });
-        match reasons {
-            Some(r) if r.iter().any(|x| x.code() == Some("ConditionalCheckFailed")) => Err(
-                PortError::internal(format!("{what} exists already or changed meanwhile")),
-            ),
-            Some(r) => Err(PortError::unavailable(format!(
-                "{what} transaction cancelled: {:?}",
-                r.iter()
-                    .map(|x| x.code().unwrap_or("None").to_string())
-                    .collect::<Vec<_>>()
-            ))),
-            None => Err(sdk_error(e)),
-        }
-    }
-
     /// Writes `task` if the stored version is still `expected`, settling its account (refund,
     /// open-task count) in the same transaction. `Ok(false)` when the version changed meanwhile.
     async fn write_task(&self, task: &Task, expected: u64, applied: Applied) -> PortResult<bool> {
@@ -389,26 +397,14 @@ impl DynamoStore {
         match res {
             Ok(_) => Ok(true),
             Err(e) => {
-                let reasons = e
-                    .as_service_error()
-                    .and_then(|se| match se {
-                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
-                            Some(c.cancellation_reasons().to_vec())
-                        }
-                        _ => None,
-                    });
+                let reasons = cancellation_reasons(&e);
                 // A changed version, or another transaction on the item: read again and retry.
                 let lost = |code: Option<&str>| {
                     matches!(code, Some("ConditionalCheckFailed" | "TransactionConflict"))
                 };
                 match reasons {
                     Some(r) if r.iter().any(|x| lost(x.code())) => Ok(false),
-                    Some(r) => Err(PortError::unavailable(format!(
-                        "task write transaction cancelled: {:?}",
-                        r.iter()
-                            .map(|x| x.code().unwrap_or("None").to_string())
-                            .collect::<Vec<_>>()
-                    ))),
+                    Some(r) => Err(cancelled("task write", &r)),
                     None => Err(sdk_error(e)),
                 }
             }
@@ -443,7 +439,7 @@ impl TaskStore for DynamoStore {
             .transact_items(self.claim_key(&account.key_hash, &account.id)?)
             .send()
             .await;
-        self.keyed_transaction(res, "account")
+        keyed_transaction(res, "account")
     }
 
     async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
@@ -516,7 +512,7 @@ impl TaskStore for DynamoStore {
             .transact_items(self.claim_key(key_hash, account_id)?)
             .send()
             .await;
-        self.keyed_transaction(res, "key")
+        keyed_transaction(res, "key")
     }
 
     async fn reserve_idempotency(
@@ -661,12 +657,7 @@ impl TaskStore for DynamoStore {
         let Err(e) = req.send().await else {
             return Ok(());
         };
-        let reasons = e.as_service_error().and_then(|se| match se {
-            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
-                Some(c.cancellation_reasons().to_vec())
-            }
-            _ => None,
-        });
+        let reasons = cancellation_reasons(&e);
         let Some(reasons) = reasons else {
             return Err(sdk_error(e));
         };
@@ -691,13 +682,7 @@ impl TaskStore for DynamoStore {
                 task.id
             )));
         }
-        Err(PortError::unavailable(format!(
-            "submit transaction cancelled: {:?}",
-            reasons
-                .iter()
-                .map(|r| r.code().unwrap_or("None").to_string())
-                .collect::<Vec<_>>()
-        )))
+        Err(cancelled("submit", &reasons))
     }
 
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {

@@ -372,10 +372,6 @@ impl Api {
                     needed: Some(cost),
                     available,
                 },
-                PortError::TooManyOpenTasks { limit } => ApiError::TooManyOpenTasks {
-                    limit,
-                    retry_after: self.app.config.poll_after_secs.max(1),
-                },
                 other => other.into(),
             })?;
         let run = WorkMessage::Run {

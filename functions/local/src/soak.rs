@@ -986,7 +986,9 @@ struct Shared {
 
 type Sent = Result<(u16, Value), String>;
 
-fn transport_kind(e: &reqwest::Error) -> String {
+/// A client-side failure as a short label (`transport: timeout`, `connect`, `body`, `request`),
+/// shared with `tasklane-bench`.
+pub fn transport_kind(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {

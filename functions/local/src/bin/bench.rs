@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
+use tasklane_local::soak::transport_kind;
 use tasklane_local::{LocalConfig, Running};
 
 /// Credits the in-process development account starts with: plenty for any run.
@@ -139,19 +140,6 @@ impl Errors {
     }
 }
 
-fn transport_error(e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else if e.is_body() || e.is_decode() {
-        "body"
-    } else {
-        "request"
-    };
-    format!("transport: {what}")
-}
-
 /// `HTTP 409 not_cancellable` from an error answer (the code when the body has one).
 fn http_error(status: StatusCode, body: &[u8]) -> String {
     let code = serde_json::from_slice::<Value>(body)
@@ -165,9 +153,9 @@ fn http_error(status: StatusCode, body: &[u8]) -> String {
 
 /// One request's outcome: the answer (status and body) or a transport error kind.
 async fn send(req: reqwest::RequestBuilder) -> Result<(StatusCode, bytes::Bytes), String> {
-    let resp = req.send().await.map_err(|e| transport_error(&e))?;
+    let resp = req.send().await.map_err(|e| transport_kind(&e))?;
     let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| transport_error(&e))?;
+    let body = resp.bytes().await.map_err(|e| transport_kind(&e))?;
     Ok((status, body))
 }
 
