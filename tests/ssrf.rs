@@ -2,18 +2,25 @@
 //! created) and, sent straight to the webhook sender, never reaches a listener on the loopback
 //! interface; public-looking URLs are still accepted; response bodies are not read.
 //!
+//! Nothing here leaves the machine. Public URLs are only submitted to a server whose workers
+//! do not run, so nothing delivers them. The sender's checks are proven through its network
+//! seam ([`Network`]): names answer from a table (what a resolver would have said), and every
+//! connection the checks let through is routed to a loopback listener, so the checks see the
+//! address the sender would have connected to. Literal addresses never reach the resolver:
+//! only loopback ones are sent for real, the others are shown refused before any connection.
+//!
 //! `PORT` in a corpus entry stands for the port of the test's loopback listener, so a URL the
 //! sender wrongly connected to would land on it.
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::Server;
 use serde_json::json;
-use tasklane_core::webhook::{DeliveryResult, WebhookSender};
+use tasklane_core::webhook::{BoxFuture, DeliveryResult, Network, WebhookSender};
 use tasklane_local::Hooks;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -153,31 +160,73 @@ fn corpus(port: u16) -> Vec<String> {
         .collect()
 }
 
-/// Names in /etc/hosts with a non-public address: they resolve without the network.
-fn hosts_file_names() -> BTreeSet<String> {
-    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-    let mut names = BTreeSet::from(["localhost".to_string()]);
-    for line in hosts.lines() {
-        let mut words = line.split('#').next().unwrap_or("").split_whitespace();
-        let Some(ip) = words.next().and_then(|w| w.parse::<IpAddr>().ok()) else {
-            continue;
-        };
-        if !tasklane_core::webhook::is_public(ip) {
-            names.extend(words.map(str::to_ascii_lowercase));
-        }
-    }
-    names
+/// What a resolver would answer for the corpus's names (local-only names answer with local,
+/// private or metadata addresses) and for the test's public names; any other name does not
+/// resolve, as on a machine without DNS.
+fn resolver_answer(host: &str) -> Option<Vec<IpAddr>> {
+    let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+    let loopback = vec![v4(127, 0, 0, 1), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    Some(match host.trim_end_matches('.') {
+        "localhost" | "api.localhost" | "localhost.localdomain" => loopback,
+        "vm" => vec![v4(10, 0, 0, 7)],
+        "metadata" | "metadata.google.internal" => vec![v4(169, 254, 169, 254)],
+        "printer.local" => vec![v4(192, 168, 1, 20)],
+        "router.home.arpa" => vec![v4(192, 168, 1, 1), "fd00::1".parse().unwrap()],
+        "public.test" => vec![v4(8, 8, 8, 8)],
+        "mixed.test" => vec![v4(10, 0, 0, 1), v4(1, 1, 1, 1), v4(192, 168, 0, 1)],
+        _ => return None,
+    })
 }
 
-/// Whether sending to `url` needs no DNS beyond /etc/hosts (the tests run offline).
-fn resolves_offline(url: &str, local_names: &BTreeSet<String>) -> bool {
+/// The seam: names answer from [`resolver_answer`]; a connection to a public address goes to
+/// the `public` listener, any other to the `trap` listener. Nothing leaves loopback.
+#[derive(Debug)]
+struct Routed {
+    public: SocketAddr,
+    trap: SocketAddr,
+}
+
+impl Network for Routed {
+    fn lookup(&self, host: String) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
+        let answer = resolver_answer(&host);
+        Box::pin(async move {
+            answer.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, host))
+        })
+    }
+
+    fn route(&self, to: SocketAddr) -> SocketAddr {
+        if tasklane_core::webhook::is_public(to.ip()) {
+            self.public
+        } else {
+            self.trap
+        }
+    }
+}
+
+/// Whether a URL's host is a literal address that a connection would take to this machine
+/// (loopback or unspecified): only those are sent for real when the checks are under test.
+fn literal_stays_on_this_machine(url: &str) -> bool {
     match url::Url::parse(url)
         .ok()
         .and_then(|u| u.host().map(|h| h.to_owned()))
     {
-        Some(url::Host::Domain(d)) => local_names.contains(d.trim_end_matches('.')),
-        _ => true,
+        Some(url::Host::Ipv4(a)) => a.is_loopback() || a.is_unspecified(),
+        Some(url::Host::Ipv6(a)) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        _ => false,
     }
+}
+
+fn literal_host(url: &str) -> bool {
+    matches!(
+        url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host().map(|h| h.to_owned())),
+        Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))
+    )
 }
 
 /// Asserts no connection reached `listener` before this call: a marker connection made now
@@ -197,7 +246,15 @@ async fn assert_accepted_nothing(listener: &TcpListener) {
 
 #[tokio::test]
 async fn every_hostile_callback_url_is_refused_at_submit_and_creates_nothing() {
-    let s = Server::start_with(|c| c.core.callback_allow_private = false, Hooks::default()).await;
+    // No workers: the public URLs are accepted and stored, and nothing ever delivers to them.
+    let s = Server::start_with(
+        |c| {
+            c.core.callback_allow_private = false;
+            c.workers = 0;
+        },
+        Hooks::default(),
+    )
+    .await;
     let before = s.credits().await;
     let corpus = corpus(8443);
     let mut refused = 0;
@@ -244,34 +301,57 @@ async fn every_hostile_callback_url_is_refused_at_submit_and_creates_nothing() {
 
 #[tokio::test]
 async fn no_hostile_callback_url_reaches_a_loopback_listener_at_delivery() {
-    let v4 = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = v4.local_addr().unwrap().port();
+    let trap = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = trap.local_addr().unwrap().port();
     // The same port on ::1, when the host has IPv6, catches `[::]` and `[::1]`.
     let v6 = TcpListener::bind(SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], port)))
         .await
         .ok();
+    let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let network = Arc::new(Routed {
+        public: public.local_addr().unwrap(),
+        trap: trap.local_addr().unwrap(),
+    });
 
-    // The listener does see a sender that is allowed private targets.
-    let open = WebhookSender::new(Duration::from_secs(5), true);
-    let url = format!("http://127.0.0.1:{port}/hook");
+    // The trap does see a sender that is allowed private targets.
+    let open = WebhookSender::with_network(Duration::from_secs(5), true, network.clone());
+    let url = format!("http://localhost:{port}/hook");
     let sent =
         tokio::spawn(async move { open.send(&url, "whsec_dGVzdA==", "msg_1", vec![]).await });
-    let (conn, _) = v4.accept().await.unwrap();
+    let (conn, _) = trap.accept().await.unwrap();
     drop(conn);
     assert!(matches!(sent.await.unwrap(), DeliveryResult::NoAnswer(_)));
 
-    let local_names = hosts_file_names();
-    let mut urls: Vec<String> = corpus(port)
-        .into_iter()
-        .filter(|u| resolves_offline(u, &local_names))
-        .collect();
-    for name in &local_names {
-        urls.push(format!("https://{name}:{port}/hook"));
-        urls.push(format!("https://{}:{port}/hook", name.to_ascii_uppercase()));
+    // A name with public answers is connected to, on a public address only (the control that
+    // shows the seam routes what the checks let through).
+    let sender = WebhookSender::with_network(Duration::from_secs(5), false, network.clone());
+    for name in ["public.test", "mixed.test"] {
+        let url = format!("https://{name}/hook");
+        let s2 = sender.clone();
+        let sent =
+            tokio::spawn(async move { s2.send(&url, "whsec_dGVzdA==", "msg_1", vec![]).await });
+        let accepted = tokio::time::timeout(Duration::from_secs(10), public.accept()).await;
+        assert!(
+            accepted.is_ok(),
+            "{name}: no connection to its public address"
+        );
+        drop(accepted);
+        assert!(matches!(sent.await.unwrap(), DeliveryResult::NoAnswer(_)));
     }
-    let sender = WebhookSender::new(Duration::from_secs(5), false);
-    let mut refused = 0;
-    for url in &urls {
+
+    let mut sent_for_real = 0;
+    let mut refused_unsent = 0;
+    for url in &corpus(port) {
+        if literal_host(url) && !literal_stays_on_this_machine(url) {
+            // A literal address is connected to without a lookup, so the seam cannot route it:
+            // it must be refused before any connection is tried.
+            assert!(
+                sender.refuses_before_connecting(url).is_some(),
+                "{url:?} would be connected to"
+            );
+            refused_unsent += 1;
+            continue;
+        }
         let r = sender
             .send(url, "whsec_dGVzdA==", "msg_1", b"{}".to_vec())
             .await;
@@ -279,19 +359,19 @@ async fn no_hostile_callback_url_reaches_a_loopback_listener_at_delivery() {
             matches!(r, DeliveryResult::NoAnswer(_)),
             "{url:?} answered {r:?}"
         );
-        refused += 1;
+        sent_for_real += 1;
     }
-    assert_accepted_nothing(&v4).await;
+    assert_accepted_nothing(&trap).await;
     if let Some(v6) = &v6 {
         assert_accepted_nothing(v6).await;
     }
     println!(
-        "ssrf corpus at delivery: {} URLs sent without private targets, {refused} refused, \
+        "ssrf corpus at delivery: {sent_for_real} URLs sent through the seam and refused, \
+         {refused_unsent} literal non-local addresses refused before connecting, \
          0 connections on 127.0.0.1:{port}{}",
-        urls.len(),
         if v6.is_some() { " or [::1]" } else { "" }
     );
-    assert!(urls.len() >= 60);
+    assert!(sent_for_real >= 40 && refused_unsent >= 30);
 }
 
 #[tokio::test]
@@ -346,17 +426,31 @@ async fn a_proxy_named_in_the_environment_is_not_used() {
     const CHILD: &str = "TASKLANE_SSRF_PROXY_CHILD";
     let name = "a_proxy_named_in_the_environment_is_not_used";
     if std::env::var_os(CHILD).is_some() {
-        // In the child: the proxy variables are set for this whole process.
-        let sender = WebhookSender::new(Duration::from_secs(2), false);
-        let r = sender
-            .send(
-                "https://example.com/hook",
-                "whsec_dGVzdA==",
-                "msg_1",
-                vec![],
-            )
-            .await;
+        // In the child: the proxy variables are set for this whole process. `public.test`
+        // resolves (through the seam) to a public address, which is routed to `direct`.
+        let direct = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let trap = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let network = Arc::new(Routed {
+            public: direct.local_addr().unwrap(),
+            trap: trap.local_addr().unwrap(),
+        });
+        let sender = WebhookSender::with_network(Duration::from_secs(2), false, network);
+        let sent = tokio::spawn(async move {
+            sender
+                .send(
+                    "https://public.test/hook",
+                    "whsec_dGVzdA==",
+                    "msg_1",
+                    vec![],
+                )
+                .await
+        });
+        let accepted = tokio::time::timeout(Duration::from_secs(10), direct.accept()).await;
+        assert!(accepted.is_ok(), "the sender did not connect directly");
+        drop(accepted);
+        let r = sent.await.unwrap();
         assert!(matches!(r, DeliveryResult::NoAnswer(_)), "{r:?}");
+        assert_accepted_nothing(&trap).await;
         return;
     }
     // A proxy would resolve (and connect to) the callback host on the sender's behalf, past

@@ -116,21 +116,71 @@ pub struct WebhookSender {
     allow_private: bool,
 }
 
-/// Resolves names and keeps only their public addresses. What it returns is exactly what the
-/// connector connects to, so the check holds on the address actually connected to; a name that
-/// changes its answer (DNS rebinding) is resolved, and checked, again on every new connection.
-struct PublicOnly;
+/// How the sender reaches the network: the addresses a name resolves to, and where a
+/// connection to an address (after it passed the checks) actually goes.
+///
+/// [`SystemNetwork`] is the real one. Tests plug in their own: a table of names and the
+/// addresses they "resolve" to, with every connection routed to a loopback listener, so the
+/// checks run on exactly the addresses the sender would have connected to while no packet and
+/// no DNS query leaves the machine. Literal addresses in a URL are never looked up (they are
+/// judged by [`check_target`] before anything is sent).
+pub trait Network: Send + Sync + std::fmt::Debug + 'static {
+    /// The addresses `host` resolves to.
+    fn lookup(&self, host: String) -> BoxFuture<std::io::Result<Vec<IpAddr>>>;
 
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+    /// Where a connection to `to`, already checked, goes. The real network: `to` itself.
+    fn route(&self, to: SocketAddr) -> SocketAddr {
+        to
+    }
+}
+
+/// A boxed future, as [`Network::lookup`] returns it.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// The machine's resolver (`getaddrinfo`) and direct connections.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemNetwork;
+
+impl Network for SystemNetwork {
+    fn lookup(&self, host: String) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| is_public(a.ip())).collect();
-            if public.is_empty() {
-                return Err("callback host does not resolve to a public address".into());
+            Ok(tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .map(|a| a.ip())
+                .collect())
+        })
+    }
+}
+
+/// Resolves names through a [`Network`] and, unless private targets are allowed, keeps only
+/// their public addresses. What it returns is exactly what the connector connects to, so the
+/// check holds on the address actually connected to; a name that changes its answer (DNS
+/// rebinding) is resolved, and checked, again on every new connection.
+struct Resolver {
+    network: std::sync::Arc<dyn Network>,
+    public_only: bool,
+}
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let network = self.network.clone();
+        let public_only = self.public_only;
+        Box::pin(async move {
+            let found = network.lookup(name.as_str().to_string()).await?;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|ip| !public_only || is_public(*ip))
+                // Port 0: the connector puts in the URL's port.
+                .map(|ip| network.route(SocketAddr::new(ip, 0)))
+                .collect();
+            if allowed.is_empty() {
+                return Err(if public_only {
+                    "callback host does not resolve to a public address".into()
+                } else {
+                    "callback host does not resolve".into()
+                });
             }
-            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }
 }
@@ -138,21 +188,43 @@ impl reqwest::dns::Resolve for PublicOnly {
 impl WebhookSender {
     /// A sender with a `timeout` for the whole request; private targets only when `allow_private`.
     pub fn new(timeout: Duration, allow_private: bool) -> Self {
-        let mut b = reqwest::Client::builder()
+        Self::with_network(timeout, allow_private, std::sync::Arc::new(SystemNetwork))
+    }
+
+    /// A sender that resolves and connects through `network` (see [`Network`]).
+    pub fn with_network(
+        timeout: Duration,
+        allow_private: bool,
+        network: std::sync::Arc<dyn Network>,
+    ) -> Self {
+        let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
             .user_agent(concat!("tasklane-webhooks/", env!("CARGO_PKG_VERSION")))
             // A proxy (HTTPS_PROXY and the like) would resolve and connect on our behalf,
             // past the address check below.
-            .no_proxy();
-        if !allow_private {
-            b = b.dns_resolver(std::sync::Arc::new(PublicOnly));
-        }
+            .no_proxy()
+            .dns_resolver(std::sync::Arc::new(Resolver {
+                network,
+                public_only: !allow_private,
+            }))
+            .build()
+            .expect("static reqwest configuration");
         WebhookSender {
-            client: b.build().expect("static reqwest configuration"),
+            client,
             allow_private,
         }
+    }
+
+    /// Why a delivery to `url` would be refused before any lookup or connection (a URL that
+    /// does not parse, not `https`, a literal address that is not public); `None` when it
+    /// would be attempted. Always `None` for a sender that allows private targets.
+    pub fn refuses_before_connecting(&self, url: &str) -> Option<&'static str> {
+        if self.allow_private {
+            return None;
+        }
+        check_target(url).err()
     }
 
     /// POSTs `body` to `url` with the Standard Webhooks headers.
@@ -163,9 +235,7 @@ impl WebhookSender {
         msg_id: &str,
         body: Vec<u8>,
     ) -> DeliveryResult {
-        if !self.allow_private
-            && let Err(why) = check_target(url)
-        {
+        if let Some(why) = self.refuses_before_connecting(url) {
             return DeliveryResult::NoAnswer(format!("callback target refused: {why}"));
         }
         let ts = chrono::Utc::now().timestamp();
@@ -374,10 +444,52 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_resolver_refuses_a_name_that_resolves_only_to_loopback() {
+    /// Names answer from a table; nothing is sent.
+    #[derive(Debug)]
+    struct Table(Vec<(&'static str, Vec<IpAddr>)>);
+
+    impl Network for Table {
+        fn lookup(&self, host: String) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
+            let found = self
+                .0
+                .iter()
+                .find(|(n, _)| *n == host)
+                .map(|(_, a)| a.clone());
+            Box::pin(async move { found.ok_or_else(|| std::io::Error::other("no such name")) })
+        }
+    }
+
+    async fn resolve(public_only: bool, name: &str) -> Result<Vec<SocketAddr>, String> {
         use reqwest::dns::Resolve;
-        let answer = PublicOnly.resolve("localhost".parse().unwrap()).await;
-        assert!(answer.is_err(), "localhost resolved to a public address");
+        let table = Table(vec![
+            (
+                "loopback.test",
+                vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+            ),
+            (
+                "mixed.test",
+                vec!["10.0.0.1".parse().unwrap(), "8.8.8.8".parse().unwrap()],
+            ),
+        ]);
+        let r = Resolver {
+            network: std::sync::Arc::new(table),
+            public_only,
+        };
+        r.resolve(name.parse().unwrap())
+            .await
+            .map(|a| a.collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_resolver_keeps_only_public_addresses_unless_private_ones_are_allowed() {
+        let refused = resolve(true, "loopback.test").await.unwrap_err();
+        assert!(refused.contains("public"), "{refused}");
+        assert_eq!(
+            resolve(true, "mixed.test").await.unwrap(),
+            vec!["8.8.8.8:0".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(resolve(false, "loopback.test").await.unwrap().len(), 2);
+        assert!(resolve(true, "unknown.test").await.is_err());
     }
 }
