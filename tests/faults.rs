@@ -876,3 +876,127 @@ async fn concurrent_submits_never_open_more_tasks_than_the_cap() {
     assert_eq!(list["data"].as_array().unwrap().len(), 3, "{list}");
     s.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A client that hangs up mid-submit
+// ---------------------------------------------------------------------------------------------
+
+/// Holds the first call of one port operation until released, telling the test when the call
+/// was reached and whether the future that waits in it was dropped (its caller cancelled).
+struct HoldOnce {
+    op: Op,
+    armed: std::sync::atomic::AtomicBool,
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+    dropped: tokio::sync::Notify,
+}
+
+/// Notifies `dropped` unless disarmed: the waiting future was dropped before its release.
+struct DropAlarm<'a>(Option<&'a tokio::sync::Notify>);
+
+impl Drop for DropAlarm<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.notify_one();
+        }
+    }
+}
+
+#[async_trait]
+impl Interceptor for HoldOnce {
+    async fn before(&self, op: Op) -> PortResult<()> {
+        if op == self.op && self.armed.swap(false, Ordering::SeqCst) {
+            let mut alarm = DropAlarm(Some(&self.dropped));
+            self.reached.notify_one();
+            drop(self.release.acquire().await);
+            alarm.0 = None;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_at_any_step_of_a_submit_leaves_no_task_waiting_on_the_sweeper() {
+    // Every call a submit with an Idempotency-Key awaits, in order.
+    let steps = [
+        Op::AccountByKeyHash,
+        Op::ReserveIdempotency,
+        Op::InsertTask,
+        Op::Enqueue,
+    ];
+    let mut cut_before_writing = 0;
+    for step in steps {
+        let hold = Arc::new(HoldOnce {
+            op: step,
+            armed: true.into(),
+            reached: Default::default(),
+            release: tokio::sync::Semaphore::new(0),
+            dropped: Default::default(),
+        });
+        // Sweeping is off: a task left without its work message would wait here for an hour.
+        let s = Server::start_with(not_sweeping, Hooks::intercept(hold.clone())).await;
+        let key = format!("hangup-{step:?}");
+        let req = s
+            .client
+            .post(s.url("/tasks"))
+            .bearer_auth(&s.key)
+            .header("idempotency-key", &key)
+            .json(&json!({"model": "echo", "prompt": format!("cut at {step:?}")}));
+        let client = tokio::spawn(answer(req));
+        tokio::time::timeout(Duration::from_secs(10), hold.reached.notified())
+            .await
+            .unwrap_or_else(|_| panic!("the submit never reached {step:?}"));
+        // The client hangs up while the server is inside that call.
+        client.abort();
+        let _ = client.await;
+        // The server notices the closed connection and drops the request's future: a call
+        // still inside it is cancelled (the alarm rings). A call the submit made on a task of
+        // its own goes on. Give the server a moment to notice, then let the call proceed.
+        let cancelled = tokio::time::timeout(Duration::from_secs(1), hold.dropped.notified())
+            .await
+            .is_ok();
+        hold.release.add_permits(1);
+
+        let tasks = s.get("/tasks?limit=10").await.body["data"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if tasks.is_empty() {
+            // Cut before the first write: nothing was created, nothing was charged.
+            assert!(
+                cancelled,
+                "{step:?}: no task, but the call was not cancelled either"
+            );
+            assert_eq!(s.credits().await, common::test_config(&s.dir).dev_credits);
+            cut_before_writing += 1;
+        } else {
+            assert_eq!(tasks.len(), 1, "{step:?}: {tasks:?}");
+            let end = s.wait_terminal(&id(&tasks[0]), 20).await;
+            assert_eq!(end["status"], "completed", "{step:?}: {end}");
+        }
+        // The idempotency record finished too: the retry gets the same task (or, if nothing
+        // was written, creates it), never 409 `idempotency_in_progress`.
+        let retry = s
+            .send(
+                s.client
+                    .post(s.url("/tasks"))
+                    .bearer_auth(&s.key)
+                    .header("idempotency-key", &key)
+                    .json(&json!({"model": "echo", "prompt": format!("cut at {step:?}")})),
+            )
+            .await;
+        assert_eq!(retry.status, 202, "{step:?}: {}", retry.body);
+        if let Some(first) = tasks.first() {
+            assert_eq!(retry.body["task_id"], first["task_id"], "{step:?}");
+        }
+        s.stop().await;
+    }
+    println!(
+        "hang-ups at {} steps: {cut_before_writing} cut before the first write, the rest completed without the sweeper",
+        steps.len()
+    );
+    assert!(
+        cut_before_writing >= 1,
+        "the first step is before any write"
+    );
+}

@@ -217,10 +217,19 @@ impl Api {
                 Some(k.to_string())
             }
         };
-        let (task, replayed) = match idempotency_key {
-            None => (self.create(account, &sub, None).await?, false),
-            Some(key) => self.create_idempotent(account, &sub, key).await?,
-        };
+        // From here on the submit writes. It runs to its end on a task of its own: a client
+        // that hangs up drops this future, and must not leave a paid task without its work
+        // message, or an idempotency reservation that never completes.
+        let api = self.clone();
+        let owner = account.clone();
+        let (task, replayed) = tokio::spawn(async move {
+            match idempotency_key {
+                None => Ok((api.create(&owner, &sub, None).await?, false)),
+                Some(key) => api.create_idempotent(&owner, &sub, key).await,
+            }
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("submit task ended: {e}").into()))??;
         let task = match wait {
             Some(w) => self.wait_terminal(task, w).await?,
             None => task,
@@ -486,14 +495,12 @@ impl Api {
                     q.model = Some(v.into_owned());
                 }
                 "limit" => {
-                    q.limit = v
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|l| (1..=100).contains(l))
-                        .ok_or_else(|| {
-                            ApiError::invalid("limit", "limit must be an integer from 1 to 100")
-                        })?
+                    q.limit = parse_limit(&v).ok_or_else(|| {
+                        ApiError::invalid("limit", "limit must be an integer from 1 to 100")
+                    })?
                 }
+                // An empty cursor is no cursor: the first page (openapi.yaml, `cursor`).
+                "cursor" if v.is_empty() => q.before = None,
                 "cursor" => q.before = Some(decode_cursor(&v)?),
                 other => {
                     let name: String = other.chars().take(64).collect();
@@ -544,6 +551,22 @@ impl Api {
 struct TaskList {
     data: Vec<TaskView>,
     next_cursor: Option<String>,
+}
+
+/// A page size from 1 to 100. Like JSON Schema's `integer`, a whole number written with a
+/// zero fraction (`20.0`) counts.
+fn parse_limit(v: &str) -> Option<usize> {
+    let limit = match v.parse::<usize>() {
+        Ok(l) => l,
+        Err(_) => {
+            let f = v.parse::<f64>().ok().filter(|f| f.fract() == 0.0)?;
+            if !(1.0..=100.0).contains(&f) {
+                return None;
+            }
+            f as usize
+        }
+    };
+    (1..=100).contains(&limit).then_some(limit)
 }
 
 fn decode_cursor(c: &str) -> Result<String, ApiError> {
@@ -630,6 +653,28 @@ mod tests {
         assert_eq!(Route::parse("/v1/tasks/"), None);
         assert_eq!(Route::parse("/v2/tasks"), None);
         assert_eq!(Route::parse("/v1/tasks/a/b/c"), None);
+    }
+
+    #[test]
+    fn limit_is_a_whole_number_from_1_to_100_with_or_without_a_zero_fraction() {
+        for (v, want) in [
+            ("1", Some(1)),
+            ("100", Some(100)),
+            ("17.0", Some(17)),
+            ("1.7e1", Some(17)),
+            ("100.00", Some(100)),
+            ("0", None),
+            ("101", None),
+            ("100.5", None),
+            ("0.0", None),
+            ("-1", None),
+            ("NaN", None),
+            ("inf", None),
+            ("", None),
+            ("abc", None),
+        ] {
+            assert_eq!(parse_limit(v), want, "{v:?}");
+        }
     }
 
     #[test]
