@@ -630,3 +630,65 @@ async fn zero_workers_is_refused_at_start_with_a_message_naming_tasklane_workers
 async fn non_numeric_dev_credits_are_refused_at_start_with_a_message_naming_the_variable() {
     assert_refused_at_start("TASKLANE_DEV_CREDITS", "abc").await;
 }
+
+#[tokio::test]
+async fn an_invalid_log_format_is_refused_at_start_with_a_message_naming_the_variable() {
+    assert_refused_at_start("TASKLANE_LOG_FORMAT", "yaml").await;
+}
+
+/// The log lines among what the binary printed to stdout (not its start-up banner).
+fn log_lines(stdout: &str) -> Vec<&str> {
+    const BANNER: [&str; 4] = [
+        "tasklane is listening on ",
+        "development API key: ",
+        "data directory: ",
+        "try: ",
+    ];
+    stdout
+        .lines()
+        .filter(|l| !l.is_empty() && !BANNER.iter().any(|b| l.starts_with(b)))
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_to_a_pipe_carry_no_colour_codes_and_the_json_format_is_one_object_a_line() {
+    for format in ["", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Tasklane::spawn(
+            dir.path(),
+            &[
+                ("TASKLANE_DEV_KEY", DEV_KEY),
+                ("TASKLANE_LOG_FORMAT", format),
+            ],
+        );
+        let api = p.client(DEV_KEY).await;
+        let task = api
+            .submit(json!({"model": "echo", "prompt": "logged"}))
+            .await;
+        api.wait_terminal(&id(&task), 30).await;
+        p.terminate();
+        let status = p.exit_status(60).await;
+        assert!(status.success(), "exit status {status}\n{}", p.output());
+        let stdout = p.stdout.lock().unwrap().clone();
+        assert!(
+            !stdout.contains('\x1b') && !p.stderr.lock().unwrap().contains('\x1b'),
+            "TASKLANE_LOG_FORMAT={format:?}: escape codes in a log written to a pipe\n{}",
+            p.output()
+        );
+        let lines = log_lines(&stdout);
+        assert!(
+            lines.iter().any(|l| l.contains("task submitted")),
+            "TASKLANE_LOG_FORMAT={format:?}: no log of the submit\n{}",
+            p.output()
+        );
+        for line in lines {
+            let parsed = serde_json::from_str::<Value>(line);
+            if format == "json" {
+                let object = parsed.unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(object["level"].is_string() && object["timestamp"].is_string());
+            } else {
+                assert!(parsed.is_err(), "a JSON line in the text format: {line}");
+            }
+        }
+    }
+}

@@ -15,21 +15,7 @@ use tracing::Instrument;
 
 use crate::sqs::SqsQueue;
 
-/// JSON logs in Lambda (filtered by `RUST_LOG`, default `info`), plain text elsewhere.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let _ = if in_lambda {
-        // An RFC 3339 `timestamp` lets Lambda's JSON log format honour each line's level.
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
+pub use tasklane_core::logging::init_or_exit as init_tracing;
 
 /// Turns an API Gateway request into the core's request type, answers it, and turns the
 /// answer back. REST (v1) events carry the stage in the path; the raw path is routed.

@@ -16,7 +16,8 @@
 //! - [`intercept`]: port wrappers that run a hook before each call; [`chaos`]: seeded fault
 //!   injection on top of it (failures, delays, duplicate messages, worker crashes).
 //! - [`sweeper`]: re-enqueues work a task waits on when its message was lost.
-//! - [`limits`]: per-account rate limiting.
+//! - [`limits`]: per-account rate limiting; [`logging`]: log output (text or JSON, colour only
+//!   on a terminal).
 //! - [`view`], [`events`], [`config`]: the task object, in-process wake-ups, settings.
 
 pub mod account;
@@ -28,6 +29,7 @@ pub mod events;
 pub mod generate;
 pub mod intercept;
 pub mod limits;
+pub mod logging;
 pub mod ports;
 pub mod processor;
 pub mod registry;

@@ -16,12 +16,4 @@ pub mod sqlite;
 
 pub use server::{Backends, Hooks, LocalConfig, Running, start, start_on, start_with};
 
-/// Installs a `tracing` subscriber: human-readable, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
-}
+pub use tasklane_core::logging::init_or_exit as init_tracing;
