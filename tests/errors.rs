@@ -1140,7 +1140,8 @@ fn hostile_probes() -> Vec<Probe> {
         bare("limit=NUL", Method::GET, "/v1/tasks?limit=%00", 400),
         bare("limit beyond u64", Method::GET, "/v1/tasks?limit=18446744073709551616", 400),
         bare("a bad second limit", Method::GET, "/v1/tasks?limit=1&limit=abc", 400),
-        bare("empty cursor", Method::GET, "/v1/tasks?cursor=", 400),
+        // An empty cursor is the first page (openapi.yaml): see
+        // fractions_and_made_up_cursors_are_still_400_with_the_error_shape.
         bare("cursor of base64 junk", Method::GET, "/v1/tasks?cursor=aGVsbG8", 400),
         bare("cursor with bad characters", Method::GET, "/v1/tasks?cursor=%ff%fe!!", 400),
         bare("empty model filter", Method::GET, "/v1/tasks?model=", 400),
@@ -1297,5 +1298,73 @@ async fn over_the_rate_limit_is_429_with_retry_after_and_other_accounts_are_unaf
     let after = s.get("/tasks").await;
     assert_eq!(after.status, 200, "{}", after.body);
     assert_eq!(after.body["data"].as_array().unwrap().len(), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn fractions_and_made_up_cursors_are_still_400_with_the_error_shape() {
+    // Whole numbers written as `17.0` and an empty `cursor=` are accepted (tests/submit.rs);
+    // what stays refused keeps the `{"error": {"code", "message", "param"}}` shape.
+    let s = Server::start().await;
+    let credits = s.credits().await;
+    let refused = [
+        (
+            json!({"model": "veo3", "prompt": "x", "duration": 17.5}),
+            "duration",
+        ),
+        (
+            json!({"model": "veo3", "prompt": "x", "duration": 21.0}),
+            "duration",
+        ),
+        (
+            json!({"model": "veo3", "prompt": "x", "params": {"fps": 2.5}}),
+            "params.fps",
+        ),
+        (
+            json!({"model": "veo3", "prompt": "x", "params": {"seed": 9.3e18}}),
+            "params.seed",
+        ),
+        (
+            json!({"model": "demo-image", "prompt": "x", "params": {"width": 15.0}}),
+            "params.width",
+        ),
+        (json!({"model": "echo", "duration": 5.0}), "duration"),
+    ];
+    for path in ["/tasks", "/tasks/sync"] {
+        for (body, param) in &refused {
+            let a = s.post(path, body).await;
+            assert_eq!(a.status, 400, "{path} {body}: {}", a.body);
+            assert_invalid(&a, param);
+        }
+    }
+    assert_nothing_created(&s, credits).await;
+    for (query, param) in [
+        ("limit=17.5", "limit"),
+        ("limit=0.0", "limit"),
+        ("limit=100.5", "limit"),
+        ("limit=101.0", "limit"),
+        ("limit=NaN", "limit"),
+        // Decimal digits only: no exponent, no sign, no bare point.
+        ("limit=1e1", "limit"),
+        ("limit=+5", "limit"),
+        ("limit=5.", "limit"),
+        ("limit=", "limit"),
+        ("cursor=n", "cursor"),
+        // The documented shape (42 URL-safe characters) but not a cursor the API returned.
+        (
+            "cursor=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "cursor",
+        ),
+        ("status=", "status"),
+        ("model=", "model"),
+    ] {
+        let a = s.get(&format!("/tasks?{query}")).await;
+        assert_eq!(a.status, 400, "{query}: {}", a.body);
+        assert_invalid(&a, param);
+    }
+    for fine in ["cursor=", "limit=17.0", "limit=100.00", "limit=5&cursor="] {
+        let a = s.get(&format!("/tasks?{fine}")).await;
+        assert_eq!(a.status, 200, "{fine}: {}", a.body);
+    }
     s.stop().await;
 }

@@ -674,3 +674,87 @@ async fn cancelling_a_queued_task_refunds_once_and_cancelling_again_changes_noth
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn whole_numbers_written_with_a_fraction_are_integers_as_json_schema_says() {
+    // openapi.yaml: `5`, `5.0` and `5e0` are the same integer (JSON Schema's `integer`).
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let credits = s.credits().await;
+    let video = s
+        .submit(json!({"model": "veo3", "prompt": "a cat", "duration": 17.0, "params": {"fps": 2.0, "seed": 35_912_214.0}}))
+        .await;
+    // Stored and shown as integers, priced by the whole number.
+    assert_eq!(video["input"]["duration"], json!(17), "{video}");
+    assert!(video["input"]["duration"].is_u64(), "{video}");
+    assert_eq!(
+        video["input"]["params"],
+        json!({"fps": 2, "seed": 35_912_214})
+    );
+    assert_eq!(video["cost"]["credits"], 170);
+    let image = s
+        .submit(json!({"model": "demo-image", "prompt": "a dog", "params": {"width": 260.0, "height": 1.6e1}}))
+        .await;
+    assert_eq!(
+        image["input"]["params"],
+        json!({"width": 260, "height": 16})
+    );
+    let echo = s
+        .submit(json!({"model": "echo", "params": {"sleep_ms": 0.0}}))
+        .await;
+    assert_eq!(echo["input"]["params"], json!({"sleep_ms": 0}));
+    assert_eq!(s.credits().await, credits - 170 - 5 - 1);
+    // The same number written either way is the same body for an idempotent replay.
+    let first = submit_with_key(
+        &s,
+        &s.key,
+        "whole-numbers",
+        r#"{"model":"veo3","prompt":"x","duration":5}"#,
+    )
+    .await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let again = submit_with_key(
+        &s,
+        &s.key,
+        "whole-numbers",
+        r#"{"model":"veo3","prompt":"x","duration":5.0}"#,
+    )
+    .await;
+    assert_eq!(again.status, 202, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(id_of(&again.body), id_of(&first.body));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_cursor_is_the_first_page_and_limit_may_have_a_zero_fraction() {
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let mut submitted = Vec::new();
+    for i in 0..3 {
+        let t = s
+            .submit(json!({"model": "echo", "prompt": format!("task {i}")}))
+            .await;
+        submitted.push(id_of(&t));
+    }
+    submitted.reverse();
+    let (all, next) = list_ids(&s, "?cursor=").await;
+    assert_eq!(all, submitted);
+    assert_eq!(next, Value::Null);
+    // `cursor=` with a page size: the first page, then the real cursor goes on.
+    let (first, next) = list_ids(&s, "?limit=2.0&cursor=").await;
+    assert_eq!(first, submitted[..2]);
+    let Value::String(cursor) = next else {
+        panic!("no next_cursor after a full page: {next}")
+    };
+    // The cursor the API hands out has the documented shape: 42 URL-safe base64 characters.
+    assert_eq!(cursor.len(), 42, "{cursor}");
+    assert!(
+        cursor
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "{cursor}"
+    );
+    let (rest, next) = list_ids(&s, &format!("?limit=2.00&cursor={cursor}")).await;
+    assert_eq!(rest, submitted[2..]);
+    assert_eq!(next, Value::Null);
+    s.stop().await;
+}

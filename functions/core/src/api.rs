@@ -553,20 +553,21 @@ struct TaskList {
     next_cursor: Option<String>,
 }
 
-/// A page size from 1 to 100. Like JSON Schema's `integer`, a whole number written with a
-/// zero fraction (`20.0`) counts.
+/// A page size from 1 to 100 in decimal digits. Like JSON Schema's `integer`, a zero fraction
+/// (`20.0`) counts; an exponent (`2e1`) or a sign does not (openapi.yaml, `limit`).
 fn parse_limit(v: &str) -> Option<usize> {
-    let limit = match v.parse::<usize>() {
-        Ok(l) => l,
-        Err(_) => {
-            let f = v.parse::<f64>().ok().filter(|f| f.fract() == 0.0)?;
-            if !(1.0..=100.0).contains(&f) {
-                return None;
-            }
-            f as usize
-        }
+    let whole = match v.split_once('.') {
+        None => v,
+        Some((whole, zeros)) if !zeros.is_empty() && zeros.bytes().all(|b| b == b'0') => whole,
+        Some(_) => return None,
     };
-    (1..=100).contains(&limit).then_some(limit)
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    whole
+        .parse::<usize>()
+        .ok()
+        .filter(|l| (1..=100).contains(l))
 }
 
 fn decode_cursor(c: &str) -> Result<String, ApiError> {
@@ -661,8 +662,15 @@ mod tests {
             ("1", Some(1)),
             ("100", Some(100)),
             ("17.0", Some(17)),
-            ("1.7e1", Some(17)),
             ("100.00", Some(100)),
+            ("007", Some(7)),
+            ("1.7e1", None),
+            ("1e2", None),
+            ("17.", None),
+            (".0", None),
+            ("+17", None),
+            ("17.01", None),
+            ("18446744073709551616", None),
             ("0", None),
             ("101", None),
             ("100.5", None),

@@ -231,7 +231,8 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         Ok(v.into())
     }
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+        Ok(integral(v)
+            .unwrap_or_else(|| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
         Ok(Value::String(v.to_string()))
@@ -266,7 +267,27 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-/// Parses a request body as JSON, refusing repeated keys.
+/// `v` as a JSON integer when it is a whole number in `i64` or `u64` range: JSON Schema (and
+/// so openapi.yaml) counts `17.0` and `1.7e1` as the integer 17, and so does the API, for every
+/// integer field (`duration`, integer `params`) and in the idempotency comparison.
+fn integral(v: f64) -> Option<Value> {
+    // 2^63 and 2^64, exactly representable, so the range checks below are exact.
+    const I64_END: f64 = 9_223_372_036_854_775_808.0;
+    const U64_END: f64 = 18_446_744_073_709_551_616.0;
+    if !v.is_finite() || v.fract() != 0.0 {
+        return None;
+    }
+    if (0.0..U64_END).contains(&v) {
+        Some(Value::from(v as u64))
+    } else if (-I64_END..0.0).contains(&v) {
+        Some(Value::from(v as i64))
+    } else {
+        None
+    }
+}
+
+/// Parses a request body as JSON, refusing repeated keys. Whole numbers written with a
+/// fraction or an exponent (`17.0`, `1.7e1`) come out as integers (see [`integral`]).
 pub fn parse_strict_json(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice::<Strict>(body)
         .map(|s| s.0)
@@ -402,6 +423,7 @@ pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 mod tests {
     use super::*;
     use crate::generate::builtin_registry;
+    use serde_json::json;
 
     fn parse(body: &str) -> Result<SubmitRequest, ApiError> {
         parse_submit(
@@ -482,6 +504,45 @@ mod tests {
                 meta.join(",")
             )),
             "metadata"
+        );
+    }
+
+    #[test]
+    fn whole_numbers_with_a_zero_fraction_are_integers() {
+        let r = parse(r#"{"model":"veo3","prompt":"x","duration":17.0,"params":{"fps":2e0,"seed":35912214.0}}"#).unwrap();
+        assert_eq!(r.duration, Some(17));
+        assert_eq!(r.params["fps"], json!(2));
+        assert_eq!(r.params["seed"], json!(35912214));
+        let same = parse(
+            r#"{"model":"veo3","prompt":"x","duration":17,"params":{"fps":2,"seed":35912214}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.request_hash, same.request_hash);
+        let r = parse(
+            r#"{"model":"demo-image","prompt":"x","params":{"width":260.0,"height":-0.0e3}}"#,
+        );
+        assert!(
+            matches!(&r, Err(ApiError::InvalidRequest { param: Some(p), .. }) if p == "params.height"),
+            "{r:?}"
+        );
+        assert_eq!(
+            parse(r#"{"model":"demo-image","prompt":"x","params":{"width":260.0}}"#)
+                .unwrap()
+                .params["width"],
+            json!(260)
+        );
+        // Still refused: a fraction, and whole numbers beyond the parameter's range.
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","duration":17.5}"#),
+            "duration"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","params":{"seed":9223372036854775808.0}}"#),
+            "params.seed"
+        );
+        assert_eq!(
+            param_of(r#"{"model":"veo3","prompt":"x","params":{"seed":1e300}}"#),
+            "params.seed"
         );
     }
 
