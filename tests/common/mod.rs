@@ -347,6 +347,40 @@ impl Server {
         .await
     }
 
+    /// Waits until nothing more will happen to the task (at most `secs` seconds): it is terminal,
+    /// its webhook, if it has one, is `delivered` or `failed`, and the server's work queue holds
+    /// no message (none visible, in flight or delayed). Returns the task as then read.
+    ///
+    /// The task is read before the queue: once it is final no new work about it is queued, and
+    /// a message being handled stays in the queue until it is acknowledged.
+    pub async fn wait_quiescent(&self, id: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let t = self.get(&format!("/tasks/{id}")).await;
+            assert_eq!(t.status, 200, "{}", t.body);
+            let status = t.body["status"].as_str().unwrap_or_default();
+            let terminal = ["completed", "failed", "cancelled"].contains(&status);
+            let callback = &t.body["callback"];
+            let callback_final = callback.is_null()
+                || ["delivered", "failed"].contains(&callback["state"].as_str().unwrap_or(""));
+            let final_state = terminal && callback_final;
+            let queue = if !final_state {
+                "not checked"
+            } else if self.queue_is_empty().await {
+                return t.body;
+            } else {
+                "not empty"
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "task {id} not quiescent after {secs} s (terminal with its webhook delivered or \
+                 failed: {final_state}; work queue: {queue}): {}",
+                t.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Creates a second account with `credits` directly in the store; returns its API key.
     pub async fn new_account(&self, credits: u64) -> String {
         let new = tasklane_core::account::Account::create(credits, None);
