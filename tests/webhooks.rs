@@ -161,31 +161,16 @@ fn webhook_id(r: &Received) -> &str {
         .expect("webhook-id header")
 }
 
-/// Polls the task until its callback is no longer `pending`; returns the task.
+/// Waits until the task's webhook is `delivered` or `failed` and nothing more can be sent: the
+/// server's work queue holds no message (none visible, in flight or delayed, so no attempt is
+/// under way or scheduled). Counting the receiver's requests after this counts them all.
 async fn wait_callback_settled(s: &Server, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = s.get(&format!("/tasks/{id}")).await;
-        assert_eq!(t.status, 200, "{}", t.body);
-        let state = t.body["callback"]["state"]
-            .as_str()
-            .expect("callback.state")
-            .to_string();
-        if state != "pending" {
-            return t.body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "callback of {id} still pending: {}",
-            t.body
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Lets the retry schedule (200 ms, 400 ms in tests) run out several times over.
-async fn past_the_retry_schedule() {
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let settled = s.wait_quiescent(id, 60).await;
+    assert!(
+        settled["callback"]["state"].is_string(),
+        "task {id} has no callback: {settled}"
+    );
+    settled
 }
 
 /// The callback object without its `deliveries`, after checking that the history agrees with
@@ -222,7 +207,6 @@ async fn a_completed_task_posts_one_signed_task_completed_event_and_records_deli
         without_history(&settled["callback"]),
         json!({"url": url, "state": "delivered", "attempts": 1, "last_status_code": 200})
     );
-    past_the_retry_schedule().await;
     let got = r.received();
     assert_eq!(got.len(), 1, "exactly one request: {got:?}");
     let req = &got[0];
@@ -311,6 +295,8 @@ async fn a_failed_task_posts_a_task_failed_event() {
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(settled["callback"]["state"], "delivered");
     assert_eq!(settled["callback"]["last_status_code"], 204);
+    let got = r.received();
+    assert_eq!(got.len(), 1, "exactly one request: {got:?}");
     s.stop().await;
 }
 
@@ -365,7 +351,6 @@ async fn a_500_is_retried_with_the_same_webhook_id_until_delivered() {
             .iter()
             .all(|d| d["at"].is_string() && d["error"].is_null())
     );
-    past_the_retry_schedule().await;
     let got = r.received();
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(
@@ -392,7 +377,6 @@ async fn a_410_stops_delivery_after_one_attempt() {
     assert_eq!(settled["callback"]["state"], "failed", "{settled}");
     assert_eq!(settled["callback"]["attempts"], 1);
     assert_eq!(settled["callback"]["last_status_code"], 410);
-    past_the_retry_schedule().await;
     assert_eq!(r.received().len(), 1, "no request after the 410");
     let later = s.get(&format!("/tasks/{id}")).await;
     assert_eq!(later.body["callback"], settled["callback"]);
@@ -412,7 +396,6 @@ async fn a_receiver_that_always_fails_gets_three_attempts_then_the_callback_fail
         without_history(&settled["callback"]),
         json!({"url": r.hook_url(), "state": "failed", "attempts": 3, "last_status_code": 500})
     );
-    past_the_retry_schedule().await;
     let got = r.received();
     assert_eq!(
         got.len(),
@@ -481,7 +464,6 @@ async fn redirects_are_not_followed() {
         settled["callback"]["attempts"], 3,
         "a redirect is a failed attempt, retried"
     );
-    past_the_retry_schedule().await;
     let got = r.received();
     assert!(
         got.iter().all(|g| g.path == "/hook"),
