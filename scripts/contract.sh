@@ -7,17 +7,20 @@
 #
 # The server gets a free loopback port, a fresh data directory, a fixed development key, no
 # rate limit, a high open-task cap, instant demo models and a 1 s wait cap (sync submits and
-# `Prefer: wait` return quickly). Everything stays on 127.0.0.1: schemathesis reads the
-# document from disk, has no telemetry or upload in 4.x, writes no report, gets no proxy,
-# and scripts/schemathesis_hooks.py points every generated callback_url at a closed
-# loopback port (the server would otherwise deliver webhooks to generated public hosts).
-# CONTRACT_EXAMPLES (default 30) and CONTRACT_SEED (default 20260101) change the run.
+# `Prefer: wait` return quickly). Everything stays on 127.0.0.1 (it passes in a network
+# namespace that has only loopback): schemathesis reads the document from disk; 4.x has no
+# telemetry and no upload (3.x's `--report` to a service is gone), and no report is written;
+# the only remote fetches it can make are remote `$ref`s and `externalValue` examples, which
+# openapi.yaml must not have (checked below); no proxy is passed on; and
+# scripts/schemathesis_hooks.py points every generated callback_url at a closed loopback port
+# (the server would otherwise deliver webhooks to the public hosts schemathesis makes up).
+# CONTRACT_EXAMPLES (default 150) and CONTRACT_SEED (default 20260101) change the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bin=${1:-target/debug/tasklane}
 venv=${CONTRACT_VENV:-$PWD/.venv}
-examples=${CONTRACT_EXAMPLES:-30}
+examples=${CONTRACT_EXAMPLES:-150}
 seed=${CONTRACT_SEED:-20260101}
 key=tl_contract-test-key-0000000000000000000000000000
 
@@ -29,6 +32,11 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   echo "contract.sh: $venv/bin/schemathesis is missing (pip install -r scripts/requirements-test.txt)" >&2
   exit 2
 fi
+venv=$(cd "$venv" && pwd)
+if grep -nE 'externalValue|\$ref: *["'"'"']?[a-zA-Z][a-zA-Z0-9+.-]*:' openapi.yaml >&2; then
+  echo "contract.sh: openapi.yaml refers to something remote (above); schemathesis would fetch it" >&2
+  exit 2
+fi
 
 # Nothing may leave loopback: no proxy for anything started here.
 unset http_proxy https_proxy all_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY
@@ -36,7 +44,12 @@ export no_proxy='127.0.0.1,localhost' NO_PROXY='127.0.0.1,localhost'
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/tasklane-contract.XXXXXX")
 server_pid=
+st_pid=
 cleanup() {
+  if [ -n "$st_pid" ]; then
+    kill "$st_pid" 2>/dev/null || true
+    wait "$st_pid" 2>/dev/null || true
+  fi
   if [ -n "$server_pid" ]; then
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
@@ -66,8 +79,14 @@ server_pid=$!
 
 # Ready once GET /v1/models answers 200 with the key; fail with the server's log otherwise.
 ready=
-for _ in $(seq 1 150); do
+why="did not answer within 30 s"
+deadline=$((SECONDS + 30))
+while [ "$SECONDS" -lt "$deadline" ]; do
   if ! kill -0 "$server_pid" 2>/dev/null; then
+    code=0
+    wait "$server_pid" || code=$?
+    server_pid=
+    why="exited (status $code) before answering"
     break
   fi
   if "$venv/bin/python" - "$base/v1/models" "$key" <<'EOF' 2>/dev/null; then
@@ -82,7 +101,7 @@ EOF
   sleep 0.2
 done
 if [ -z "$ready" ]; then
-  echo "contract.sh: the server at $base did not answer within 30 s; its log:" >&2
+  echo "contract.sh: the server ($bin) at $base $why; its log:" >&2
   cat "$log" >&2
   exit 1
 fi
@@ -105,7 +124,11 @@ status=0
     --generation-database none \
     --request-timeout 10 \
     --no-color
-) || status=$?
+) &
+# In the background and waited for, so that a signal to this script stops the run at once.
+st_pid=$!
+wait "$st_pid" || status=$?
+st_pid=
 if [ "$status" -ne 0 ]; then
   echo "contract.sh: schemathesis failed (exit $status); the last lines of the server's log:" >&2
   tail -n 50 "$log" >&2

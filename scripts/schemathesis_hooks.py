@@ -1,11 +1,12 @@
 """Schemathesis hooks for scripts/contract.sh (loaded through SCHEMATHESIS_HOOKS).
 
-The hook only replaces a generated value by another value that the document accepts just as
+`before_call` replaces a generated value by another one that the document accepts just as
 well, so a positive case stays positive and a negative case stays negative. Schemathesis
 would re-validate an edited case and could relabel it (a case testing a missing
 `Authorization` header, which no declared parameter describes, would become "positive" and
-be sent with the key); since these edits never change validity, the hook keeps the labels
-drawn at generation.
+be sent with the key), so after such edits the hook keeps the labels drawn at generation.
+The one edit that can change validity (a callback URL whose host is not a valid RFC 3986
+host, made valid by the swap below) is left to schemathesis to re-validate.
 
 - Idempotency-Key: a valid generated key is replaced by a fresh one for every request.
   Schemathesis draws keys from a small space, so two requests with different bodies would
@@ -35,6 +36,8 @@ import schemathesis
 
 # The document's Idempotency-Key rule: 1 to 255 printable ASCII characters, no spaces.
 _VALID_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+# The characters of an RFC 3986 `host [":" port]` (reg-name, IP literal, percent-encoding).
+_URI_HOST = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
 # Where webhooks of the run's tasks go: loopback, a port nothing listens on (refused at once).
 _CALLBACK_HOST = os.environ.get("CONTRACT_CALLBACK_HOST", "127.0.0.1:9")
 _RUN = uuid.uuid4().hex[:12]
@@ -58,7 +61,11 @@ def _fix_headers(case) -> None:
 
 
 def _to_loopback(value):
-    """`value` with its host and port replaced by the loopback target, or None to leave it."""
+    """`value` with its host and port replaced by the loopback target, or None to leave it.
+
+    Also says whether the swap kept validity: False when the original host was not a valid
+    RFC 3986 host (say, non-ASCII), which the swap may have made valid.
+    """
     if not isinstance(value, str) or len(value) > 2048:
         return None
     try:
@@ -67,31 +74,40 @@ def _to_loopback(value):
             return None
     except ValueError:
         return None
-    userinfo = parts.netloc.rpartition("@")[0]
+    userinfo, _, host = parts.netloc.rpartition("@")
     netloc = f"{userinfo}@{_CALLBACK_HOST}" if userinfo else _CALLBACK_HOST
-    return urlunsplit(parts._replace(netloc=netloc))
+    url = urlunsplit(parts._replace(netloc=netloc))
+    if len(url) > 2048:
+        # Longer than the limit after the swap: keep it valid and loopback.
+        url = f"{parts.scheme}://{_CALLBACK_HOST}/"
+    return url, bool(_URI_HOST.fullmatch(host))
 
 
-def _fix_body(case) -> None:
+def _fix_body(case) -> bool:
+    """Points the body's callback_url at loopback; False if that may have changed validity."""
     body = case.body
-    if isinstance(body, dict):
-        original = body.get("callback_url")
-        url = _to_loopback(original)
-        if url is not None:
-            if len(url) > 2048:
-                # Longer than the limit after the swap: keep it valid and loopback.
-                url = urlsplit(original).scheme + "://" + _CALLBACK_HOST + "/"
-            body["callback_url"] = url
+    if not isinstance(body, dict):
+        return True
+    swapped = _to_loopback(body.get("callback_url"))
+    if swapped is None:
+        return True
+    body["callback_url"], kept_validity = swapped
+    return kept_validity
+
+
+# Takes the case's containers as they are now as the baseline, so schemathesis does not
+# re-validate them (see the module docstring). A private method of the pinned version: if it
+# goes away in an upgrade, the hook fails loudly rather than mislabelling cases.
+def _keep_labels(case) -> None:
+    case._sync_validated_hashes()
 
 
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
     _fix_headers(case)
-    _fix_body(case)
-    # Take the edited containers as the baseline so schemathesis does not re-validate them
-    # (see the module docstring). A private method of the pinned version: if it goes away
-    # in an upgrade, this fails loudly rather than mislabelling cases.
-    case._sync_validated_hashes()
+    _keep_labels(case)
+    if _fix_body(case):
+        _keep_labels(case)
 
 
 @schemathesis.hook

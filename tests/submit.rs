@@ -758,3 +758,22 @@ async fn an_empty_cursor_is_the_first_page_and_limit_may_have_a_zero_fraction() 
     assert_eq!(next, Value::Null);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_model_filter_is_1_to_64_characters_not_bytes() {
+    // openapi.yaml's `maxLength: 64` counts characters: 64 two-byte characters are a filter
+    // (matching nothing), 65 are 400.
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    s.submit(json!({"model": "echo"})).await;
+    let (ids, next) = list_ids(&s, &format!("?model={}", "%C3%A9".repeat(64))).await;
+    assert!(ids.is_empty(), "{ids:?}");
+    assert_eq!(next, Value::Null);
+    let a = s
+        .get(&format!("/tasks?model={}", "%C3%A9".repeat(65)))
+        .await;
+    let e = a.assert_error(400, "invalid_request");
+    assert_eq!(e["param"], "model", "{}", a.body);
+    let (ids, _) = list_ids(&s, "?model=echo").await;
+    assert_eq!(ids.len(), 1);
+    s.stop().await;
+}

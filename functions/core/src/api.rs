@@ -486,7 +486,8 @@ impl Api {
                     )
                 })?),
                 "model" => {
-                    if v.is_empty() || v.len() > 64 {
+                    // Characters, as openapi.yaml's `maxLength` counts them, not bytes.
+                    if v.is_empty() || v.chars().count() > 64 {
                         return Err(ApiError::invalid(
                             "model",
                             "model must be 1 to 64 characters",
