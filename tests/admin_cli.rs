@@ -2,8 +2,8 @@
 //! (checked through a running local server's API) and on a DynamoDB table in the AWS emulator
 //! (checked through the DynamoDB store).
 //!
-//! The DynamoDB tests need `AWS_ENDPOINT_URL` (scripts/test.sh starts moto and sets it). Without
-//! it they fail when `CI` is set, and say they were skipped otherwise.
+//! The DynamoDB tests need `AWS_ENDPOINT_URL` (scripts/test.sh starts moto and sets it); without
+//! it they fail (they never pass without having run).
 
 use std::path::Path;
 use std::process::Output;
@@ -582,19 +582,14 @@ async fn an_unknown_account_exits_1() {
 // ---------------------------------------------------------------------------------------------
 // DynamoDB, on the emulator.
 
-/// True when the emulator is configured; otherwise fails under `CI`, or says it skipped.
-fn emulator() -> bool {
-    if std::env::var("AWS_ENDPOINT_URL").is_ok_and(|v| !v.is_empty()) {
-        return true;
-    }
+/// Fails the test unless the AWS emulator is configured.
+fn require_emulator() {
     assert!(
-        std::env::var_os("CI").is_none(),
-        "AWS_ENDPOINT_URL is not set: run scripts/test.sh, which starts the AWS emulator (moto) and sets it"
+        std::env::var("AWS_ENDPOINT_URL").is_ok_and(|v| !v.is_empty()),
+        "AWS_ENDPOINT_URL is not set: this test needs the AWS emulator (moto). Run \
+         scripts/test.sh, which starts it and sets AWS_ENDPOINT_URL and the emulator's dummy \
+         credentials"
     );
-    eprintln!(
-        "skipped: AWS_ENDPOINT_URL is not set (run scripts/test.sh, which starts the AWS emulator)"
-    );
-    false
 }
 
 fn unique_prefix() -> String {
@@ -618,9 +613,7 @@ async fn dynamo_table() -> (DynamoStore, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dynamodb_accounts_keys_and_credits() {
-    if !emulator() {
-        return;
-    }
+    require_emulator();
     let (store, table) = dynamo_table().await;
     let t = table.as_str();
     let created = ok_json(
@@ -765,9 +758,7 @@ async fn dynamodb_accounts_keys_and_credits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dynamodb_errors_are_clear() {
-    if !emulator() {
-        return;
-    }
+    require_emulator();
     let (_store, table) = dynamo_table().await;
     let missing = "acct_01J00000000000000000000000";
     for args in [

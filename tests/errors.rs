@@ -843,16 +843,108 @@ async fn a_store_failure_is_500_internal_without_internal_details() {
 
 #[tokio::test]
 async fn tampered_or_unsigned_result_urls_are_403() {
-    // The local server signs and serves result files itself; S3 checks its own URLs.
-    local_only!();
+    // The local server signs and serves result files itself and refuses bad ones with 403. On
+    // the AWS backend they are S3 presigned URLs, which S3 refuses the same way but the AWS
+    // emulator does not check: there each URL is checked as S3 would, by its SigV4 signature.
     let s = Server::start().await;
     let id = id_of(&s.submit(json!({"model": "echo", "prompt": "hello"})).await);
     let other = id_of(&s.submit(json!({"model": "echo", "prompt": "other"})).await);
-    let url = output_url(&s.wait_terminal(&id, 60).await);
-    s.wait_terminal(&other, 60).await;
+    let task = s.wait_terminal(&id, 60).await;
+    let url = output_url(&task);
+    let other_url = output_url(&s.wait_terminal(&other, 60).await);
     let (ok, bytes) = fetch(&s, &url).await;
     assert_eq!(ok.status, 200);
     assert_eq!(bytes, b"hello");
+
+    if common::on_aws() {
+        let signed = common::verify_s3_presigned_get(&url)
+            .unwrap_or_else(|e| panic!("the result URL does not verify: {e}: {url}"));
+        common::verify_s3_presigned_get(&other_url)
+            .unwrap_or_else(|e| panic!("the other result URL does not verify: {e}: {other_url}"));
+        // It is freshly signed, for no longer than configured, and expires when the task says.
+        let now = chrono::Utc::now();
+        assert!(
+            signed.signed_at <= now && now - signed.signed_at < chrono::Duration::seconds(60),
+            "signed at {} (now {now}): {url}",
+            signed.signed_at
+        );
+        let ttl = s.app().config.result_url_ttl.as_secs();
+        assert!(
+            (1..=ttl).contains(&signed.expires_in),
+            "X-Amz-Expires {} with a {ttl} s lifetime configured: {url}",
+            signed.expires_in
+        );
+        let told: chrono::DateTime<chrono::Utc> = task["result"]["outputs"][0]["expires_at"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no expires_at: {task}"));
+        assert!(
+            (signed.expires_at() - told).abs() <= chrono::Duration::seconds(1),
+            "the URL expires at {}, the task says {told}: {url}",
+            signed.expires_at()
+        );
+
+        let (unsigned, query) = url.split_once('?').unwrap();
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find(|p| p.starts_with(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {url}"))
+                .to_string()
+        };
+        let sig = param("X-Amz-Signature");
+        let flipped = format!(
+            "{}{}",
+            &sig[..sig.len() - 1],
+            if sig.ends_with('0') { '1' } else { '0' }
+        );
+        let expires = param("X-Amz-Expires");
+        let date = param("X-Amz-Date");
+        let next_day =
+            (signed.signed_at + chrono::Duration::days(1)).format("X-Amz-Date=%Y%m%dT%H%M%SZ");
+        let (dir, file) = unsigned.rsplit_once('/').unwrap();
+        let bad = [
+            ("tampered signature", url.replace(&sig, &flipped)),
+            ("signature missing", url.replace(&format!("&{sig}"), "")),
+            ("no query at all", unsigned.to_string()),
+            (
+                "signature not hex",
+                url.replace(&sig, "X-Amz-Signature=not-hex"),
+            ),
+            (
+                "expiry pushed out",
+                url.replace(
+                    &expires,
+                    &format!("X-Amz-Expires={}", signed.expires_in + 86_400),
+                ),
+            ),
+            (
+                "signed a day later",
+                url.replace(&date, &next_day.to_string()),
+            ),
+            ("another task's file", url.replace(&id, &other)),
+            (
+                "another file of the task",
+                url.replacen(&format!("{dir}/{file}"), &format!("{dir}/x{file}"), 1),
+            ),
+            ("another task's signature", {
+                let their_sig = other_url
+                    .split('&')
+                    .find(|p| p.starts_with("X-Amz-Signature="))
+                    .unwrap();
+                url.replace(&sig, their_sig)
+            }),
+        ];
+        for (what, u) in bad {
+            assert_ne!(u, url, "{what}: nothing was changed");
+            assert!(
+                common::verify_s3_presigned_get(&u).is_err(),
+                "{what}: the URL still verifies: {u}"
+            );
+        }
+        s.stop().await;
+        return;
+    }
 
     let (unsigned, query) = url.split_once('?').unwrap();
     let sig = query
@@ -895,14 +987,65 @@ async fn tampered_or_unsigned_result_urls_are_403() {
 
 #[tokio::test]
 async fn an_expired_result_url_is_403_and_reading_the_task_again_gives_one_that_works() {
-    local_only!();
     let s = Server::start_with(
         |cfg| cfg.core.result_url_ttl = Duration::from_secs(1),
         Hooks::default(),
     )
     .await;
     let id = id_of(&s.submit(json!({"model": "echo", "prompt": "hello"})).await);
-    let url = output_url(&s.wait_terminal(&id, 60).await);
+    let task = s.wait_terminal(&id, 60).await;
+    let url = output_url(&task);
+    let path = format!("/tasks/{id}");
+
+    if common::on_aws() {
+        // S3 refuses a presigned URL once X-Amz-Date + X-Amz-Expires has passed (the emulator
+        // does not): check that the URL says it has, and that a fresh one is signed later.
+        let expires_at_of = |t: &Value| -> chrono::DateTime<chrono::Utc> {
+            t["result"]["outputs"][0]["expires_at"]
+                .as_str()
+                .and_then(|e| e.parse().ok())
+                .unwrap_or_else(|| panic!("no expires_at: {t}"))
+        };
+        let first = common::verify_s3_presigned_get(&url)
+            .unwrap_or_else(|e| panic!("the result URL does not verify: {e}: {url}"));
+        assert_eq!(first.expires_in, 1, "a 1 s lifetime is configured: {url}");
+        assert!(
+            (first.expires_at() - expires_at_of(&task)).abs() <= chrono::Duration::seconds(1),
+            "the URL expires at {}: {task}",
+            first.expires_at()
+        );
+        poll(30, "the URL expiring", || async {
+            (chrono::Utc::now() > first.expires_at()).then_some(())
+        })
+        .await;
+
+        let again = s.get(&path).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        let fresh_url = output_url(&again.body);
+        assert_ne!(fresh_url, url, "the task gave the expired URL again");
+        let fresh = common::verify_s3_presigned_get(&fresh_url)
+            .unwrap_or_else(|e| panic!("the fresh URL does not verify: {e}: {fresh_url}"));
+        assert!(
+            fresh.signed_at >= first.expires_at() && fresh.expires_at() > first.expires_at(),
+            "the fresh URL was signed at {} for {} s; the first one expired at {}",
+            fresh.signed_at,
+            fresh.expires_in,
+            first.expires_at()
+        );
+        assert_eq!(fresh.expires_in, 1, "{fresh_url}");
+        assert!(
+            (fresh.expires_at() - expires_at_of(&again.body)).abs() <= chrono::Duration::seconds(1),
+            "the fresh URL expires at {}: {}",
+            fresh.expires_at(),
+            again.body
+        );
+        let (a, bytes) = fetch(&s, &fresh_url).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(bytes, b"hello");
+        s.stop().await;
+        return;
+    }
+
     let (srv, url) = (&s, url.as_str());
     let expired = poll(30, "the URL expiring", move || async move {
         let (a, _) = fetch(srv, url).await;
@@ -913,7 +1056,6 @@ async fn an_expired_result_url_is_403_and_reading_the_task_again_gives_one_that_
 
     // Every read signs afresh; with a 1 s lifetime a fresh URL may lapse before it is used,
     // so read again until one is fetched in time.
-    let path = format!("/tasks/{id}");
     let path = path.as_str();
     let bytes = poll(60, "a fresh URL working", move || async move {
         let t = srv.get(path).await;
