@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::account::{Account, hash_api_key};
 use crate::error::ApiError;
@@ -222,14 +223,16 @@ impl Api {
         // message, or an idempotency reservation that never completes.
         let api = self.clone();
         let owner = account.clone();
-        let (task, replayed) = tokio::spawn(async move {
+        let commit = async move {
             match idempotency_key {
                 None => Ok((api.create(&owner, &sub, None).await?, false)),
                 Some(key) => api.create_idempotent(&owner, &sub, key).await,
             }
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("submit task ended: {e}").into()))??;
+        };
+        // Its logs stay in the request's span (on Lambda: the invocation's request id).
+        let (task, replayed) = tokio::spawn(commit.in_current_span())
+            .await
+            .map_err(|e| ApiError::Internal(format!("submit task ended: {e}").into()))??;
         let task = match wait {
             Some(w) => self.wait_terminal(task, w).await?,
             None => task,
