@@ -41,7 +41,7 @@ use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::Value;
 use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::{Api, Route};
-use tasklane_core::generate::builtin_registry;
+use tasklane_core::providers::builtin_registry;
 use tasklane_core::ports::{
     BlobStore, IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, SignedUrl,
     TaskPage, TaskStore, WorkMessage, WorkQueue,

@@ -1875,7 +1875,7 @@ fn api_with(env: &Env, store: Arc<dyn TaskStore>) -> Api {
         store,
         app.queue.clone(),
         app.blobs.clone(),
-        tasklane_core::generate::builtin_registry(1.0),
+        tasklane_core::providers::builtin_registry(1.0),
         env.settings.core.clone(),
     ))
 }

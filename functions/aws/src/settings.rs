@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tasklane_core::config::{ConfigError, env_required};
-use tasklane_core::generate::builtin_registry;
+use tasklane_core::providers::builtin_registry;
 use tasklane_core::{App, Config};
 
 use crate::dynamo::DynamoStore;

@@ -6,9 +6,11 @@
 //!   changes it, refunds included.
 //! - [`account`]: accounts, API keys (stored as hashes) and webhook secrets.
 //! - [`validate`]: request parsing; a [`validate::SubmitRequest`] only exists when valid.
-//! - [`registry`] and [`generate`]: what each model accepts and costs, and the generators
-//!   (built-in demo models `veo3`, `demo-image`, `echo`).
-//! - [`ports`]: the traits adapters implement (task store, work queue, blob store).
+//! - [`ports`]: the traits adapters and providers implement (task store, work queue, blob
+//!   store, generator).
+//! - [`registry`]: what each model accepts and costs, and which generator runs it.
+//! - [`providers`]: the generators; today the built-in demo models (`veo3`, `demo-image`,
+//!   `echo`). Dependencies run one way: ports ← registry ← providers.
 //! - [`api`]: request handling for every endpoint over `http` types, for any runtime.
 //! - [`processor`]: runs queued work (generation, webhook delivery) idempotently.
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
@@ -26,11 +28,11 @@ pub mod chaos;
 pub mod config;
 pub mod error;
 pub mod events;
-pub mod generate;
 pub mod intercept;
 pub mod limits;
 pub mod logging;
 pub mod ports;
+pub mod providers;
 pub mod processor;
 pub mod registry;
 pub mod sweeper;

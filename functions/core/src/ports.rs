@@ -1,7 +1,8 @@
-//! The ports: what the core needs from storage, queueing and blob hosting.
+//! The ports: what the core needs from storage, queueing, blob hosting and the models.
 //!
-//! Adapters (embedded SQLite and files locally; DynamoDB, SQS and S3 on AWS) implement these
-//! traits; the core never names a concrete backend.
+//! Adapters (embedded SQLite and files locally; DynamoDB, SQS and S3 on AWS) implement the
+//! store, queue and blob traits; providers ([`crate::providers`]) implement [`Generator`].
+//! The core never names a concrete backend or provider.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::account::Account;
 use crate::task::{Task, TaskStatus, Transition, TransitionError};
@@ -252,4 +254,73 @@ pub trait BlobStore: Send + Sync {
     async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> PortResult<()>;
     /// Signs a GET URL for `key`, valid for at most `ttl`.
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generators: what runs a model
+// ---------------------------------------------------------------------------------------------
+
+/// What a generator is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// Task id (for logs and deterministic seeds).
+    pub task_id: &'a str,
+    /// Action.
+    pub action: &'a str,
+    /// Prompt.
+    pub prompt: Option<&'a str>,
+    /// Duration in seconds.
+    pub duration: Option<u32>,
+    /// Validated params.
+    pub params: &'a Map<String, Value>,
+}
+
+/// One generated file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// File contents.
+    pub bytes: Bytes,
+    /// MIME type.
+    pub content_type: &'static str,
+    /// File extension without the dot.
+    pub extension: &'static str,
+}
+
+/// A generation failure, shown to the client on the failed task.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct GenerateError {
+    /// Machine code, e.g. `generation_failed`.
+    pub code: String,
+    /// Human text.
+    pub message: String,
+}
+
+/// Returned by a progress sink when the generator should stop (the task was taken over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abort;
+
+/// Receives progress (0..=99) while a generator runs.
+#[async_trait]
+pub trait ProgressSink: Send {
+    /// Reports progress; an `Err` means stop now.
+    async fn report(&mut self, progress: u8) -> Result<(), Abort>;
+}
+
+/// The result of a generator run.
+#[derive(Debug)]
+pub enum GenerateOutcome {
+    /// Outputs to store.
+    Done(Vec<Generated>),
+    /// The generator failed; the task fails with this error and is refunded.
+    Failed(GenerateError),
+    /// The progress sink asked to stop.
+    Aborted,
+}
+
+/// Runs one model.
+#[async_trait]
+pub trait Generator: Send + Sync {
+    /// Generates the outputs of `job`, reporting progress to `progress`.
+    async fn generate(&self, job: Job<'_>, progress: &mut dyn ProgressSink) -> GenerateOutcome;
 }

@@ -15,8 +15,10 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::App;
-use crate::generate::{Abort, GenerateOutcome, Job, ProgressSink};
-use crate::ports::{MessageSource, PortError, PortResult, TaskStore, WorkMessage};
+use crate::ports::{
+    Abort, GenerateOutcome, Job, MessageSource, PortError, PortResult, ProgressSink, TaskStore,
+    WorkMessage,
+};
 use crate::task::{
     CallbackState, DeliveryAttempt, Output, Task, TaskFailure, TaskStatus, Transition,
     TransitionError,

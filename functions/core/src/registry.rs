@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use crate::generate::Generator;
+use crate::ports::Generator;
 
 /// Limits on a model's `duration`, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -422,7 +422,7 @@ pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::builtin_registry;
+    use crate::providers::builtin_registry;
     use serde_json::json;
 
     fn parse(body: &str) -> Result<SubmitRequest, ApiError> {

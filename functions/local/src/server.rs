@@ -17,7 +17,7 @@ use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
 use tasklane_core::chaos::Chaos;
 use tasklane_core::config::{env_parse, env_secs};
-use tasklane_core::generate::builtin_registry;
+use tasklane_core::providers::builtin_registry;
 use tasklane_core::intercept::{Intercepted, Interceptor};
 use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkMessage, WorkQueue};
 use tasklane_core::processor::{Processor, run_worker};

@@ -1,83 +1,18 @@
-//! The generator port and the built-in demo generators.
-//!
-//! `veo3` renders a real animated GIF, `demo-image` a real PNG, `echo` a text file. They are
-//! demo generators that exercise the whole lifecycle without an upstream provider; real
-//! providers plug in behind the same [`Generator`] trait.
+//! The built-in demo models, a provider that needs no upstream: `veo3` renders a real
+//! animated GIF, `demo-image` a real PNG, `echo` a text file. They exercise the whole
+//! lifecycle (progress, outputs, failures) on a laptop and in tests; real providers plug in
+//! behind the same [`Generator`] port.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::ports::{GenerateError, GenerateOutcome, Generated, Generator, Job, ProgressSink};
 use crate::registry::{DurationRule, ModelSpec, ParamKind, ParamSpec, Pricing, Registry};
-
-/// What a generator is asked to do.
-#[derive(Debug, Clone, Copy)]
-pub struct Job<'a> {
-    /// Task id (for logs and deterministic seeds).
-    pub task_id: &'a str,
-    /// Action.
-    pub action: &'a str,
-    /// Prompt.
-    pub prompt: Option<&'a str>,
-    /// Duration in seconds.
-    pub duration: Option<u32>,
-    /// Validated params.
-    pub params: &'a Map<String, Value>,
-}
-
-/// One generated file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Generated {
-    /// File contents.
-    pub bytes: Bytes,
-    /// MIME type.
-    pub content_type: &'static str,
-    /// File extension without the dot.
-    pub extension: &'static str,
-}
-
-/// A generation failure, shown to the client on the failed task.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct GenerateError {
-    /// Machine code, e.g. `generation_failed`.
-    pub code: String,
-    /// Human text.
-    pub message: String,
-}
-
-/// Returned by a progress sink when the generator should stop (the task was taken over).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Abort;
-
-/// Receives progress (0..=99) while a generator runs.
-#[async_trait]
-pub trait ProgressSink: Send {
-    /// Reports progress; an `Err` means stop now.
-    async fn report(&mut self, progress: u8) -> Result<(), Abort>;
-}
-
-/// The result of a generator run.
-#[derive(Debug)]
-pub enum GenerateOutcome {
-    /// Outputs to store.
-    Done(Vec<Generated>),
-    /// The generator failed; the task fails with this error and is refunded.
-    Failed(GenerateError),
-    /// The progress sink asked to stop.
-    Aborted,
-}
-
-/// Runs one model.
-#[async_trait]
-pub trait Generator: Send + Sync {
-    /// Generates the outputs of `job`, reporting progress to `progress`.
-    async fn generate(&self, job: Job<'_>, progress: &mut dyn ProgressSink) -> GenerateOutcome;
-}
 
 /// Builds the registry of built-in demo models. `time_scale` multiplies the simulated
 /// generation time of `veo3` (1.0: 0.25 s of wall time per second of video; 0: no waiting).
@@ -356,6 +291,8 @@ fn render_image(seed: &[u8; 32], w: u32, h: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ports::Abort;
+    use serde_json::Map;
 
     struct Count(Vec<u8>);
     #[async_trait]
