@@ -4,16 +4,24 @@
 //!
 //! - [`sqlite`]: the task store and work queue in one SQLite file (durable across restarts).
 //! - [`files`]: the results folder, handed out as URLs signed and served by this server.
-//! - [`server`]: configuration from the environment, the HTTP server, in-process workers,
-//!   recovery at start-up and graceful shutdown.
+//! - [`config`]: the settings, from the `TASKLANE_*` variables.
+//! - [`embedded`]: the embedded backends under the data directory, and crash recovery at
+//!   start-up; [`dev_account`]: the development account.
+//! - [`server`]: composes the API, in-process workers and the sweeper, and shuts down
+//!   gracefully; [`http`]: serves the API and the signed result URLs.
 //! - [`soak`]: the soak run (many clients, injected faults, every answer recorded) and its
 //!   history check.
 
+pub mod config;
+pub mod dev_account;
+pub mod embedded;
 pub mod files;
+pub mod http;
 pub mod server;
 pub mod soak;
 pub mod sqlite;
 
-pub use server::{Backends, Hooks, LocalConfig, Running, start, start_on, start_with};
+pub use config::LocalConfig;
+pub use server::{Backends, Hooks, Running, start, start_on, start_with};
 
 pub use tasklane_core::logging::init_or_exit as init_tracing;

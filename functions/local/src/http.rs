@@ -1,0 +1,79 @@
+//! HTTP serving: every request goes to the core's [`Api`], except signed result URLs under
+//! `/files/`, which are checked and served from the results folder.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use tasklane_core::ApiError;
+use tasklane_core::api::Api;
+
+use crate::files::{FILES_PREFIX, FileBlobs, content_type_of};
+
+/// What the HTTP handler serves.
+pub(crate) struct Served {
+    pub(crate) api: Api,
+    pub(crate) files: Option<FileBlobs>,
+    pub(crate) max_body: usize,
+}
+
+pub(crate) async fn serve(State(s): State<Arc<Served>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    if let (Some(files), Some(key)) = (&s.files, parts.uri.path().strip_prefix(FILES_PREFIX)) {
+        let query = parts.uri.query().unwrap_or("");
+        return to_axum(serve_file(files, key, query, &parts.method).await);
+    }
+    let bytes = match Limited::new(body, s.max_body).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return to_axum(ApiError::PayloadTooLarge { limit: s.max_body }.into_response());
+        }
+        Err(_) => {
+            return to_axum(
+                ApiError::invalid_body("the request body could not be read").into_response(),
+            );
+        }
+    };
+    to_axum(s.api.handle(http::Request::from_parts(parts, bytes)).await)
+}
+
+async fn serve_file(
+    files: &FileBlobs,
+    key: &str,
+    query: &str,
+    method: &http::Method,
+) -> http::Response<Bytes> {
+    if method != http::Method::GET {
+        return ApiError::MethodNotAllowed { allow: "GET" }.into_response();
+    }
+    let path = match files.verify(key, query) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => {
+            let mut resp = http::Response::new(Bytes::from(bytes));
+            let h = resp.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(content_type_of(&path)),
+            );
+            h.insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("private, max-age=60"),
+            );
+            resp
+        }
+        Err(_) => ApiError::NotFound("no such file").into_response(),
+    }
+}
+
+fn to_axum(resp: http::Response<Bytes>) -> Response {
+    resp.map(Body::from)
+}
