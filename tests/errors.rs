@@ -1,4 +1,4 @@
-//! Every error of API.md over real HTTP: the right status and code, the error shape
+//! Every error of `openapi.yaml` over real HTTP: the right status and code, the error shape
 //! `{"error": {"code", "message", "param"?}}` with `Content-Type: application/json`, and a 4xx
 //! (never a 5xx or a hang) for every kind of bad input.
 
@@ -78,7 +78,7 @@ fn assert_invalid_body(a: &Answer) {
     );
 }
 
-/// The machine code API.md gives each status this file expects.
+/// The machine code `openapi.yaml` gives each status this file expects.
 fn code_for(status: u16) -> &'static str {
     match status {
         400 => "invalid_request",

@@ -1,4 +1,5 @@
-//! The one error enum of the API and its mapping to the error shape of API.md.
+//! The one error enum of the API and its mapping to the error shape of `openapi.yaml`
+//! (`Error`, `ErrorCode`).
 //!
 //! Every non-2xx answer of every runtime is built by [`ApiError::into_response`]; internal
 //! causes are logged there and never shown to clients.
@@ -135,7 +136,7 @@ impl ApiError {
         }
     }
 
-    /// The machine code of API.md.
+    /// The machine code (`openapi.yaml`, `ErrorCode`).
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest { .. } => "invalid_request",

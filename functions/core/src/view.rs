@@ -1,4 +1,5 @@
-//! The task object of API.md, built from a stored task with freshly signed result URLs.
+//! The task object of `openapi.yaml` (`Task`), built from a stored task with freshly signed
+//! result URLs.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
