@@ -1,5 +1,5 @@
 //! Parsing and validation of request input. A [`SubmitRequest`] only exists when every field
-//! is within what API.md and the model registry accept.
+//! is within what `openapi.yaml` and the model registry accept.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::registry::Registry;
+use crate::registry::{ModelSpec, Registry};
 
 /// At most this many metadata entries.
 pub const MAX_METADATA_ENTRIES: usize = 16;
@@ -73,104 +73,14 @@ pub fn parse_submit(
     let Value::Object(mut obj) = value else {
         return Err(ApiError::invalid_body("request body must be a JSON object"));
     };
-    let timeout = match obj.remove("timeout") {
-        None | Some(Value::Null) => None,
-        Some(_) if !rules.allow_timeout => return Err(unknown("timeout")),
-        Some(v) => match v.as_f64() {
-            Some(t) if t >= 0.0 && t.is_finite() => Some(t),
-            _ => {
-                return Err(ApiError::invalid(
-                    "timeout",
-                    "timeout must be a number of seconds, 0 or more",
-                ));
-            }
-        },
-    };
+    let timeout = take_timeout(&mut obj, rules)?;
     if let Some(field) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(unknown(field));
     }
     let request_hash = hex::encode(Sha256::digest(
         Value::Object(obj.clone()).to_string().as_bytes(),
     ));
-
-    let model_name = match obj.get("model") {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => return Err(ApiError::invalid("model", "model is required")),
-        Some(_) => return Err(ApiError::invalid("model", "model must be a string")),
-    };
-    let Some(model) = registry.get(&model_name) else {
-        return Err(ApiError::invalid(
-            "model",
-            format!(
-                "unknown model {:?}; available: {}",
-                truncate(&model_name),
-                registry.names().join(", ")
-            ),
-        ));
-    };
-    let action = match obj.get("action") {
-        None | Some(Value::Null) => model.actions[0].to_string(),
-        Some(Value::String(a)) if model.actions.contains(&a.as_str()) => a.clone(),
-        Some(Value::String(a)) => {
-            return Err(ApiError::invalid(
-                "action",
-                format!(
-                    "model {} does not support action {:?}; supported: {}",
-                    model.name,
-                    truncate(a),
-                    model.actions.join(", ")
-                ),
-            ));
-        }
-        Some(_) => return Err(ApiError::invalid("action", "action must be a string")),
-    };
-    let prompt = match obj.get("prompt") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(p)) => Some(p.clone()),
-        Some(_) => return Err(ApiError::invalid("prompt", "prompt must be a string")),
-    };
-    match &prompt {
-        Some(p) if p.chars().count() > model.max_prompt_chars => {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!(
-                    "prompt is longer than {} characters",
-                    model.max_prompt_chars
-                ),
-            ));
-        }
-        Some(p) if model.prompt_required && p.trim().is_empty() => {
-            return Err(ApiError::invalid("prompt", "prompt must not be empty"));
-        }
-        None if model.prompt_required => {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!("model {} requires a prompt", model.name),
-            ));
-        }
-        _ => {}
-    }
-    let duration = match (obj.get("duration"), model.duration) {
-        (None | Some(Value::Null), rule) => rule.map(|r| r.default),
-        (Some(_), None) => {
-            return Err(ApiError::invalid(
-                "duration",
-                format!("model {} takes no duration", model.name),
-            ));
-        }
-        (Some(v), Some(rule)) => match v.as_u64() {
-            Some(d) if (u64::from(rule.min)..=u64::from(rule.max)).contains(&d) => Some(d as u32),
-            _ => {
-                return Err(ApiError::invalid(
-                    "duration",
-                    format!(
-                        "duration must be a whole number of seconds from {} to {}",
-                        rule.min, rule.max
-                    ),
-                ));
-            }
-        },
-    };
+    let model = model_of(&obj, registry)?;
     let params = match obj.get("params") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(p)) => p.clone(),
@@ -179,28 +89,127 @@ pub fn parse_submit(
     model
         .check_params(&params)
         .map_err(|(param, msg)| ApiError::invalid(param, msg))?;
-    let callback_url = match obj.get("callback_url") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(u)) => Some(check_callback_url(u, rules.callback_allow_private)?),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "callback_url",
-                "callback_url must be a string",
-            ));
-        }
-    };
-    let metadata = parse_metadata(obj.get("metadata"))?;
+    let callback_url = optional_str(&obj, "callback_url")?
+        .map(|u| check_callback_url(u, rules.callback_allow_private))
+        .transpose()?;
     Ok(SubmitRequest {
-        model: model_name,
-        action,
-        prompt,
-        duration,
+        model: model.name.to_string(),
+        action: action_of(&obj, model)?,
+        prompt: prompt_of(&obj, model)?,
+        duration: duration_of(&obj, model)?,
         params,
         callback_url,
-        metadata,
+        metadata: parse_metadata(obj.get("metadata"))?,
         timeout,
         request_hash,
     })
+}
+
+/// A string field, absent or null as `None`; anything else is a 400 naming it.
+fn optional_str<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(name, format!("{name} must be a string"))),
+    }
+}
+
+/// Removes `timeout` (seconds, sync submits only): it is not part of the task, nor of the
+/// body an `Idempotency-Key` is compared on.
+fn take_timeout(obj: &mut Map<String, Value>, rules: SubmitRules) -> Result<Option<f64>, ApiError> {
+    match obj.remove("timeout") {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) if !rules.allow_timeout => Err(unknown("timeout")),
+        Some(v) => match v.as_f64() {
+            Some(t) if t >= 0.0 && t.is_finite() => Ok(Some(t)),
+            _ => Err(ApiError::invalid(
+                "timeout",
+                "timeout must be a number of seconds, 0 or more",
+            )),
+        },
+    }
+}
+
+/// The model named by the required `model` field.
+fn model_of<'r>(
+    obj: &Map<String, Value>,
+    registry: &'r Registry,
+) -> Result<&'r ModelSpec, ApiError> {
+    let name = optional_str(obj, "model")?
+        .ok_or_else(|| ApiError::invalid("model", "model is required"))?;
+    registry.get(name).ok_or_else(|| {
+        ApiError::invalid(
+            "model",
+            format!(
+                "unknown model {:?}; available: {}",
+                truncate(name),
+                registry.names().join(", ")
+            ),
+        )
+    })
+}
+
+/// `action`, one of the model's (default: its first).
+fn action_of(obj: &Map<String, Value>, model: &ModelSpec) -> Result<String, ApiError> {
+    match optional_str(obj, "action")? {
+        None => Ok(model.actions[0].to_string()),
+        Some(a) if model.actions.contains(&a) => Ok(a.to_string()),
+        Some(a) => Err(ApiError::invalid(
+            "action",
+            format!(
+                "model {} does not support action {:?}; supported: {}",
+                model.name,
+                truncate(a),
+                model.actions.join(", ")
+            ),
+        )),
+    }
+}
+
+/// `prompt`, within the model's length, present and not blank where the model requires one.
+fn prompt_of(obj: &Map<String, Value>, model: &ModelSpec) -> Result<Option<String>, ApiError> {
+    let prompt = optional_str(obj, "prompt")?;
+    match prompt {
+        Some(p) if p.chars().count() > model.max_prompt_chars => Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "prompt is longer than {} characters",
+                model.max_prompt_chars
+            ),
+        )),
+        Some(p) if model.prompt_required && p.trim().is_empty() => {
+            Err(ApiError::invalid("prompt", "prompt must not be empty"))
+        }
+        None if model.prompt_required => Err(ApiError::invalid(
+            "prompt",
+            format!("model {} requires a prompt", model.name),
+        )),
+        _ => Ok(prompt.map(str::to_string)),
+    }
+}
+
+/// `duration` in whole seconds within the model's rule (default: the rule's), refused for a
+/// model that takes none.
+fn duration_of(obj: &Map<String, Value>, model: &ModelSpec) -> Result<Option<u32>, ApiError> {
+    match (obj.get("duration"), model.duration) {
+        (None | Some(Value::Null), rule) => Ok(rule.map(|r| r.default)),
+        (Some(_), None) => Err(ApiError::invalid(
+            "duration",
+            format!("model {} takes no duration", model.name),
+        )),
+        (Some(v), Some(rule)) => match v.as_u64() {
+            Some(d) if (u64::from(rule.min)..=u64::from(rule.max)).contains(&d) => {
+                Ok(Some(d as u32))
+            }
+            _ => Err(ApiError::invalid(
+                "duration",
+                format!(
+                    "duration must be a whole number of seconds from {} to {}",
+                    rule.min, rule.max
+                ),
+            )),
+        },
+    }
 }
 
 /// A JSON value that refuses objects with a repeated key at any depth: two parsers that
