@@ -488,7 +488,7 @@ async fn usage_errors_exit_2_with_a_message() {
     fails(
         &admin(&["delete-account", "--local", d]).await,
         2,
-        &["unknown command"],
+        &["unrecognized subcommand", "delete-account"],
     );
     fails(
         &admin(&["show", "--account", "acct_x", "--local", d, "--verbose"]).await,
