@@ -57,13 +57,19 @@ impl Route {
         })
     }
 
-    /// The methods the route answers, as an `Allow` header value.
+    /// The methods the route answers, as an `Allow` header value: the one table of them, which
+    /// [`Route::accepts`] reads too.
     pub fn allow(&self) -> &'static str {
         match self {
             Route::Tasks => "GET, POST",
             Route::Sync | Route::Cancel(_) => "POST",
             Route::Task(_) | Route::Account | Route::Models => "GET",
         }
+    }
+
+    /// Whether the route answers `method` (otherwise: 405 with [`Route::allow`]).
+    pub fn accepts(&self, method: &Method) -> bool {
+        self.allow().split(", ").any(|m| m == method.as_str())
     }
 }
 
@@ -107,17 +113,7 @@ impl Api {
 
     async fn dispatch(&self, req: Request<Bytes>) -> Result<Response<Bytes>, ApiError> {
         let route = Route::parse(req.uri().path()).ok_or(ApiError::NotFound("no such route"))?;
-        let m = req.method();
-        let allowed = matches!(
-            (&route, m),
-            (Route::Tasks, &Method::GET | &Method::POST)
-                | (Route::Sync | Route::Cancel(_), &Method::POST)
-                | (
-                    Route::Task(_) | Route::Account | Route::Models,
-                    &Method::GET
-                )
-        );
-        if !allowed {
+        if !route.accepts(req.method()) {
             return Err(ApiError::MethodNotAllowed {
                 allow: route.allow(),
             });
@@ -658,6 +654,43 @@ mod tests {
         assert_eq!(Route::parse("/v1/tasks/"), None);
         assert_eq!(Route::parse("/v2/tasks"), None);
         assert_eq!(Route::parse("/v1/tasks/a/b/c"), None);
+    }
+
+    #[test]
+    fn each_route_accepts_exactly_the_methods_its_allow_header_names() {
+        let routes = [
+            Route::Tasks,
+            Route::Sync,
+            Route::Task("abc".into()),
+            Route::Cancel("abc".into()),
+            Route::Account,
+            Route::Models,
+        ];
+        let methods = [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::from_bytes(b"get").unwrap(),
+            Method::from_bytes(b"GETPOST").unwrap(),
+        ];
+        for route in routes {
+            let accepted: Vec<&str> = methods
+                .iter()
+                .filter(|m| route.accepts(m))
+                .map(Method::as_str)
+                .collect();
+            let want = match route {
+                Route::Tasks => vec!["GET", "POST"],
+                Route::Sync | Route::Cancel(_) => vec!["POST"],
+                Route::Task(_) | Route::Account | Route::Models => vec!["GET"],
+            };
+            assert_eq!(accepted, want, "{route:?}");
+            assert_eq!(route.allow(), want.join(", "), "{route:?}");
+        }
     }
 
     #[test]
