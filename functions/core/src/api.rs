@@ -452,16 +452,8 @@ impl Api {
         if before.status == TaskStatus::Queued {
             tracing::info!(task_id = %id, refunded = task.cost.credits, "task cancelled");
             self.app.events.notify(id);
-            if task
-                .callback
-                .as_ref()
-                .is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0)
-            {
-                let msg = WorkMessage::Deliver {
-                    task_id: id.to_string(),
-                    attempt: 0,
-                    not_before: None,
-                };
+            if task.first_callback_owed() {
+                let msg = WorkMessage::first_delivery(&task.id);
                 if let Err(e) = self.app.queue.enqueue(&msg, Duration::ZERO).await {
                     tracing::error!(task_id = %id, error = %e, "could not enqueue the cancel webhook");
                 }

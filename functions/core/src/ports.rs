@@ -198,6 +198,16 @@ pub enum WorkMessage {
 }
 
 impl WorkMessage {
+    /// The message for a task's first webhook attempt, enqueued by whoever ends a task whose
+    /// first webhook is owed ([`crate::task::Task::first_callback_owed`]).
+    pub fn first_delivery(task_id: &str) -> WorkMessage {
+        WorkMessage::Deliver {
+            task_id: task_id.to_string(),
+            attempt: 0,
+            not_before: None,
+        }
+    }
+
     /// The task the message is about.
     pub fn task_id(&self) -> &str {
         match self {

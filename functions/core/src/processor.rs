@@ -275,17 +275,10 @@ impl Processor {
         }
     }
 
+    /// Enqueues the first webhook attempt if it is owed.
     async fn schedule_callback(&self, task: &Task) -> PortResult<()> {
-        if task
-            .callback
-            .as_ref()
-            .is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0)
-        {
-            let msg = WorkMessage::Deliver {
-                task_id: task.id.clone(),
-                attempt: 0,
-                not_before: None,
-            };
+        if task.first_callback_owed() {
+            let msg = WorkMessage::first_delivery(&task.id);
             self.app.queue.enqueue(&msg, Duration::ZERO).await?;
         }
         Ok(())

@@ -44,11 +44,7 @@ fn owed(task: &Task) -> Option<WorkMessage> {
             task_id: task.id.clone(),
         })
     } else if task.first_callback_owed() {
-        Some(WorkMessage::Deliver {
-            task_id: task.id.clone(),
-            attempt: 0,
-            not_before: None,
-        })
+        Some(WorkMessage::first_delivery(&task.id))
     } else {
         None
     }

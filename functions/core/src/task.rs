@@ -218,7 +218,10 @@ impl Task {
         !self.status.is_terminal()
     }
 
-    /// Whether the first webhook attempt is still owed.
+    /// Whether the first webhook attempt is still owed: the task is terminal and its callback
+    /// pending with no attempt recorded. The one place this is decided: whoever ends a task
+    /// enqueues [`crate::ports::WorkMessage::first_delivery`] when it says so, and the sweeper
+    /// re-enqueues it for a task that waited too long.
     pub fn first_callback_owed(&self) -> bool {
         self.status.is_terminal()
             && self
