@@ -2,8 +2,9 @@
 //!
 //! A `Run` message moves the task `queued -> processing` with a conditional write (a lease),
 //! runs the model's generator with progress updates, stores the outputs, and marks the task
-//! `completed` or `failed` (refunded). A `Deliver` message sends the task's webhook and
-//! schedules the next retry. Duplicate and stale messages change nothing.
+//! `completed` or `failed` (refunded). A `Deliver` message sends the webhook attempt it names,
+//! schedules the next retry and records the answer through [`crate::task::apply`]. Duplicate
+//! and stale messages change nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +21,7 @@ use crate::ports::{
     WorkMessage,
 };
 use crate::task::{
-    CallbackState, DeliveryAttempt, Output, Task, TaskFailure, TaskStatus, Transition,
-    TransitionError,
+    AfterAttempt, CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
 };
 use crate::view::{rfc3339, task_view};
 use crate::webhook::{DeliveryResult, WebhookSender};
@@ -85,7 +85,8 @@ impl Processor {
     /// a polling worker received it more than [`crate::Config::max_receives`] times) was
     /// about, the way the processor ends exhausted work: a `Run` fails its task with a refund
     /// unless a worker holds the task's lease (that worker is still completing it; if it dies
-    /// the sweeper re-enqueues the task); a `Deliver` marks the webhook failed.
+    /// the sweeper re-enqueues the task); a `Deliver` gives the webhook up (marks it failed)
+    /// unless its attempt is stale.
     pub async fn dead_letter(&self, msg: &WorkMessage) -> PortResult<()> {
         let store = &self.app.store;
         let Some(task) = store.task(msg.task_id()).await? else {
@@ -94,8 +95,7 @@ impl Processor {
         match msg {
             WorkMessage::Run { task_id } => {
                 if !task.is_open() {
-                    self.schedule_callback(&task).await?;
-                    return Ok(());
+                    return self.schedule_callback(&task).await;
                 }
                 let fail = Transition::Fail {
                     attempt: None,
@@ -110,22 +110,17 @@ impl Processor {
             WorkMessage::Deliver {
                 task_id, attempt, ..
             } => {
-                let Some(cb) = task.callback.clone() else {
-                    return Ok(());
-                };
-                if cb.state != CallbackState::Pending || cb.attempts != *attempt {
-                    return Ok(());
-                }
-                tracing::warn!(task_id, attempt, "dead-lettered webhook: marking it failed");
-                let failed = crate::task::Callback {
-                    state: CallbackState::Failed,
-                    ..cb
-                };
-                match store
-                    .update_task_from(&task, &Transition::Callback(failed))
-                    .await
-                {
-                    Ok(_) | Err(PortError::Rejected(_)) => Ok(()),
+                let abandon = Transition::DeliveryAbandoned { attempt: *attempt };
+                match store.update_task_from(&task, &abandon).await {
+                    Ok(_) => {
+                        tracing::warn!(task_id, attempt, "dead-lettered webhook: marked failed");
+                        Ok(())
+                    }
+                    // Stale, or settled already.
+                    Err(PortError::Rejected(e)) => {
+                        tracing::info!(task_id, attempt, reason = %e, "dead-lettered webhook: nothing to give up");
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 }
             }
@@ -284,12 +279,14 @@ impl Processor {
         Ok(())
     }
 
+    /// Sends webhook attempt `attempt` (the number recorded before it) and records its answer
+    /// with [`Transition::DeliveryAttempted`], refused if stale.
     async fn deliver(&self, task_id: &str, attempt: u32) -> PortResult<Disposition> {
         let store = &self.app.store;
         let Some(task) = store.task(task_id).await? else {
             return Ok(Disposition::Done);
         };
-        let Some(cb) = task.callback.clone() else {
+        let Some(cb) = task.callback.as_ref() else {
             return Ok(Disposition::Done);
         };
         if cb.state != CallbackState::Pending
@@ -319,50 +316,43 @@ impl Processor {
             .webhooks
             .send(&cb.url, &account.webhook_secret, &msg_id, body)
             .await;
-        let mut next = cb.clone();
         let (status_code, error) = match &result {
             DeliveryResult::Status(s) => (Some(*s), None),
             DeliveryResult::NoAnswer(why) => (None, Some(why.clone())),
         };
-        next.record(DeliveryAttempt {
+        let next = AfterAttempt::decide(
+            status_code,
+            attempt,
+            &self.app.config.callback_retry_schedule,
+        );
+        if let AfterAttempt::Retry(delay) = next {
+            // Enqueued before the attempt is recorded: a worker that stops in between leaves a
+            // stale retry and this message, which comes back and sends the attempt again.
+            let msg = WorkMessage::Deliver {
+                task_id: task_id.to_string(),
+                attempt: attempt + 1,
+                not_before: Some(now + chrono_dur(delay)),
+            };
+            self.app
+                .queue
+                .enqueue(&msg, delay.min(self.app.config.max_queue_delay))
+                .await?;
+        }
+        tracing::info!(task_id, attempt, result = ?result, next = ?next, "webhook attempt");
+        let record = Transition::DeliveryAttempted {
+            attempt,
             at: now,
             status_code,
             error,
-        });
-        let schedule = &self.app.config.callback_retry_schedule;
-        let retry_delay = match status_code {
-            Some(200..=299) => {
-                next.state = CallbackState::Delivered;
-                None
-            }
-            Some(410) => {
-                next.state = CallbackState::Failed;
-                None
-            }
-            _ => schedule.get(attempt as usize).copied(),
+            next,
         };
-        if next.state == CallbackState::Pending {
-            match retry_delay {
-                Some(delay) => {
-                    let msg = WorkMessage::Deliver {
-                        task_id: task_id.to_string(),
-                        attempt: next.attempts,
-                        not_before: Some(now + chrono_dur(delay)),
-                    };
-                    self.app
-                        .queue
-                        .enqueue(&msg, delay.min(self.app.config.max_queue_delay))
-                        .await?;
-                }
-                None => next.state = CallbackState::Failed,
+        match store.update_task_from(&task, &record).await {
+            Ok(_) => Ok(Disposition::Done),
+            Err(PortError::Rejected(e)) => {
+                // Another worker recorded this attempt first.
+                tracing::warn!(task_id, attempt, reason = %e, "webhook attempt sent but not recorded");
+                Ok(Disposition::Done)
             }
-        }
-        tracing::info!(task_id, attempt = next.attempts, result = ?result, state = ?next.state, "webhook attempt");
-        match store
-            .update_task_from(&task, &Transition::Callback(next))
-            .await
-        {
-            Ok(_) | Err(PortError::Rejected(_)) => Ok(Disposition::Done),
             Err(e) => Err(e),
         }
     }

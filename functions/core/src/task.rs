@@ -231,6 +231,47 @@ impl Task {
     }
 }
 
+/// What becomes of a webhook after a delivery attempt. [`AfterAttempt::decide`] is the one
+/// place that decides it; [`Transition::DeliveryAttempted`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    /// Not delivered yet: attempt again after this delay.
+    Retry(std::time::Duration),
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Given up: the receiver answered 410 (gone), or no retry is left.
+    Failed,
+}
+
+impl AfterAttempt {
+    /// What follows attempt number `attempt` (0 for the first) that got `status_code` (`None`
+    /// when nothing answered): a 2xx delivers, a 410 fails, anything else is retried after
+    /// `retry_schedule[attempt]` while the schedule has entries, and fails after that.
+    pub fn decide(
+        status_code: Option<u16>,
+        attempt: u32,
+        retry_schedule: &[std::time::Duration],
+    ) -> AfterAttempt {
+        match status_code {
+            Some(200..=299) => AfterAttempt::Delivered,
+            Some(410) => AfterAttempt::Failed,
+            _ => usize::try_from(attempt)
+                .ok()
+                .and_then(|i| retry_schedule.get(i))
+                .map_or(AfterAttempt::Failed, |delay| AfterAttempt::Retry(*delay)),
+        }
+    }
+
+    /// The callback state it leaves.
+    pub fn state(self) -> CallbackState {
+        match self {
+            AfterAttempt::Retry(_) => CallbackState::Pending,
+            AfterAttempt::Delivered => CallbackState::Delivered,
+            AfterAttempt::Failed => CallbackState::Failed,
+        }
+    }
+}
+
 /// A change requested of a task. See [`apply`] for the rules.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -265,8 +306,28 @@ pub enum Transition {
     },
     /// `queued -> cancelled`; refunds. Cancelling a cancelled task changes nothing.
     Cancel,
-    /// Records a webhook delivery attempt.
-    Callback(Callback),
+    /// Records webhook attempt `attempt` and what follows it (see [`AfterAttempt::decide`]).
+    /// Refused unless the task is terminal, its callback pending and `attempt` the number of
+    /// attempts recorded ([`TransitionError::StaleAttempt`] otherwise): a stale or duplicate
+    /// attempt never overwrites a newer record.
+    DeliveryAttempted {
+        /// Attempts recorded before this one.
+        attempt: u32,
+        /// When it was sent.
+        at: DateTime<Utc>,
+        /// The receiver's HTTP status, if it answered.
+        status_code: Option<u16>,
+        /// Why there was no answer.
+        error: Option<String>,
+        /// What follows.
+        next: AfterAttempt,
+    },
+    /// Gives the webhook up (its message was dead-lettered): pending -> failed, nothing recorded.
+    /// Refused like [`Transition::DeliveryAttempted`].
+    DeliveryAbandoned {
+        /// Attempts recorded, as the dead-lettered message knew them.
+        attempt: u32,
+    },
     /// The sweeper re-enqueued the work a task waits on: restarts its wait at `now`. Refused
     /// with [`TransitionError::NotDue`] unless the task has waited since `due_before` or earlier.
     Requeue {
@@ -293,6 +354,9 @@ pub enum TransitionError {
     /// The task has no callback to record.
     #[error("task has no callback")]
     NoCallback,
+    /// The webhook was delivered or given up already.
+    #[error("webhook is no longer pending")]
+    CallbackSettled,
     /// The task is not waiting on lost work (it moved on since it was read).
     #[error("task is not due for a sweep")]
     NotDue,
@@ -455,14 +519,26 @@ fn apply_inner(
             Cancelled => Ok(Inner::Unchanged),
             s => Err(TransitionError::NotCancellable(s)),
         },
-        Transition::Callback(cb) => match &mut task.callback {
-            None => Err(TransitionError::NoCallback),
-            Some(existing) if existing == cb => Ok(Inner::Unchanged),
-            Some(existing) => {
-                *existing = cb.clone();
-                Ok(Inner::Changed { refund: 0 })
-            }
-        },
+        Transition::DeliveryAttempted {
+            attempt,
+            at,
+            status_code,
+            error,
+            next,
+        } => {
+            let cb = owed_attempt(task, *attempt)?;
+            cb.record(DeliveryAttempt {
+                at: *at,
+                status_code: *status_code,
+                error: error.clone(),
+            });
+            cb.state = next.state();
+            Ok(Inner::Changed { refund: 0 })
+        }
+        Transition::DeliveryAbandoned { attempt } => {
+            owed_attempt(task, *attempt)?.state = CallbackState::Failed;
+            Ok(Inner::Changed { refund: 0 })
+        }
         Transition::Requeue { due_before } => match task.check_at {
             Some(since) if since <= *due_before => {
                 let owes_work = task.is_open() || task.first_callback_owed();
@@ -472,6 +548,21 @@ fn apply_inner(
             _ => Err(TransitionError::NotDue),
         },
     }
+}
+
+/// The callback of a terminal `task` whose webhook is pending with `attempt` attempts recorded.
+fn owed_attempt(task: &mut Task, attempt: u32) -> Result<&mut Callback, TransitionError> {
+    if !task.status.is_terminal() {
+        return Err(TransitionError::WrongState(task.status));
+    }
+    let cb = task.callback.as_mut().ok_or(TransitionError::NoCallback)?;
+    if cb.attempts != attempt {
+        return Err(TransitionError::StaleAttempt);
+    }
+    if cb.state != CallbackState::Pending {
+        return Err(TransitionError::CallbackSettled);
+    }
+    Ok(cb)
 }
 
 fn current_attempt(task: &Task, attempt: u32) -> Result<(), TransitionError> {
@@ -740,26 +831,13 @@ pub(crate) mod tests {
     fn check_at_follows_what_the_task_waits_on() {
         let t0 = Utc::now();
         let t1 = t0 + Duration::seconds(10);
-        let cb = |state, attempts| Callback {
-            url: "https://example.com/hook".into(),
-            state,
-            attempts,
-            last_status_code: None,
-            deliveries: vec![],
-        };
-
-        // Queued: a change keeps the time the wait began, or starts it.
+        // Queued: a change keeps the time the wait began, or starts it. (No transition keeps a
+        // task queued today; the rule is there for one that would.)
         let mut task = with_callback(sample(TaskStatus::Queued));
         task.check_at = Some(t0);
-        let touch = Transition::Callback(cb(CallbackState::Pending, 0));
-        let mut other = task.callback.clone().unwrap();
-        other.url = "https://example.com/other".into();
-        apply(&mut task, &Transition::Callback(other), t1).unwrap();
-        assert_eq!(task.check_at, Some(t0));
-        let mut fresh = with_callback(sample(TaskStatus::Queued));
-        fresh.callback.as_mut().unwrap().url = "https://example.com/old".into();
-        apply(&mut fresh, &touch, t1).unwrap();
-        assert_eq!(fresh.check_at, Some(t1));
+        assert_eq!(waiting_since(&task, t1), Some(t0));
+        let fresh = with_callback(sample(TaskStatus::Queued));
+        assert_eq!(waiting_since(&fresh, t1), Some(t1));
 
         // Processing: the lease end, renewed by progress.
         let lease = t1 + Duration::seconds(60);
@@ -784,9 +862,12 @@ pub(crate) mod tests {
         no_hook.callback = None;
         apply(&mut task, &complete, end).unwrap();
         assert_eq!(task.check_at, Some(end));
-        let mut attempted = cb(CallbackState::Pending, 1);
-        attempted.last_status_code = Some(500);
-        apply(&mut task, &Transition::Callback(attempted), end).unwrap();
+        apply(
+            &mut task,
+            &attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
+            end,
+        )
+        .unwrap();
         assert_eq!(
             task.check_at, None,
             "a retry is scheduled by its own message"
@@ -802,7 +883,7 @@ pub(crate) mod tests {
         assert_eq!(failed.check_at, Some(end));
         apply(
             &mut failed,
-            &Transition::Callback(cb(CallbackState::Failed, 0)),
+            &Transition::DeliveryAbandoned { attempt: 0 },
             end,
         )
         .unwrap();
@@ -891,5 +972,175 @@ pub(crate) mod tests {
         apply(&mut stale, &due, sweep).unwrap();
         assert_eq!(stale.check_at, None);
         assert_eq!(apply(&mut stale, &due, sweep), Err(TransitionError::NotDue));
+    }
+
+    const RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+    fn attempted(attempt: u32, status_code: Option<u16>, next: AfterAttempt) -> Transition {
+        Transition::DeliveryAttempted {
+            attempt,
+            at: Utc::now(),
+            status_code,
+            error: status_code.is_none().then(|| "timed out".to_string()),
+            next,
+        }
+    }
+
+    /// A finished task whose first webhook is owed.
+    fn owing_a_webhook() -> Task {
+        let now = Utc::now();
+        let mut task = with_callback(sample(TaskStatus::Queued));
+        apply(&mut task, &Transition::Cancel, now).unwrap();
+        assert!(task.first_callback_owed());
+        task
+    }
+
+    #[test]
+    fn after_an_attempt_2xx_delivers_410_fails_and_anything_else_retries_while_the_schedule_lasts()
+    {
+        let schedule = [RETRY, RETRY * 2];
+        for code in [200, 201, 204, 299] {
+            assert_eq!(
+                AfterAttempt::decide(Some(code), 0, &schedule),
+                AfterAttempt::Delivered
+            );
+            assert_eq!(
+                AfterAttempt::decide(Some(code), 2, &schedule),
+                AfterAttempt::Delivered,
+                "the last attempt delivers too"
+            );
+        }
+        assert_eq!(
+            AfterAttempt::decide(Some(410), 0, &schedule),
+            AfterAttempt::Failed
+        );
+        for answer in [Some(500), Some(302), Some(404), Some(199), Some(300), None] {
+            assert_eq!(
+                AfterAttempt::decide(answer, 0, &schedule),
+                AfterAttempt::Retry(RETRY),
+                "{answer:?}"
+            );
+            assert_eq!(
+                AfterAttempt::decide(answer, 1, &schedule),
+                AfterAttempt::Retry(RETRY * 2)
+            );
+            assert_eq!(
+                AfterAttempt::decide(answer, 2, &schedule),
+                AfterAttempt::Failed
+            );
+            assert_eq!(
+                AfterAttempt::decide(answer, 0, &[]),
+                AfterAttempt::Failed,
+                "no retries configured"
+            );
+        }
+        assert_eq!(AfterAttempt::Retry(RETRY).state(), CallbackState::Pending);
+        assert_eq!(AfterAttempt::Delivered.state(), CallbackState::Delivered);
+        assert_eq!(AfterAttempt::Failed.state(), CallbackState::Failed);
+    }
+
+    #[test]
+    fn delivery_attempts_are_recorded_in_order_and_a_stale_or_duplicate_one_is_refused() {
+        let now = Utc::now();
+        let mut task = owing_a_webhook();
+        let v = task.version;
+        assert_eq!(
+            apply(
+                &mut task,
+                &attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
+                now
+            ),
+            Ok(Applied::Changed {
+                refund: 0,
+                closed: false
+            })
+        );
+        assert_eq!(task.version, v + 1);
+        let cb = task.callback.clone().unwrap();
+        assert_eq!(
+            (cb.state, cb.attempts, cb.last_status_code),
+            (CallbackState::Pending, 1, Some(500))
+        );
+        assert_eq!(cb.deliveries.len(), 1);
+        assert!(!task.first_callback_owed());
+
+        // The same attempt again (a second worker holding a duplicate message) or an older one
+        // cannot overwrite the record.
+        let recorded = task.clone();
+        for stale in [
+            attempted(0, Some(200), AfterAttempt::Delivered),
+            attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
+            attempted(2, Some(200), AfterAttempt::Delivered),
+            Transition::DeliveryAbandoned { attempt: 0 },
+        ] {
+            assert_eq!(
+                apply(&mut task, &stale, now),
+                Err(TransitionError::StaleAttempt),
+                "{stale:?}"
+            );
+            assert_eq!(task, recorded);
+        }
+
+        // The next attempt: no answer, then retries exhausted.
+        apply(&mut task, &attempted(1, None, AfterAttempt::Failed), now).unwrap();
+        let cb = task.callback.clone().unwrap();
+        assert_eq!(
+            (cb.state, cb.attempts, cb.last_status_code),
+            (CallbackState::Failed, 2, Some(500)),
+            "last_status_code stays the last answer"
+        );
+        assert_eq!(cb.deliveries[1].error.as_deref(), Some("timed out"));
+        // Settled: nothing more is recorded or given up.
+        let settled = task.clone();
+        for t in [
+            attempted(2, Some(200), AfterAttempt::Delivered),
+            Transition::DeliveryAbandoned { attempt: 2 },
+        ] {
+            assert_eq!(
+                apply(&mut task, &t, now),
+                Err(TransitionError::CallbackSettled),
+                "{t:?}"
+            );
+            assert_eq!(task, settled);
+        }
+
+        // Delivered on the first attempt.
+        let mut task = owing_a_webhook();
+        apply(
+            &mut task,
+            &attempted(0, Some(204), AfterAttempt::Delivered),
+            now,
+        )
+        .unwrap();
+        let cb = task.callback.unwrap();
+        assert_eq!(
+            (cb.state, cb.attempts, cb.last_status_code),
+            (CallbackState::Delivered, 1, Some(204))
+        );
+    }
+
+    #[test]
+    fn webhook_transitions_need_a_terminal_task_with_a_callback() {
+        let now = Utc::now();
+        let record = attempted(0, Some(200), AfterAttempt::Delivered);
+        let abandon = Transition::DeliveryAbandoned { attempt: 0 };
+        for t in [&record, &abandon] {
+            for status in [TaskStatus::Queued, TaskStatus::Processing] {
+                let mut open = with_callback(sample(status));
+                let before = open.clone();
+                assert_eq!(
+                    apply(&mut open, t, now),
+                    Err(TransitionError::WrongState(status)),
+                    "{t:?}"
+                );
+                assert_eq!(open, before);
+            }
+            let mut no_hook = sample(TaskStatus::Queued);
+            apply(&mut no_hook, &Transition::Cancel, now).unwrap();
+            assert_eq!(
+                apply(&mut no_hook, t, now),
+                Err(TransitionError::NoCallback)
+            );
+        }
     }
 }
