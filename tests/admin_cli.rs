@@ -602,7 +602,7 @@ fn unique_prefix() -> String {
 
 async fn dynamo_table() -> (DynamoStore, String) {
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let settings = tasklane_aws::provision::provision(&config, &unique_prefix())
+    let settings = tasklane_testkit::provision::provision(&config, &unique_prefix())
         .await
         .expect(
             "provisioning on the AWS emulator (is AWS_ENDPOINT_URL right? run scripts/test.sh)",

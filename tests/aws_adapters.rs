@@ -20,7 +20,6 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use tasklane_aws::dynamo::DynamoStore;
-use tasklane_aws::provision::{MAX_RECEIVE_COUNT, provision};
 use tasklane_aws::s3::S3Blobs;
 use tasklane_aws::sqs::SqsQueue;
 use tasklane_aws::{AwsBackends, AwsSettings};
@@ -30,9 +29,9 @@ use tasklane_core::ports::{
     BlobStore, Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError, PortResult,
     Reservation, TaskPage, TaskStore, WorkMessage, WorkQueue,
 };
-use tasklane_core::task::{
-    Cost, Output, Task, TaskFailure, TaskInput, TaskStatus, Transition, TransitionError,
-};
+use tasklane_core::task::{Output, Task, TaskFailure, TaskStatus, Transition, TransitionError};
+use tasklane_testkit::TaskBuilder;
+use tasklane_testkit::provision::{MAX_RECEIVE_COUNT, provision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
@@ -122,34 +121,12 @@ fn new_task_id() -> String {
 }
 
 fn queued_task(account_id: &str, credits: u64, model: &str) -> Task {
-    Task {
-        id: new_task_id(),
-        account_id: account_id.to_string(),
-        model: model.to_string(),
-        action: "generate".into(),
-        status: TaskStatus::Queued,
-        progress: 0,
-        input: TaskInput {
-            prompt: Some("a lighthouse at dusk".into()),
-            duration: None,
-            params: serde_json::Map::new(),
-        },
-        outputs: vec![],
-        error: None,
-        cost: Cost {
-            credits,
-            refunded: false,
-        },
-        callback: None,
-        metadata: Default::default(),
-        created_at: Utc::now(),
-        started_at: None,
-        completed_at: None,
-        attempts: 0,
-        lease_until: None,
-        version: 1,
-        check_at: Some(Utc::now()),
-    }
+    TaskBuilder::echo(account_id)
+        .id(new_task_id())
+        .model(model)
+        .prompt("a lighthouse at dusk")
+        .credits(credits)
+        .build()
 }
 
 /// A task for `account` stored (and paid for) through `insert_task`.

@@ -29,8 +29,9 @@ use tasklane_core::chaos::{Chaos, ChaosConfig, SimulatedCrash};
 use tasklane_core::intercept::{Interceptor, Op};
 use tasklane_core::ports::{PortError, PortResult, WorkMessage};
 use tasklane_core::processor::Processor;
-use tasklane_core::task::{Callback, CallbackState, Cost, Task, TaskInput, TaskStatus, Transition};
+use tasklane_core::task::{Task, TaskStatus, Transition};
 use tasklane_local::{Hooks, LocalConfig};
+use tasklane_testkit::TaskBuilder;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -81,41 +82,13 @@ fn slack() -> TimeDelta {
 
 /// An `echo` task (1 credit) of the server's development account, as `POST /tasks` builds it.
 fn new_task(s: &Server, prompt: &str, callback_url: Option<&str>) -> Task {
-    let now = Utc::now();
-    Task {
-        id: s.app().new_task_id(),
-        account_id: dev_account(s),
-        model: "echo".into(),
-        action: "generate".into(),
-        status: TaskStatus::Queued,
-        progress: 0,
-        input: TaskInput {
-            prompt: Some(prompt.into()),
-            duration: None,
-            params: serde_json::Map::new(),
-        },
-        outputs: vec![],
-        error: None,
-        cost: Cost {
-            credits: 1,
-            refunded: false,
-        },
-        callback: callback_url.map(|url| Callback {
-            url: url.into(),
-            state: CallbackState::Pending,
-            attempts: 0,
-            last_status_code: None,
-            deliveries: vec![],
-        }),
-        metadata: Default::default(),
-        created_at: now,
-        started_at: None,
-        completed_at: None,
-        attempts: 0,
-        lease_until: None,
-        version: 1,
-        check_at: Some(now),
+    let mut task = TaskBuilder::echo(&dev_account(s))
+        .id(s.app().new_task_id())
+        .prompt(prompt);
+    if let Some(url) = callback_url {
+        task = task.callback(url);
     }
+    task.build()
 }
 
 /// Stores (and pays for) a task the way submit does, but sends no work message: as if the

@@ -1,6 +1,6 @@
 //! The compiled Lambda binaries (`submit`, `status`, `cancel`, `sync-wait`, `account`,
-//! `processor`), each run as a real process behind a minimal Lambda Runtime API emulator written
-//! here, and fed the events in `events/` as Lambda would: the function asks
+//! `processor`), each run as a real process behind a minimal Lambda Runtime API emulator
+//! (`tasklane_testkit::runtime_api`), and fed the events in `events/` as Lambda would: the function asks
 //! `GET /2018-06-01/runtime/invocation/next`, gets the event with the invocation headers, and
 //! posts its answer to `.../invocation/{id}/response` (or `.../error`). The functions talk to
 //! DynamoDB, SQS and S3 in the AWS emulator that `scripts/test.sh` starts (`AWS_ENDPOINT_URL`);
@@ -13,12 +13,10 @@
 
 mod aws_fixtures;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::ops::Deref;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_fixtures::{
     ACCOUNT, CANCEL, CREDITS, DEAD_LETTER, DELIVER_TASK, EXAMPLE_TASK, LIST, PROCESSOR, STATUS,
@@ -26,13 +24,12 @@ use aws_fixtures::{
 };
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use chrono::Utc;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tasklane_core::ports::{MessageSource, WorkMessage};
 use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tasklane_testkit::runtime_api::{Invoked, Reply, RuntimeApi};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot, watch};
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
 const FUNCTIONS: [(&str, &str, u32); 8] = [
@@ -55,381 +52,6 @@ const INVOKE_DEADLINE: Duration = Duration::from_secs(180);
 const EXIT_DEADLINE: Duration = Duration::from_secs(120);
 /// For a log line to reach the test after the function wrote it.
 const LOG_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The path prefix of every Runtime API route.
-const RUNTIME_PREFIX: &str = "/2018-06-01/runtime/";
-
-// ---------------------------------------------------------------------------------------------
-// The Lambda Runtime API emulator.
-// ---------------------------------------------------------------------------------------------
-
-/// An event waiting for the function to ask for it.
-struct Invocation {
-    request_id: String,
-    trace_id: String,
-    event: String,
-}
-
-/// What a function posted for one invocation.
-#[derive(Debug)]
-enum Reply {
-    /// `POST /runtime/invocation/{id}/response`: the function's result, as JSON.
-    Response(Value),
-    /// `POST /runtime/invocation/{id}/error`: the `Lambda-Runtime-Function-Error-Type` header
-    /// and the diagnostic body (`errorType`, `errorMessage`).
-    Error {
-        error_type: Option<String>,
-        diagnostic: Value,
-    },
-}
-
-/// One invocation and what the function answered.
-#[derive(Debug)]
-struct Invoked {
-    request_id: String,
-    trace_id: String,
-    reply: Reply,
-}
-
-/// A report on `POST /runtime/init/error`.
-#[derive(Debug, Clone)]
-struct InitError {
-    error_type: Option<String>,
-    diagnostic: Value,
-}
-
-/// What the emulator has seen and what it still has to hand out.
-struct RuntimeState {
-    function_name: String,
-    queue: mpsc::UnboundedSender<Invocation>,
-    pending: tokio::sync::Mutex<mpsc::UnboundedReceiver<Invocation>>,
-    awaiting: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
-    /// How many `next` requests arrived (a long poll counts when it arrives).
-    next_requests: watch::Sender<usize>,
-    first_next_at: Mutex<Option<Instant>>,
-    init_errors: Mutex<Vec<InitError>>,
-    /// Requests that are not part of the Runtime API, or name an unknown invocation.
-    unexpected: Mutex<Vec<String>>,
-}
-
-/// A Lambda Runtime API on 127.0.0.1 serving one function process, as Lambda's does.
-struct RuntimeApi {
-    addr: SocketAddr,
-    state: Arc<RuntimeState>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RuntimeApi {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-impl RuntimeApi {
-    async fn start(function_name: &str) -> RuntimeApi {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the Runtime API emulator");
-        let addr = listener.local_addr().expect("its address");
-        let (queue, pending) = mpsc::unbounded_channel();
-        let state = Arc::new(RuntimeState {
-            function_name: function_name.to_string(),
-            queue,
-            pending: tokio::sync::Mutex::new(pending),
-            awaiting: Mutex::new(HashMap::new()),
-            next_requests: watch::channel(0).0,
-            first_next_at: Mutex::new(None),
-            init_errors: Mutex::new(Vec::new()),
-            unexpected: Mutex::new(Vec::new()),
-        });
-        let shared = state.clone();
-        let server = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_connection(stream, shared.clone()));
-            }
-        });
-        RuntimeApi {
-            addr,
-            state,
-            server,
-        }
-    }
-
-    /// Queues `event` for the function's next `next` request.
-    fn enqueue(&self, event: &str) -> (String, String, oneshot::Receiver<Reply>) {
-        let request_id = uuid_like();
-        let trace_id = trace_id();
-        let (tx, rx) = oneshot::channel();
-        self.state
-            .awaiting
-            .lock()
-            .unwrap()
-            .insert(request_id.clone(), tx);
-        self.state
-            .queue
-            .send(Invocation {
-                request_id: request_id.clone(),
-                trace_id: trace_id.clone(),
-                event: event.to_string(),
-            })
-            .expect("the emulator holds its own queue");
-        (request_id, trace_id, rx)
-    }
-
-    fn next_requests(&self) -> usize {
-        *self.state.next_requests.borrow()
-    }
-
-    fn first_next_at(&self) -> Option<Instant> {
-        *self.state.first_next_at.lock().unwrap()
-    }
-
-    fn init_errors(&self) -> Vec<InitError> {
-        self.state.init_errors.lock().unwrap().clone()
-    }
-
-    fn unexpected(&self) -> Vec<String> {
-        self.state.unexpected.lock().unwrap().clone()
-    }
-}
-
-/// A request as the runtime client sends it.
-struct HttpRequest {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-/// Serves one keep-alive connection of the runtime client (hyper): requests one after another.
-async fn serve_connection(stream: TcpStream, state: Arc<RuntimeState>) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    while let Ok(Some(req)) = read_request(&mut reader).await {
-        let resp = answer(&state, req).await;
-        if write.write_all(&resp).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Reads one HTTP/1.1 request (`Content-Length` or chunked body); `None` at end of stream.
-async fn read_request<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<HttpRequest>> {
-    let mut line = String::new();
-    if r.read_line(&mut line).await? == 0 {
-        return Ok(None);
-    }
-    let mut words = line.split_whitespace();
-    let method = words.next().unwrap_or_default().to_string();
-    let path = words.next().unwrap_or_default().to_string();
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).await? == 0 {
-            return Ok(None);
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let chunked = headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked {
-        let mut body = Vec::new();
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).await?;
-            let size = size.trim().split(';').next().unwrap_or_default();
-            let size = usize::from_str_radix(size, 16).map_err(std::io::Error::other)?;
-            if size == 0 {
-                // Trailers, up to the blank line.
-                loop {
-                    let mut t = String::new();
-                    if r.read_line(&mut t).await? == 0 || t.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk).await?;
-            chunk.truncate(size);
-            body.extend_from_slice(&chunk);
-        }
-        body
-    } else {
-        let len = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; len];
-        r.read_exact(&mut body).await?;
-        body
-    };
-    Ok(Some(HttpRequest {
-        method,
-        path,
-        headers,
-        body,
-    }))
-}
-
-fn http_response(status: u16, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        _ => "Not Found",
-    };
-    let mut out = format!("HTTP/1.1 {status} {reason}\r\n");
-    out.push_str("content-type: application/json\r\n");
-    out.push_str(&format!("content-length: {}\r\n", body.len()));
-    for (k, v) in headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    out.extend_from_slice(body);
-    out
-}
-
-fn accepted() -> Vec<u8> {
-    http_response(202, &[], br#"{"status":"OK"}"#)
-}
-
-fn json_body(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
-}
-
-/// Answers one Runtime API request.
-async fn answer(state: &RuntimeState, req: HttpRequest) -> Vec<u8> {
-    let route = req.path.strip_prefix(RUNTIME_PREFIX).unwrap_or_default();
-    let error_type = req
-        .headers
-        .get("lambda-runtime-function-error-type")
-        .cloned();
-    if req.method == "GET" && route == "invocation/next" {
-        return next_invocation(state).await;
-    }
-    if req.method == "POST" && route == "init/error" {
-        state.init_errors.lock().unwrap().push(InitError {
-            error_type,
-            diagnostic: json_body(&req.body),
-        });
-        return accepted();
-    }
-    let invocation = route.strip_prefix("invocation/").and_then(|rest| {
-        rest.strip_suffix("/response")
-            .map(|id| (id, true))
-            .or_else(|| rest.strip_suffix("/error").map(|id| (id, false)))
-    });
-    if let Some((id, ok)) = invocation
-        && req.method == "POST"
-    {
-        let reply = if ok {
-            Reply::Response(json_body(&req.body))
-        } else {
-            Reply::Error {
-                error_type,
-                diagnostic: json_body(&req.body),
-            }
-        };
-        let waiter = state.awaiting.lock().unwrap().remove(id);
-        return match waiter {
-            Some(tx) => {
-                let _ = tx.send(reply);
-                accepted()
-            }
-            None => {
-                state
-                    .unexpected
-                    .lock()
-                    .unwrap()
-                    .push(format!("{} {} (unknown invocation)", req.method, req.path));
-                http_response(
-                    400,
-                    &[],
-                    br#"{"errorMessage":"Invalid request ID","errorType":"InvalidRequestID"}"#,
-                )
-            }
-        };
-    }
-    state
-        .unexpected
-        .lock()
-        .unwrap()
-        .push(format!("{} {}", req.method, req.path));
-    http_response(
-        404,
-        &[],
-        br#"{"errorMessage":"Unknown resource","errorType":"NotFound"}"#,
-    )
-}
-
-/// The long poll: waits for the next queued event and hands it out with its headers.
-async fn next_invocation(state: &RuntimeState) -> Vec<u8> {
-    state
-        .first_next_at
-        .lock()
-        .unwrap()
-        .get_or_insert_with(Instant::now);
-    state.next_requests.send_modify(|n| *n += 1);
-    let Some(inv) = state.pending.lock().await.recv().await else {
-        return http_response(404, &[], b"{}");
-    };
-    let deadline = SystemTime::now() + Duration::from_secs(900);
-    let deadline_ms = deadline
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis();
-    let arn = format!(
-        "arn:aws:lambda:us-east-1:123456789012:function:{}",
-        state.function_name
-    );
-    http_response(
-        200,
-        &[
-            ("Lambda-Runtime-Aws-Request-Id", inv.request_id),
-            ("Lambda-Runtime-Deadline-Ms", deadline_ms.to_string()),
-            ("Lambda-Runtime-Invoked-Function-Arn", arn),
-            ("Lambda-Runtime-Trace-Id", inv.trace_id),
-        ],
-        inv.event.as_bytes(),
-    )
-}
-
-/// A request id shaped like Lambda's (a UUID).
-fn uuid_like() -> String {
-    let h = format!("{:032x}", ulid::Ulid::new().0);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
-/// An X-Ray trace header shaped like Lambda's.
-fn trace_id() -> String {
-    let h = format!("{:032x}", ulid::Ulid::new().0);
-    let epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs();
-    format!(
-        "Root=1-{epoch:08x}-{};Parent={};Sampled=0",
-        &h[8..32],
-        &h[0..16]
-    )
-}
 
 // ---------------------------------------------------------------------------------------------
 // A function process.
@@ -500,7 +122,7 @@ impl Function {
         let runtime = RuntimeApi::start(&function_name).await;
         let mut cmd = Command::new(crate::binary(binary));
         cmd.env_clear()
-            .env("AWS_LAMBDA_RUNTIME_API", runtime.addr.to_string())
+            .env("AWS_LAMBDA_RUNTIME_API", runtime.addr().to_string())
             .env("AWS_LAMBDA_FUNCTION_NAME", &function_name)
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory.to_string())
@@ -715,55 +337,6 @@ impl Function {
             self.output()
         );
         assert!(self.runtime.init_errors().is_empty(), "{}", self.output());
-    }
-}
-
-/// An API Gateway (HTTP API, payload 2.0) response as the function posted it.
-struct GatewayAnswer {
-    status: u64,
-    headers: Map<String, Value>,
-    body: Value,
-}
-
-impl GatewayAnswer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(Value::as_str)
-    }
-}
-
-impl Invoked {
-    /// The response of an HTTP function, checked against the HTTP API response format.
-    fn gateway(&self) -> GatewayAnswer {
-        let Reply::Response(wire) = &self.reply else {
-            panic!("an error instead of a response: {:?}", self.reply);
-        };
-        let status = wire["statusCode"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("a numeric statusCode: {wire}"));
-        assert_eq!(wire["isBase64Encoded"], false, "{wire}");
-        assert_eq!(wire["cookies"], json!([]), "{wire}");
-        let headers = wire["headers"]
-            .as_object()
-            .unwrap_or_else(|| panic!("a headers object: {wire}"))
-            .clone();
-        let body = wire["body"]
-            .as_str()
-            .unwrap_or_else(|| panic!("a text body: {wire}"));
-        let body =
-            serde_json::from_str(body).unwrap_or_else(|e| panic!("a JSON body ({e}): {wire}"));
-        GatewayAnswer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    /// The result of a non-HTTP function.
-    fn response(&self) -> &Value {
-        match &self.reply {
-            Reply::Response(v) => v,
-            other => panic!("an error instead of a response: {other:?}"),
-        }
     }
 }
 

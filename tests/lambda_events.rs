@@ -22,13 +22,13 @@ use lambda_http::tower::ServiceExt;
 use lambda_http::{Adapter, Context, LambdaEvent, Request, RequestExt, service_fn};
 use serde_json::{Map, Value, json};
 use tasklane_aws::lambda::{handle_dead_letters, handle_http, handle_sqs, handle_sweep};
-use tasklane_aws::provision::MAX_RECEIVE_COUNT;
 use tasklane_core::App;
 use tasklane_core::account::Account;
 use tasklane_core::api::Api;
 use tasklane_core::ports::{MessageSource, TaskStore, WorkMessage};
 use tasklane_core::processor::{Processor, run_worker};
 use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus};
+use tasklane_testkit::provision::MAX_RECEIVE_COUNT;
 
 /// Every HTTP event, with the method and raw path it carries.
 const HTTP_EVENTS: [(&str, &str, &str, &str); 6] = [

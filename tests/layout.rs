@@ -72,5 +72,8 @@ fn every_suite_in_tests_is_registered_once_and_every_registration_exists() {
         );
     }
     println!("{suites} suites in tests/, each registered once");
-    assert!(suites >= 15, "only {suites} suites found: is this the repository's tests/?");
+    assert!(
+        suites >= 15,
+        "only {suites} suites found: is this the repository's tests/?"
+    );
 }

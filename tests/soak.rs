@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Map;
-use tasklane_core::task::{Cost, Task, TaskInput, TaskStatus};
+use tasklane_core::task::{Task, TaskStatus};
 use tasklane_core::view::rfc3339;
-use tasklane_local::soak::{AccountState, Answer, Check, Checked, Op, Seen, SoakOptions, check};
+use tasklane_testkit::TaskBuilder;
+use tasklane_testkit::soak::{AccountState, Answer, Check, Checked, Op, Seen, SoakOptions, check};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_seeded_soak_run_under_faults_passes_every_check() {
@@ -44,7 +43,7 @@ async fn a_seeded_soak_run_under_faults_passes_every_check() {
         };
         (opts, None)
     };
-    let report = tasklane_local::soak::run(opts, backends, tmp.path())
+    let report = tasklane_testkit::soak::run(opts, backends, tmp.path())
         .await
         .expect("the soak run completes");
     println!("{report}");
@@ -88,31 +87,20 @@ fn time(s: i64) -> DateTime<Utc> {
 }
 
 fn task(id: &str, status: TaskStatus, credits: u64, refunded: bool, done: Option<i64>) -> Task {
-    Task {
-        id: id.into(),
-        account_id: ACCT.into(),
-        model: "echo".into(),
-        action: "generate".into(),
-        status,
-        progress: 0,
-        input: TaskInput {
-            prompt: Some("x".into()),
-            duration: None,
-            params: Map::new(),
-        },
-        outputs: vec![],
-        error: None,
-        cost: Cost { credits, refunded },
-        callback: None,
-        metadata: BTreeMap::new(),
-        created_at: time(0),
-        started_at: None,
-        completed_at: done.map(time),
-        attempts: 1,
-        lease_until: None,
-        version: 3,
-        check_at: None,
+    let mut task = TaskBuilder::echo(ACCT)
+        .id(id)
+        .status(status)
+        .prompt("x")
+        .credits(credits)
+        .refunded(refunded)
+        .created_at(time(0))
+        .attempts(1)
+        .version(3)
+        .check_at(None);
+    if let Some(s) = done {
+        task = task.completed_at(time(s));
     }
+    task.build()
 }
 
 fn seen(t: &Task) -> Option<Seen> {

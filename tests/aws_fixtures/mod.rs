@@ -3,17 +3,16 @@
 //! resources provisioned on the AWS emulator (`AWS_ENDPOINT_URL`) with the example account.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_sqs::types::Message;
 use chrono::Utc;
 use serde_json::{Map, Value, json};
-use tasklane_aws::provision::provision;
 use tasklane_aws::{AwsBackends, AwsSettings};
 use tasklane_core::account::Account;
 use tasklane_core::ports::{BlobStore, TaskStore};
 use tasklane_core::task::{Cost, Output, Task, TaskInput, TaskStatus};
+use tasklane_testkit::TaskBuilder;
+use tasklane_testkit::provision::provision;
 
 pub const SUBMIT: &str = include_str!("../../events/submit.json");
 pub const SYNC_WAIT: &str = include_str!("../../events/sync-wait.json");
@@ -142,34 +141,13 @@ impl World {
 
 /// The task submit.json creates, queued, with the given id.
 pub fn queued_veo3(id: &str, account_id: &str) -> Task {
-    Task {
-        id: id.into(),
-        account_id: account_id.into(),
-        model: "veo3".into(),
-        action: "generate".into(),
-        status: TaskStatus::Queued,
-        progress: 0,
-        input: TaskInput {
-            prompt: Some("A cat walking on the beach".into()),
-            duration: Some(5),
-            params: Map::new(),
-        },
-        outputs: vec![],
-        error: None,
-        cost: Cost {
-            credits: 50,
-            refunded: false,
-        },
-        callback: None,
-        metadata: BTreeMap::new(),
-        created_at: Utc::now(),
-        started_at: None,
-        completed_at: None,
-        attempts: 0,
-        lease_until: None,
-        version: 1,
-        check_at: Some(Utc::now()),
-    }
+    TaskBuilder::echo(account_id)
+        .id(id)
+        .model("veo3")
+        .prompt("A cat walking on the beach")
+        .duration(5)
+        .credits(50)
+        .build()
 }
 
 /// A fresh, well-formed task id.

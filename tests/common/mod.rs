@@ -254,7 +254,7 @@ pub async fn aws_backends(
         None => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let prefix = format!("t{}", ulid_like());
-            tasklane_aws::provision::provision(&config, &prefix)
+            tasklane_testkit::provision::provision(&config, &prefix)
                 .await
                 .expect("provisioning on the AWS emulator (is AWS_ENDPOINT_URL set? run scripts/test.sh)")
         }

@@ -6,14 +6,10 @@
 //! - [`sqs`]: the work queue (and a poller for workers outside Lambda).
 //! - [`s3`]: the blob store with presigned GET URLs.
 //! - [`settings`]: typed configuration from the environment, SDK clients built once.
-//! - [`provision`]: creates the template's resources on an emulator (tests, trials).
-//! - [`metrics`]: counts the AWS requests the adapters send.
 //! - [`lambda`]: what every Lambda `main.rs` calls: tracing, the HTTP handler, the SQS handler.
 
 pub mod dynamo;
 pub mod lambda;
-pub mod metrics;
-pub mod provision;
 pub mod s3;
 pub mod settings;
 pub mod sqs;

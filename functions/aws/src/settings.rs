@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
+use aws_smithy_runtime_api::client::interceptors::SharedInterceptor;
 use tasklane_core::config::{ConfigError, env_required};
 use tasklane_core::providers::builtin_registry;
 use tasklane_core::{App, Config};
 
 use crate::dynamo::DynamoStore;
-use crate::metrics::RequestCounter;
 use crate::s3::S3Blobs;
 use crate::sqs::SqsQueue;
 
@@ -54,21 +54,25 @@ impl AwsBackends {
     /// Loads the AWS configuration (region, credentials, `AWS_ENDPOINT_URL`…) and builds the
     /// clients. With a custom endpoint (an emulator), S3 uses path-style addressing.
     pub async fn connect(settings: &AwsSettings) -> Self {
-        Self::connect_counting(settings, None).await
+        Self::connect_intercepted(settings, None).await
     }
 
-    /// Like [`AwsBackends::connect`], with every client counting its requests in `counter`.
-    pub async fn connect_counting(settings: &AwsSettings, counter: Option<RequestCounter>) -> Self {
+    /// Like [`AwsBackends::connect`], with `interceptor` on every client: an SDK interceptor
+    /// sees each request and answer (to count, log or trace them).
+    pub async fn connect_intercepted(
+        settings: &AwsSettings,
+        interceptor: Option<SharedInterceptor>,
+    ) -> Self {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
             || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
         let mut ddb = aws_sdk_dynamodb::config::Builder::from(&config);
         let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
         let mut s3 = aws_sdk_s3::config::Builder::from(&config).force_path_style(custom_endpoint);
-        if let Some(c) = counter {
-            ddb = ddb.interceptor(c.clone());
-            sqs = sqs.interceptor(c.clone());
-            s3 = s3.interceptor(c);
+        if let Some(i) = interceptor {
+            ddb = ddb.interceptor(i.clone());
+            sqs = sqs.interceptor(i.clone());
+            s3 = s3.interceptor(i);
         }
         AwsBackends {
             store: DynamoStore::new(

@@ -9,8 +9,6 @@
 //!   start-up; [`dev_account`]: the development account.
 //! - [`server`]: composes the API, in-process workers and the sweeper, and shuts down
 //!   gracefully; [`http`]: serves the API and the signed result URLs.
-//! - [`soak`]: the soak run (many clients, injected faults, every answer recorded) and its
-//!   history check.
 
 pub mod config;
 pub mod dev_account;
@@ -18,7 +16,6 @@ pub mod embedded;
 pub mod files;
 pub mod http;
 pub mod server;
-pub mod soak;
 pub mod sqlite;
 
 pub use config::LocalConfig;

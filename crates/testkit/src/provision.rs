@@ -8,8 +8,8 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use crate::AwsSettings;
-use crate::dynamo::{GSI1, GSI2};
+use tasklane_aws::AwsSettings;
+use tasklane_aws::dynamo::{GSI1, GSI2};
 
 /// Receives before a work message moves to the dead-letter queue (as in template.yaml).
 pub const MAX_RECEIVE_COUNT: u32 = 5;

@@ -4,7 +4,7 @@
 //! directory, removed at the end); with `--url` and `--key` it drives a running server.
 //!
 //! ```text
-//! cargo run --release --bin tasklane-bench -- [--url http://HOST/v1 --key KEY]
+//! cargo run --release -p tasklane-tools --bin tasklane-bench -- [--url http://HOST/v1 --key KEY]
 //!     [--concurrency 16] [--seconds 10] [--requests 2000]
 //! ```
 //!
@@ -27,10 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-use tasklane_local::soak::transport_kind;
 use tasklane_local::{LocalConfig, Running};
+use tasklane_testkit::soak::transport_kind;
 
 /// Credits the in-process development account starts with: plenty for any run.
 const BENCH_CREDITS: u64 = 10_000_000;
@@ -39,80 +40,49 @@ const MAX_READ_IDS: usize = 10_000;
 /// Per-request timeout (above the sync endpoint's 25 s default wait).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "\
-usage: tasklane-bench [options]
-
-  --url URL          drive a running server, e.g. http://127.0.0.1:3000/v1 (needs --key);
-                     default: start an in-process local server on 127.0.0.1:0 with a temp data dir
-  --key KEY          API key for --url
-  --concurrency N    concurrent clients (default 16)
-  --seconds S        length of each timed phase in seconds (default 10)
-  --requests N       submits in the latency phase (default 2000)
-  -h, --help         this text";
-
-#[derive(Debug, Clone)]
+/// Throughput and latency figures for the tasklane HTTP API (not a test).
+///
+/// Three phases: complete `echo` lifecycles per second, status reads per second, and submit
+/// latency percentiles. `RUST_LOG` turns on the in-process server's logs.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tasklane-bench")]
 struct Options {
+    /// Drive a running server, e.g. http://127.0.0.1:3000/v1 (needs --key); default: start an
+    /// in-process local server on 127.0.0.1:0 with a temp data dir
+    #[arg(long, value_name = "URL", requires = "key", value_parser = url)]
     url: Option<String>,
+    /// API key for --url
+    #[arg(long, value_name = "KEY", requires = "url")]
     key: Option<String>,
+    /// Concurrent clients
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = at_least_one)]
     concurrency: usize,
+    /// Length of each timed phase in seconds
+    #[arg(long, value_name = "S", default_value_t = 10.0, value_parser = seconds)]
     seconds: f64,
+    /// Submits in the latency phase
+    #[arg(long, value_name = "N", default_value_t = 2000, value_parser = at_least_one)]
     requests: usize,
 }
 
-fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
-    let mut o = Options {
-        url: None,
-        key: None,
-        concurrency: 16,
-        seconds: 10.0,
-        requests: 2000,
-    };
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "-h" || flag == "--help" {
-            return Err(String::new());
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
-        };
-        let bad = |what: &str| format!("{flag} {value:?}: {what}");
-        match flag.as_str() {
-            "--url" => o.url = Some(value.trim_end_matches('/').to_string()),
-            "--key" => o.key = Some(value),
-            "--concurrency" => {
-                o.concurrency = value
-                    .parse()
-                    .ok()
-                    .filter(|n| *n >= 1)
-                    .ok_or_else(|| bad("must be a whole number, 1 or more"))?
-            }
-            "--seconds" => {
-                o.seconds = value
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
-                    .ok_or_else(|| bad("must be a number of seconds above 0"))?
-            }
-            "--requests" => {
-                o.requests = value
-                    .parse()
-                    .ok()
-                    .filter(|n| *n >= 1)
-                    .ok_or_else(|| bad("must be a whole number, 1 or more"))?
-            }
-            _ => return Err(format!("unknown option {flag}")),
-        }
-    }
-    if o.url.is_some() != o.key.is_some() {
-        return Err("--url and --key go together".into());
-    }
-    Ok(o)
+fn url(value: &str) -> Result<String, String> {
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| "must be a whole number, 1 or more".to_string())
+}
+
+fn seconds(value: &str) -> Result<f64, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+        .ok_or_else(|| "must be a number of seconds above 0".to_string())
 }
 
 /// Errors by kind (`HTTP 402 insufficient_quota`, `transport: timeout`, ...).
@@ -576,17 +546,7 @@ async fn run(o: Options) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let o = match parse_args(std::env::args().skip(1)) {
-        Ok(o) => o,
-        Err(msg) if msg.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(msg) => {
-            eprintln!("{msg}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let o = Options::parse();
     if std::env::var_os("RUST_LOG").is_some() {
         tasklane_local::init_tracing();
     }

@@ -1,20 +1,39 @@
 //! `aws-requests`: prints how many AWS requests each API operation makes, counted on the wire
 //! by an SDK interceptor while each operation runs once against the emulator (or account)
 //! that the environment points at (`AWS_ENDPOINT_URL`, region, credentials). It provisions its
-//! own table, queues and bucket there. Run it with `scripts/aws-requests.sh`.
+//! own table, queues and bucket there (`tasklane_testkit::provision`):
+//!
+//! ```text
+//! AWS_ENDPOINT_URL=http://127.0.0.1:5000 cargo run -p tasklane-tools --bin aws-requests
+//! ```
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use aws_smithy_runtime_api::client::interceptors::SharedInterceptor;
 use bytes::Bytes;
+use clap::Parser;
 use http::{Method, Request};
 use serde_json::{Value, json};
-use tasklane_aws::metrics::RequestCounter;
-use tasklane_aws::{AwsBackends, provision};
+use tasklane_aws::AwsBackends;
 use tasklane_core::account::Account;
 use tasklane_core::api::Api;
 use tasklane_core::ports::{MessageSource, TaskStore};
 use tasklane_core::processor::Processor;
+use tasklane_testkit::provision;
+
+use crate::metrics::RequestCounter;
+
+mod metrics;
+
+/// Prints how many AWS requests each API operation makes.
+///
+/// Each operation runs once against the emulator (or account) the environment points at
+/// (`AWS_ENDPOINT_URL`, region, credentials), and its requests are counted on the wire. It
+/// provisions its own table, queues and bucket there.
+#[derive(Debug, Parser)]
+#[command(name = "aws-requests")]
+struct Args {}
 
 struct Bench {
     api: Api,
@@ -104,6 +123,7 @@ async fn receiver() -> String {
 
 #[tokio::main]
 async fn main() {
+    Args::parse();
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let prefix = format!("req{}", std::process::id());
     let mut settings = provision::provision(&config, &prefix)
@@ -112,7 +132,9 @@ async fn main() {
     settings.core.callback_allow_private = true;
     settings.core.rate_limit = None;
     let counter = RequestCounter::default();
-    let backends = AwsBackends::connect_counting(&settings, Some(counter.clone())).await;
+    let backends =
+        AwsBackends::connect_intercepted(&settings, Some(SharedInterceptor::new(counter.clone())))
+            .await;
     let plain = AwsBackends::connect(&settings).await;
     let app = backends.app(settings.core.clone());
     let new = Account::create(1_000_000, None);

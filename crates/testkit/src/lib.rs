@@ -1,0 +1,20 @@
+//! # tasklane-testkit
+//!
+//! What the suites in `tests/`, the soak run and the tools (`tasklane-tools`) share to test and
+//! measure tasklane. The product crates use it only as a dev-dependency, so no release binary
+//! contains any of it.
+//!
+//! - [`soak`]: the soak run (many clients, injected faults, every answer recorded) and its
+//!   history check, one function per property.
+//! - [`memory`]: small in-memory adapters (store, queue, blobs) for volume, e.g. the API fuzzer.
+//! - [`provision`]: creates the resources `template.yaml` declares on an AWS emulator.
+//! - [`runtime_api`]: a Lambda Runtime API emulator that runs a function binary as Lambda does.
+//! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
+
+pub mod memory;
+pub mod provision;
+pub mod runtime_api;
+pub mod soak;
+pub mod task;
+
+pub use task::TaskBuilder;
