@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use common::Server;
 use serde_json::{Value, json};
+use tasklane_core::ports::WorkMessage;
 use tasklane_local::Hooks;
 
 /// How the receiver answers one request.
@@ -324,6 +325,49 @@ async fn a_cancelled_task_posts_a_task_cancelled_event() {
     verify(&secret, &got[0]).expect("signature verifies");
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(settled["callback"]["state"], "delivered");
+    // The cancel enqueued the webhook and the task's leftover `Run` message came to a cancelled
+    // task: one request, recorded once.
+    assert_eq!(
+        without_history(&settled["callback"])["attempts"],
+        1,
+        "{settled}"
+    );
+    let got = r.received();
+    assert_eq!(got.len(), 1, "exactly one request: {got:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_messages_for_the_first_attempt_send_the_webhook_once() {
+    // The first request is answered after a while: the duplicates are handled meanwhile.
+    let r = Receiver::start(vec![
+        Reply::Hang(Duration::from_secs(1)),
+        Reply::Status(200),
+    ])
+    .await;
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let t = s
+        .submit(json!({"model": "echo", "prompt": "only once", "callback_url": r.hook_url()}))
+        .await;
+    let id = id_of(&t);
+    let c = s.post(&format!("/tasks/{id}/cancel"), &json!({})).await;
+    assert_eq!(c.status, 200, "{}", c.body);
+    // Besides the cancel's message, three more for the same first attempt (a sweep, a redelivery).
+    for _ in 0..3 {
+        s.app()
+            .queue
+            .enqueue(&WorkMessage::first_delivery(&id), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    let s = s.restart(|c| c.workers = 4).await;
+    let settled = wait_callback_settled(&s, &id).await;
+    assert_eq!(
+        without_history(&settled["callback"]),
+        json!({"url": r.hook_url(), "state": "delivered", "attempts": 1, "last_status_code": 200})
+    );
+    let got = r.received();
+    assert_eq!(got.len(), 1, "exactly one request: {got:?}");
     s.stop().await;
 }
 

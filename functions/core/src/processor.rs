@@ -2,9 +2,9 @@
 //!
 //! A `Run` message moves the task `queued -> processing` with a conditional write (a lease),
 //! runs the model's generator with progress updates, stores the outputs, and marks the task
-//! `completed` or `failed` (refunded). A `Deliver` message sends the webhook attempt it names,
-//! schedules the next retry and records the answer through [`crate::task::apply`]. Duplicate
-//! and stale messages change nothing.
+//! `completed` or `failed` (refunded). A `Deliver` message claims the webhook attempt it names,
+//! sends it, schedules the next retry and records the answer, each change through
+//! [`crate::task::apply`]. Duplicate and stale messages change nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use crate::ports::{
     WorkMessage,
 };
 use crate::task::{
-    AfterAttempt, CallbackState, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
+    AfterAttempt, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
 };
 use crate::view::{rfc3339, task_view};
 use crate::webhook::{DeliveryResult, WebhookSender};
@@ -86,7 +86,7 @@ impl Processor {
     /// about, the way the processor ends exhausted work: a `Run` fails its task with a refund
     /// unless a worker holds the task's lease (that worker is still completing it; if it dies
     /// the sweeper re-enqueues the task); a `Deliver` gives the webhook up (marks it failed)
-    /// unless its attempt is stale.
+    /// unless its attempt is stale or a worker is sending it.
     pub async fn dead_letter(&self, msg: &WorkMessage) -> PortResult<()> {
         let store = &self.app.store;
         let Some(task) = store.task(msg.task_id()).await? else {
@@ -95,7 +95,7 @@ impl Processor {
         match msg {
             WorkMessage::Run { task_id } => {
                 if !task.is_open() {
-                    return self.schedule_callback(&task).await;
+                    return self.after_leftover_run(&task).await;
                 }
                 let fail = Transition::Fail {
                     attempt: None,
@@ -116,7 +116,7 @@ impl Processor {
                         tracing::warn!(task_id, attempt, "dead-lettered webhook: marked failed");
                         Ok(())
                     }
-                    // Stale, or settled already.
+                    // Stale, settled already, or an attempt a live worker is sending.
                     Err(PortError::Rejected(e)) => {
                         tracing::info!(task_id, attempt, reason = %e, "dead-lettered webhook: nothing to give up");
                         Ok(())
@@ -137,8 +137,7 @@ impl Processor {
         let now = Utc::now();
         match task.status {
             s if s.is_terminal() => {
-                // A duplicate delivery: make sure the webhook was scheduled, change nothing else.
-                self.schedule_callback(&task).await?;
+                self.after_leftover_run(&task).await?;
                 return Ok(Disposition::Done);
             }
             TaskStatus::Processing => match task.lease_until {
@@ -279,22 +278,64 @@ impl Processor {
         Ok(())
     }
 
-    /// Sends webhook attempt `attempt` (the number recorded before it) and records its answer
-    /// with [`Transition::DeliveryAttempted`], refused if stale.
+    /// A `Run` for a task that has ended (a duplicate, or the work of a cancelled task) changes
+    /// nothing. A task a worker ended may have lost its first webhook message (the worker
+    /// stopped between writing the end and enqueuing it): enqueue it again while it is owed.
+    /// A cancelled task's first webhook is the cancel's to enqueue (the sweeper enqueues it if
+    /// that failed), so its leftover `Run` does not send a second one. A duplicate `Deliver`
+    /// is harmless either way: an attempt is claimed before it is sent.
+    async fn after_leftover_run(&self, task: &Task) -> PortResult<()> {
+        if task.status == TaskStatus::Cancelled {
+            return Ok(());
+        }
+        self.schedule_callback(task).await
+    }
+
+    /// How long a worker holds a webhook attempt it claimed: the request's timeout and time to
+    /// prepare it and record its answer. Another worker takes the attempt over only after it.
+    fn delivery_claim(&self) -> Duration {
+        self.app.config.callback_timeout + DELIVERY_CLAIM_MARGIN
+    }
+
+    /// Sends webhook attempt `attempt` (the number recorded before it) once: the attempt is
+    /// claimed first, so two workers holding the same message do not both send it, and its
+    /// answer is recorded with [`Transition::DeliveryAttempted`], refused if stale.
     async fn deliver(&self, task_id: &str, attempt: u32) -> PortResult<Disposition> {
         let store = &self.app.store;
         let Some(task) = store.task(task_id).await? else {
             return Ok(Disposition::Done);
         };
+        let now = Utc::now();
+        let claim = Transition::DeliveryClaimed {
+            attempt,
+            lease_until: now + chrono_dur(self.delivery_claim()),
+        };
+        let task = match store.update_task_from(&task, &claim).await {
+            Ok(claimed) => claimed,
+            Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
+                // Another worker is sending this attempt: come back when its claim has run out
+                // (by then it is recorded and this message stale, or its worker died).
+                let held = task
+                    .lease_until
+                    .filter(|l| *l > now)
+                    .and_then(|l| (l - now).to_std().ok())
+                    .unwrap_or_else(|| self.delivery_claim());
+                tracing::info!(
+                    task_id,
+                    attempt,
+                    "webhook attempt claimed by another worker"
+                );
+                return Ok(Disposition::RetryAfter(held + Duration::from_secs(1)));
+            }
+            Err(PortError::Rejected(e)) => {
+                tracing::debug!(task_id, attempt, reason = %e, "webhook attempt not owed");
+                return Ok(Disposition::Done);
+            }
+            Err(e) => return Err(e),
+        };
         let Some(cb) = task.callback.as_ref() else {
             return Ok(Disposition::Done);
         };
-        if cb.state != CallbackState::Pending
-            || cb.attempts != attempt
-            || !task.status.is_terminal()
-        {
-            return Ok(Disposition::Done);
-        }
         let Some(account) = store.account(&task.account_id).await? else {
             return Ok(Disposition::Done);
         };
@@ -349,7 +390,7 @@ impl Processor {
         match store.update_task_from(&task, &record).await {
             Ok(_) => Ok(Disposition::Done),
             Err(PortError::Rejected(e)) => {
-                // Another worker recorded this attempt first.
+                // Only after this worker's claim ran out and another recorded the attempt.
                 tracing::warn!(task_id, attempt, reason = %e, "webhook attempt sent but not recorded");
                 Ok(Disposition::Done)
             }
@@ -357,6 +398,9 @@ impl Processor {
         }
     }
 }
+
+/// What a worker's claim on a webhook attempt allows beyond the request's timeout.
+const DELIVERY_CLAIM_MARGIN: Duration = Duration::from_secs(10);
 
 /// A worker: receives messages from `source`, handles them with `processor` and settles them,
 /// until `stop` turns true (it finishes the message in hand first). A message received more

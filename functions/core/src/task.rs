@@ -199,7 +199,8 @@ pub struct Task {
     pub completed_at: Option<DateTime<Utc>>,
     /// Processing attempts started so far.
     pub attempts: u32,
-    /// While processing: the worker's lease. Another worker may take over after it.
+    /// While processing: the worker's lease. Once terminal: the claim of the worker sending a
+    /// webhook attempt ([`Transition::DeliveryClaimed`]). Another worker may take over after it.
     pub lease_until: Option<DateTime<Utc>>,
     /// Optimistic-concurrency version, bumped on every write.
     pub version: u64,
@@ -306,10 +307,21 @@ pub enum Transition {
     },
     /// `queued -> cancelled`; refunds. Cancelling a cancelled task changes nothing.
     Cancel,
-    /// Records webhook attempt `attempt` and what follows it (see [`AfterAttempt::decide`]).
-    /// Refused unless the task is terminal, its callback pending and `attempt` the number of
-    /// attempts recorded ([`TransitionError::StaleAttempt`] otherwise): a stale or duplicate
-    /// attempt never overwrites a newer record.
+    /// A worker claims webhook attempt `attempt` before sending it, holding it until
+    /// `lease_until` (kept in [`Task::lease_until`], free once a task is terminal). Refused
+    /// unless the task is terminal, its callback pending and `attempt` the number of attempts
+    /// recorded ([`TransitionError::StaleAttempt`] otherwise), and with
+    /// [`TransitionError::LeaseHeld`] while another worker's claim runs: of two workers holding
+    /// the same message only one sends. A claim that ran out (its worker died) may be taken over.
+    DeliveryClaimed {
+        /// Attempts recorded before this one.
+        attempt: u32,
+        /// End of the claim.
+        lease_until: DateTime<Utc>,
+    },
+    /// Records webhook attempt `attempt` and what follows it (see [`AfterAttempt::decide`]),
+    /// and ends its claim. Refused like [`Transition::DeliveryClaimed`] (the claim aside): a
+    /// stale or duplicate attempt never overwrites a newer record.
     DeliveryAttempted {
         /// Attempts recorded before this one.
         attempt: u32,
@@ -323,7 +335,7 @@ pub enum Transition {
         next: AfterAttempt,
     },
     /// Gives the webhook up (its message was dead-lettered): pending -> failed, nothing recorded.
-    /// Refused like [`Transition::DeliveryAttempted`].
+    /// Refused like [`Transition::DeliveryClaimed`], including while an attempt's claim runs.
     DeliveryAbandoned {
         /// Attempts recorded, as the dead-lettered message knew them.
         attempt: u32,
@@ -519,6 +531,15 @@ fn apply_inner(
             Cancelled => Ok(Inner::Unchanged),
             s => Err(TransitionError::NotCancellable(s)),
         },
+        Transition::DeliveryClaimed {
+            attempt,
+            lease_until,
+        } => {
+            owed_attempt(task, *attempt)?;
+            unclaimed(task, now)?;
+            task.lease_until = Some(*lease_until);
+            Ok(Inner::Changed { refund: 0 })
+        }
         Transition::DeliveryAttempted {
             attempt,
             at,
@@ -533,10 +554,16 @@ fn apply_inner(
                 error: error.clone(),
             });
             cb.state = next.state();
+            task.lease_until = None;
             Ok(Inner::Changed { refund: 0 })
         }
         Transition::DeliveryAbandoned { attempt } => {
-            owed_attempt(task, *attempt)?.state = CallbackState::Failed;
+            owed_attempt(task, *attempt)?;
+            unclaimed(task, now)?;
+            if let Some(cb) = task.callback.as_mut() {
+                cb.state = CallbackState::Failed;
+            }
+            task.lease_until = None;
             Ok(Inner::Changed { refund: 0 })
         }
         Transition::Requeue { due_before } => match task.check_at {
@@ -563,6 +590,14 @@ fn owed_attempt(task: &mut Task, attempt: u32) -> Result<&mut Callback, Transiti
         return Err(TransitionError::CallbackSettled);
     }
     Ok(cb)
+}
+
+/// Refuses while a worker's claim on a webhook attempt of the terminal `task` runs.
+fn unclaimed(task: &Task, now: DateTime<Utc>) -> Result<(), TransitionError> {
+    if task.lease_until.is_some_and(|l| l > now) {
+        return Err(TransitionError::LeaseHeld);
+    }
+    Ok(())
 }
 
 fn current_attempt(task: &Task, attempt: u32) -> Result<(), TransitionError> {
@@ -862,6 +897,13 @@ pub(crate) mod tests {
         no_hook.callback = None;
         apply(&mut task, &complete, end).unwrap();
         assert_eq!(task.check_at, Some(end));
+        // A claimed first attempt is still owed: if its worker dies, the sweeper sends it again.
+        let claim = Transition::DeliveryClaimed {
+            attempt: 0,
+            lease_until: end + Duration::seconds(20),
+        };
+        apply(&mut task, &claim, end).unwrap();
+        assert_eq!(task.check_at, Some(end));
         apply(
             &mut task,
             &attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
@@ -1071,6 +1113,10 @@ pub(crate) mod tests {
             attempted(0, Some(200), AfterAttempt::Delivered),
             attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
             attempted(2, Some(200), AfterAttempt::Delivered),
+            Transition::DeliveryClaimed {
+                attempt: 0,
+                lease_until: now + Duration::seconds(20),
+            },
             Transition::DeliveryAbandoned { attempt: 0 },
         ] {
             assert_eq!(
@@ -1090,10 +1136,14 @@ pub(crate) mod tests {
             "last_status_code stays the last answer"
         );
         assert_eq!(cb.deliveries[1].error.as_deref(), Some("timed out"));
-        // Settled: nothing more is recorded or given up.
+        // Settled: nothing more is recorded, claimed or given up.
         let settled = task.clone();
         for t in [
             attempted(2, Some(200), AfterAttempt::Delivered),
+            Transition::DeliveryClaimed {
+                attempt: 2,
+                lease_until: now,
+            },
             Transition::DeliveryAbandoned { attempt: 2 },
         ] {
             assert_eq!(
@@ -1122,9 +1172,13 @@ pub(crate) mod tests {
     #[test]
     fn webhook_transitions_need_a_terminal_task_with_a_callback() {
         let now = Utc::now();
+        let claim = Transition::DeliveryClaimed {
+            attempt: 0,
+            lease_until: now + Duration::seconds(20),
+        };
         let record = attempted(0, Some(200), AfterAttempt::Delivered);
         let abandon = Transition::DeliveryAbandoned { attempt: 0 };
-        for t in [&record, &abandon] {
+        for t in [&claim, &record, &abandon] {
             for status in [TaskStatus::Queued, TaskStatus::Processing] {
                 let mut open = with_callback(sample(status));
                 let before = open.clone();
@@ -1142,5 +1196,110 @@ pub(crate) mod tests {
                 Err(TransitionError::NoCallback)
             );
         }
+    }
+
+    #[test]
+    fn one_worker_claims_an_attempt_until_its_claim_runs_out() {
+        let now = Utc::now();
+        let lease_until = now + Duration::seconds(20);
+        let claim = |lease_until| Transition::DeliveryClaimed {
+            attempt: 0,
+            lease_until,
+        };
+        let read = owing_a_webhook();
+
+        // Two workers read the same version; the first claim is written...
+        let mut first = read.clone();
+        assert_eq!(
+            apply(&mut first, &claim(lease_until), now),
+            Ok(Applied::Changed {
+                refund: 0,
+                closed: false
+            })
+        );
+        assert_eq!(first.lease_until, Some(lease_until));
+        assert_eq!(first.version, read.version + 1);
+        assert_eq!(first.callback, read.callback, "a claim records nothing");
+        assert!(
+            first.first_callback_owed(),
+            "a claimed attempt is still owed"
+        );
+        // ... the second worker's conditional write fails, and on the task as it now is its
+        // claim is refused: it does not send.
+        let mut second = first.clone();
+        assert_eq!(
+            apply(
+                &mut second,
+                &claim(lease_until),
+                now + Duration::seconds(19)
+            ),
+            Err(TransitionError::LeaseHeld)
+        );
+        assert_eq!(second, first);
+        // A dead letter does not give up an attempt a worker is sending.
+        assert_eq!(
+            apply(
+                &mut second,
+                &Transition::DeliveryAbandoned { attempt: 0 },
+                now
+            ),
+            Err(TransitionError::LeaseHeld)
+        );
+
+        // The holder records its attempt, which ends the claim; the duplicate is stale now.
+        let mut done = first.clone();
+        apply(
+            &mut done,
+            &attempted(0, Some(200), AfterAttempt::Delivered),
+            now,
+        )
+        .unwrap();
+        assert_eq!(done.lease_until, None);
+        assert_eq!(
+            apply(&mut done, &claim(lease_until), now),
+            Err(TransitionError::StaleAttempt)
+        );
+
+        // A claim whose worker died runs out: another worker takes the attempt over, and the
+        // attempt is recorded once.
+        let later = lease_until;
+        let mut taken = first.clone();
+        let new_lease = later + Duration::seconds(20);
+        apply(&mut taken, &claim(new_lease), later).unwrap();
+        assert_eq!(taken.lease_until, Some(new_lease));
+        apply(
+            &mut taken,
+            &attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
+            later,
+        )
+        .unwrap();
+        let cb = taken.callback.as_ref().unwrap();
+        assert_eq!((cb.attempts, cb.deliveries.len()), (1, 1));
+        // The next attempt is claimed afresh.
+        apply(
+            &mut taken,
+            &Transition::DeliveryClaimed {
+                attempt: 1,
+                lease_until: new_lease,
+            },
+            later,
+        )
+        .unwrap();
+
+        // An expired claim does not stop a dead letter either.
+        let mut abandoned = first.clone();
+        apply(
+            &mut abandoned,
+            &Transition::DeliveryAbandoned { attempt: 0 },
+            later,
+        )
+        .unwrap();
+        let cb = abandoned.callback.as_ref().unwrap();
+        assert_eq!((cb.state, cb.attempts), (CallbackState::Failed, 0));
+        assert_eq!(abandoned.lease_until, None);
+        assert_eq!(
+            abandoned.check_at, None,
+            "a webhook given up on is not owed"
+        );
     }
 }
