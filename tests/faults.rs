@@ -25,13 +25,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use common::{Answer, Server, answer};
 use serde_json::{Value, json};
-use tasklane_core::chaos::{Chaos, ChaosConfig, SimulatedCrash};
 use tasklane_core::intercept::{Interceptor, Op};
 use tasklane_core::ports::{PortError, PortResult, WorkMessage};
 use tasklane_core::processor::Processor;
 use tasklane_core::task::{Task, TaskStatus, Transition};
 use tasklane_local::{Hooks, LocalConfig};
 use tasklane_testkit::TaskBuilder;
+use tasklane_testkit::chaos::{Chaos, ChaosConfig};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -585,7 +585,7 @@ async fn crashing_server(max_receives: u32) -> (Server, Arc<Chaos>) {
             c.core.visibility = Duration::from_secs(1);
             c.core.max_receives = max_receives;
         },
-        Hooks::chaos(chaos.clone()),
+        tasklane_testkit::chaos::hooks(chaos.clone()),
     )
     .await;
     (s, chaos)
@@ -633,7 +633,7 @@ struct CrashLog {
     crashes: AtomicUsize,
 }
 
-/// A store hook whose caller "dies" (a [`SimulatedCrash`]) whenever it reports progress or
+/// A store hook whose caller "dies" ([`PortError::Halted`]) whenever it reports progress or
 /// completes an attempt: every attempt takes the lease, then its worker vanishes.
 struct CrashMidTask {
     log: Arc<CrashLog>,
@@ -648,7 +648,7 @@ impl Interceptor for CrashMidTask {
     async fn before_update(&self, t: &Transition) -> PortResult<()> {
         if matches!(t, Transition::Progress { .. } | Transition::Complete { .. }) {
             self.log.crashes.fetch_add(1, Ordering::SeqCst);
-            return Err(PortError::unavailable(SimulatedCrash));
+            return Err(PortError::Halted);
         }
         Ok(())
     }

@@ -4,6 +4,8 @@
 //! measure tasklane. The product crates use it only as a dev-dependency, so no release binary
 //! contains any of it.
 //!
+//! - [`chaos`]: seeded fault injection (failed and delayed store and queue calls, duplicate
+//!   messages, workers halted between two steps) on the core's seams.
 //! - [`soak`]: the soak run (many clients, injected faults, every answer recorded) and its
 //!   history check, one function per property.
 //! - [`memory`]: small in-memory adapters (store, queue, blobs) for volume, e.g. the API fuzzer.
@@ -11,6 +13,7 @@
 //! - [`runtime_api`]: a Lambda Runtime API emulator that runs a function binary as Lambda does.
 //! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
 
+pub mod chaos;
 pub mod memory;
 pub mod provision;
 pub mod runtime_api;

@@ -229,6 +229,10 @@ impl From<PortError> for ApiError {
                 source,
             },
             PortError::Internal(source) => ApiError::Internal(source),
+            PortError::Halted => ApiError::Unavailable {
+                retry_after: 1,
+                source: Box::new(PortError::Halted),
+            },
         }
     }
 }

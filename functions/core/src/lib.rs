@@ -15,8 +15,9 @@
 //! - [`processor`]: runs queued work (generation, webhook delivery) idempotently.
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
 //! - [`error`]: the one error enum and its mapping to the API error shape.
-//! - [`intercept`]: port wrappers that run a hook before each call; [`chaos`]: seeded fault
-//!   injection on top of it (failures, delays, duplicate messages, worker crashes).
+//! - [`intercept`]: port wrappers that run a hook before each call. With the worker scope
+//!   ([`processor::in_worker`]) and [`ports::PortError::Halted`], the seams fault injection
+//!   (`tasklane-testkit`) builds on; the core injects no fault itself.
 //! - [`sweeper`]: re-enqueues work a task waits on when its message was lost.
 //! - [`limits`]: per-account rate limiting; [`logging`]: log output (text or JSON, colour only
 //!   on a terminal).
@@ -24,7 +25,6 @@
 
 pub mod account;
 pub mod api;
-pub mod chaos;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -32,8 +32,8 @@ pub mod intercept;
 pub mod limits;
 pub mod logging;
 pub mod ports;
-pub mod providers;
 pub mod processor;
+pub mod providers;
 pub mod registry;
 pub mod sweeper;
 pub mod task;

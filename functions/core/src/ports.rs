@@ -48,6 +48,13 @@ pub enum PortError {
     /// Anything else.
     #[error("backend failure")]
     Internal(#[source] BoxError),
+    /// The caller must stop where it is and leave its work message unsettled: the message comes
+    /// back after its visibility timeout, a task's lease lapses, as if the worker had died
+    /// between two steps. No adapter returns it; a port wrapper may (fault injection in tests
+    /// and soak runs, see `tasklane-testkit`). The worker loop ([`crate::processor::run_worker`])
+    /// leaves the message as it is; the API answers 503.
+    #[error("halted: the caller stops and leaves its message unsettled")]
+    Halted,
 }
 
 impl PortError {

@@ -402,6 +402,23 @@ impl Processor {
 /// What a worker's claim on a webhook attempt allows beyond the request's timeout.
 const DELIVERY_CLAIM_MARGIN: Duration = Duration::from_secs(10);
 
+tokio::task_local! {
+    /// Set while a worker handles a message ([`worker_scope`]).
+    static IN_WORKER: ();
+}
+
+/// Runs `fut` as a worker handling a message: [`in_worker`] answers true inside it.
+/// [`run_worker`] handles every message this way.
+pub async fn worker_scope<F: std::future::Future>(fut: F) -> F::Output {
+    IN_WORKER.scope((), fut).await
+}
+
+/// Whether the caller runs inside [`worker_scope`] (a worker handling a message), so that a port
+/// wrapper can tell a worker's calls from the API's and the sweeper's.
+pub fn in_worker() -> bool {
+    IN_WORKER.try_with(|_| ()).is_ok()
+}
+
 /// A worker: receives messages from `source`, handles them with `processor` and settles them,
 /// until `stop` turns true (it finishes the message in hand first). A message received more
 /// than [`crate::Config::max_receives`] times is dead-lettered ([`Processor::dead_letter`]).
@@ -464,15 +481,15 @@ pub async fn run_worker(
                 .instrument(span)
                 .await
             } else {
-                crate::chaos::as_worker(processor.handle(&msg).instrument(span)).await
+                worker_scope(processor.handle(&msg).instrument(span)).await
             };
             let settled = match handled {
                 Ok(Disposition::Done) => source.ack(&d).await,
-                Err(e) if e.is_simulated_crash() => {
+                Err(PortError::Halted) => {
                     tracing::warn!(
                         worker = n,
                         task_id = msg.task_id(),
-                        "simulated crash: message left unsettled"
+                        "halted: message left unsettled"
                     );
                     continue;
                 }
@@ -499,7 +516,8 @@ struct StoreProgress<'a> {
     lease: Duration,
     last_pct: u8,
     last_write: Instant,
-    /// A simulated crash met while reporting: the attempt stops and its message stays unsettled.
+    /// [`PortError::Halted`] met while reporting: the attempt stops and its message stays
+    /// unsettled.
     crashed: Option<PortError>,
 }
 
@@ -524,7 +542,7 @@ impl ProgressSink for StoreProgress<'_> {
                 Ok(())
             }
             Err(PortError::Rejected(_)) => Err(Abort),
-            Err(e) if e.is_simulated_crash() => {
+            Err(e @ PortError::Halted) => {
                 self.crashed = Some(e);
                 Err(Abort)
             }

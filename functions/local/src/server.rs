@@ -10,7 +10,6 @@ use anyhow::Context;
 use axum::Router;
 use tasklane_core::App;
 use tasklane_core::api::Api;
-use tasklane_core::chaos::Chaos;
 use tasklane_core::intercept::{Intercepted, Interceptor};
 use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkQueue};
 use tasklane_core::processor::{Processor, run_worker};
@@ -68,16 +67,6 @@ impl Running {
 }
 
 impl Hooks {
-    /// Seeded fault injection ([`Chaos`]) on the store and work queue the API, the processor
-    /// and the sweeper use.
-    pub fn chaos(chaos: Arc<Chaos>) -> Hooks {
-        let c2 = chaos.clone();
-        Hooks {
-            store: Some(Box::new(move |inner| chaos.store(inner))),
-            queue: Some(Box::new(move |inner| c2.queue(inner))),
-        }
-    }
-
     /// Runs `hook` before every store and work-queue call the API and the processor make.
     pub fn intercept(hook: Arc<dyn Interceptor>) -> Hooks {
         let h2 = hook.clone();

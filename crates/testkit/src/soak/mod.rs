@@ -32,7 +32,7 @@
 //! clients, the drain).
 //!
 //! [`Backends`]: tasklane_local::Backends
-//! [`Chaos`]: tasklane_core::chaos::Chaos
+//! [`Chaos`]: crate::chaos::Chaos
 
 use std::time::Duration;
 

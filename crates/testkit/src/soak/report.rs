@@ -4,11 +4,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use tasklane_core::chaos::ChaosCounts;
-
 use super::SoakOptions;
 use super::check::{Check, Checked, Violation};
 use super::history::Op;
+use crate::chaos::ChaosCounts;
 
 /// Everything a soak run measured and found.
 #[derive(Debug, Clone)]

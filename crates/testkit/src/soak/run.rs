@@ -13,10 +13,9 @@ use reqwest::Client;
 use serde_json::{Value, json};
 use tasklane_core::App;
 use tasklane_core::account::Account;
-use tasklane_core::chaos::{Chaos, ChaosConfig};
 use tasklane_core::ports::ListQuery;
 use tasklane_core::task::Task;
-use tasklane_local::{Backends, Hooks, LocalConfig};
+use tasklane_local::{Backends, LocalConfig};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -24,6 +23,7 @@ use super::SoakOptions;
 use super::check::{check, is_ack};
 use super::history::{AccountState, Answer, Op, Seen};
 use super::report::SoakReport;
+use crate::chaos::{Chaos, ChaosConfig};
 
 /// The server side the clients share.
 struct Shared {
@@ -442,7 +442,7 @@ pub async fn run(
     cfg.core.sweep_interval = opts.sweep_interval;
     cfg.core.idempotency_in_flight = opts.idempotency_in_flight;
     cfg.core.callback_allow_private = true;
-    let running = tasklane_local::start_on(cfg, backends, Hooks::chaos(chaos.clone()))
+    let running = tasklane_local::start_on(cfg, backends, crate::chaos::hooks(chaos.clone()))
         .await
         .context("starting the server")?;
     let app = running.app.clone();

@@ -1,10 +1,13 @@
-//! Seeded fault injection for tests and soak runs, built on [`crate::intercept`].
+//! Seeded fault injection for tests and soak runs, built on two neutral seams of the core:
+//! [`tasklane_core::intercept`] (a hook before every port call) and the worker scope of
+//! [`tasklane_core::processor`] ([`in_worker`]: whether the call is a worker's).
 //!
 //! [`Chaos`] is an [`Interceptor`]: before a store or queue call it may fail the call as a
-//! transient backend error, delay it, or "crash" the caller (a [`SimulatedCrash`]: the worker
-//! stops where it is and never settles its message, like a process killed between two steps).
-//! [`Chaos::queue`] also duplicates enqueued messages, as an at-least-once queue may. All
-//! choices come from one seeded generator, and every injected fault is counted.
+//! transient backend error, delay it, or "crash" the caller: a worker's call answers
+//! [`PortError::Halted`], so the worker stops where it is and never settles its message, like a
+//! process killed between two steps. [`Chaos::queue`] also duplicates enqueued messages, as an
+//! at-least-once queue may. All choices come from one seeded generator, and every injected
+//! fault is counted. [`hooks`] puts it around a local server's store and queue.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +16,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-use crate::intercept::{Intercepted, Interceptor, Op};
-use crate::ports::{PortError, PortResult, TaskStore, WorkMessage, WorkQueue};
+use tasklane_core::intercept::{Intercepted, Interceptor, Op};
+use tasklane_core::ports::{PortError, PortResult, TaskStore, WorkMessage, WorkQueue};
+use tasklane_core::processor::in_worker;
+use tasklane_local::Hooks;
 
 /// Probabilities (0..=1) of each fault, per call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,8 +34,8 @@ pub struct ChaosConfig {
     pub delay: f64,
     /// Longest injected delay.
     pub max_delay: Duration,
-    /// A call made by a worker "crashes" it (see [`SimulatedCrash`]). Calls from the API
-    /// answer 503 instead.
+    /// A call made by a worker "crashes" it: it answers [`PortError::Halted`]. Calls made
+    /// outside a worker (the API's, the sweeper's) never crash.
     pub crash: f64,
 }
 
@@ -45,22 +49,6 @@ impl ChaosConfig {
             delay: 0.0,
             max_delay: Duration::ZERO,
             crash: 0.0,
-        }
-    }
-}
-
-/// The cause carried by a crash: whoever receives it must stop at once and leave its message
-/// unsettled (it comes back after its visibility timeout, the task's lease lapses).
-#[derive(Debug, thiserror::Error)]
-#[error("simulated worker crash")]
-pub struct SimulatedCrash;
-
-impl PortError {
-    /// Whether this error is an injected [`SimulatedCrash`].
-    pub fn is_simulated_crash(&self) -> bool {
-        match self {
-            PortError::Unavailable(e) | PortError::Internal(e) => e.is::<SimulatedCrash>(),
-            _ => false,
         }
     }
 }
@@ -90,20 +78,6 @@ pub struct Chaos {
     duplicated: AtomicU64,
     delayed: AtomicU64,
     crashed: AtomicU64,
-}
-
-tokio::task_local! {
-    /// Set while a worker handles a message: only then does a crash apply.
-    static IN_WORKER: ();
-}
-
-/// Runs `fut` as worker code: a [`Chaos`] crash inside it surfaces as a [`SimulatedCrash`].
-pub async fn as_worker<F: std::future::Future>(fut: F) -> F::Output {
-    IN_WORKER.scope((), fut).await
-}
-
-fn in_worker() -> bool {
-    IN_WORKER.try_with(|_| ()).is_ok()
 }
 
 impl Chaos {
@@ -188,7 +162,7 @@ impl Interceptor for Chaos {
         }
         if in_worker() && self.roll(self.cfg.crash) {
             self.crashed.fetch_add(1, Ordering::Relaxed);
-            return Err(PortError::unavailable(SimulatedCrash));
+            return Err(PortError::Halted);
         }
         if self.roll(self.cfg.fail) {
             self.failed.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +171,16 @@ impl Interceptor for Chaos {
             )));
         }
         Ok(())
+    }
+}
+
+/// Seeded fault injection ([`Chaos`]) on the store and work queue a local server's API,
+/// processor and sweeper use.
+pub fn hooks(chaos: Arc<Chaos>) -> Hooks {
+    let c2 = chaos.clone();
+    Hooks {
+        store: Some(Box::new(move |inner| chaos.store(inner))),
+        queue: Some(Box::new(move |inner| c2.queue(inner))),
     }
 }
 
@@ -220,6 +204,8 @@ impl WorkQueue for Duplicating {
 
 #[cfg(test)]
 mod tests {
+    use tasklane_core::processor::worker_scope;
+
     use super::*;
 
     #[tokio::test]
@@ -249,8 +235,8 @@ mod tests {
             ..ChaosConfig::none(1)
         });
         assert!(c.before(Op::Task).await.is_ok());
-        let e = as_worker(c.before(Op::Task)).await.unwrap_err();
-        assert!(e.is_simulated_crash());
+        let e = worker_scope(c.before(Op::Task)).await.unwrap_err();
+        assert!(matches!(e, PortError::Halted), "{e:?}");
         assert_eq!(c.counts().crashed, 1);
     }
 }
