@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::App;
 use crate::ports::{
-    Abort, GenerateOutcome, Job, MessageSource, PortError, PortResult, ProgressSink, TaskStore,
-    WorkMessage,
+    Abort, Delivery, GenerateOutcome, Job, MessageSource, PortError, PortResult, ProgressSink,
+    TaskStore, WorkMessage,
 };
 use crate::task::{
     AfterAttempt, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
@@ -40,6 +40,21 @@ pub enum Disposition {
 pub struct Processor {
     app: Arc<App>,
     webhooks: WebhookSender,
+}
+
+/// A task failure (with a refund) of attempt `attempt` (`None`: whatever attempt holds it).
+fn failure(
+    attempt: Option<u32>,
+    code: impl Into<String>,
+    message: impl Into<String>,
+) -> Transition {
+    Transition::Fail {
+        attempt,
+        error: TaskFailure {
+            code: code.into(),
+            message: message.into(),
+        },
+    }
 }
 
 fn chrono_dur(d: Duration) -> chrono::Duration {
@@ -97,13 +112,11 @@ impl Processor {
                 if !task.is_open() {
                     return self.after_leftover_run(&task).await;
                 }
-                let fail = Transition::Fail {
-                    attempt: None,
-                    error: TaskFailure {
-                        code: "attempts_exhausted".into(),
-                        message: "the task could not be processed; credits were refunded".into(),
-                    },
-                };
+                let fail = failure(
+                    None,
+                    "attempts_exhausted",
+                    "the task could not be processed; credits were refunded",
+                );
                 tracing::warn!(task_id, status = %task.status, "dead-lettered work: failing the task");
                 self.finish(&task, &fail).await.map(|_| ())
             }
@@ -127,128 +140,156 @@ impl Processor {
         }
     }
 
+    /// Runs a task's work: checks it may start, claims it with a lease, runs its model with
+    /// progress updates, stores the outputs and ends the task.
     async fn run(&self, task_id: &str) -> PortResult<Disposition> {
-        let store = &self.app.store;
-        let cfg = &self.app.config;
-        let Some(task) = store.task(task_id).await? else {
+        let Some(task) = self.app.store.task(task_id).await? else {
             tracing::warn!(task_id, "work for an unknown task dropped");
             return Ok(Disposition::Done);
         };
-        let now = Utc::now();
-        match task.status {
-            s if s.is_terminal() => {
-                self.after_leftover_run(&task).await?;
-                return Ok(Disposition::Done);
-            }
-            TaskStatus::Processing => match task.lease_until {
-                Some(l) if l > now => {
-                    return Ok(Disposition::RetryAfter(
-                        (l - now).to_std().unwrap_or_default() + Duration::from_secs(1),
-                    ));
-                }
-                _ if task.attempts >= cfg.max_attempts => {
-                    tracing::warn!(
-                        task_id,
-                        attempts = task.attempts,
-                        "processing attempts exhausted"
-                    );
-                    let fail = Transition::Fail {
-                        attempt: Some(task.attempts),
-                        error: TaskFailure {
-                            code: "attempts_exhausted".into(),
-                            message: format!(
-                                "processing was interrupted {} times; credits were refunded",
-                                task.attempts
-                            ),
-                        },
-                    };
-                    return self.finish(&task, &fail).await;
-                }
-                _ => tracing::warn!(
-                    task_id,
-                    attempt = task.attempts,
-                    "lease expired; taking the task over"
-                ),
-            },
-            _ => {}
+        if let Some(done) = self.before_start(&task).await? {
+            return Ok(done);
         }
-        let start = Transition::Start {
-            lease_until: now + chrono_dur(cfg.lease),
-        };
-        let task = match store.update_task_from(&task, &start).await {
-            Ok(t) => t,
-            Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
-                return Ok(Disposition::RetryAfter(cfg.lease));
-            }
-            Err(PortError::Rejected(e)) => {
-                tracing::info!(task_id, reason = %e, "not started");
-                return Ok(Disposition::Done);
-            }
-            Err(e) => return Err(e),
+        let task = match self.claim(&task).await? {
+            Ok(claimed) => claimed,
+            Err(done) => return Ok(done),
         };
         let attempt = task.attempts;
         tracing::info!(task_id, attempt, model = %task.model, "processing");
         let Some(spec) = self.app.registry.get(&task.model) else {
-            let fail = Transition::Fail {
-                attempt: Some(attempt),
-                error: TaskFailure {
-                    code: "model_unavailable".into(),
-                    message: format!(
-                        "model {} is no longer available; credits were refunded",
-                        task.model
-                    ),
-                },
-            };
-            return self.finish(&task, &fail).await;
+            let message = format!(
+                "model {} is no longer available; credits were refunded",
+                task.model
+            );
+            return self
+                .finish(&task, &failure(Some(attempt), "model_unavailable", message))
+                .await;
         };
+        let (outcome, current) = self.generate(&task, spec.generator.as_ref()).await?;
+        let transition = match outcome {
+            GenerateOutcome::Aborted => {
+                tracing::warn!(task_id, attempt, "attempt aborted: the task was taken over");
+                return Ok(Disposition::Done);
+            }
+            GenerateOutcome::Failed(e) => failure(Some(attempt), e.code, e.message),
+            GenerateOutcome::Done(files) => Transition::Complete {
+                attempt,
+                outputs: self.store_outputs(task_id, files).await?,
+            },
+        };
+        self.finish(&current, &transition).await
+    }
+
+    /// What to do instead of starting `task`, if anything: an ended task's leftover work, a
+    /// live lease held by another worker (come back after it), or attempts exhausted (the
+    /// task fails with a refund). A lapsed lease is taken over.
+    async fn before_start(&self, task: &Task) -> PortResult<Option<Disposition>> {
+        let task_id = task.id.as_str();
+        let now = Utc::now();
+        if task.status.is_terminal() {
+            self.after_leftover_run(task).await?;
+            return Ok(Some(Disposition::Done));
+        }
+        if task.status != TaskStatus::Processing {
+            return Ok(None);
+        }
+        match task.lease_until {
+            Some(l) if l > now => Ok(Some(Disposition::RetryAfter(
+                (l - now).to_std().unwrap_or_default() + Duration::from_secs(1),
+            ))),
+            _ if task.attempts >= self.app.config.max_attempts => {
+                tracing::warn!(
+                    task_id,
+                    attempts = task.attempts,
+                    "processing attempts exhausted"
+                );
+                let message = format!(
+                    "processing was interrupted {} times; credits were refunded",
+                    task.attempts
+                );
+                let fail = failure(Some(task.attempts), "attempts_exhausted", message);
+                self.finish(task, &fail).await.map(Some)
+            }
+            _ => {
+                tracing::warn!(
+                    task_id,
+                    attempt = task.attempts,
+                    "lease expired; taking the task over"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Moves `task` to processing under a fresh lease (a new attempt); `Err` with what to do
+    /// when the write is refused (another worker holds it, or it can no longer start).
+    async fn claim(&self, task: &Task) -> PortResult<Result<Task, Disposition>> {
+        let cfg = &self.app.config;
+        let start = Transition::Start {
+            lease_until: Utc::now() + chrono_dur(cfg.lease),
+        };
+        match self.app.store.update_task_from(task, &start).await {
+            Ok(t) => Ok(Ok(t)),
+            Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
+                Ok(Err(Disposition::RetryAfter(cfg.lease)))
+            }
+            Err(PortError::Rejected(e)) => {
+                tracing::info!(task_id = %task.id, reason = %e, "not started");
+                Ok(Err(Disposition::Done))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `generator` on the claimed `task`, writing progress (which renews the lease);
+    /// returns its outcome and the task as last written. A halt met while writing progress
+    /// stops the attempt here, its message unsettled.
+    async fn generate(
+        &self,
+        task: &Task,
+        generator: &dyn crate::ports::Generator,
+    ) -> PortResult<(GenerateOutcome, Task)> {
         let job = Job {
-            task_id,
+            task_id: &task.id,
             action: &task.action,
             prompt: task.input.prompt.as_deref(),
             duration: task.input.duration,
             params: &task.input.params,
         };
         let mut sink = StoreProgress {
-            store: store.as_ref(),
+            store: self.app.store.as_ref(),
             current: task.clone(),
-            attempt,
-            lease: cfg.lease,
+            attempt: task.attempts,
+            lease: self.app.config.lease,
             last_pct: 0,
             last_write: Instant::now(),
             crashed: None,
         };
-        let outcome = spec.generator.generate(job, &mut sink).await;
-        if let Some(crash) = sink.crashed.take() {
-            return Err(crash);
+        let outcome = generator.generate(job, &mut sink).await;
+        if let Some(halt) = sink.crashed.take() {
+            return Err(halt);
         }
-        let transition = match outcome {
-            GenerateOutcome::Aborted => {
-                tracing::warn!(task_id, attempt, "attempt aborted: the task was taken over");
-                return Ok(Disposition::Done);
-            }
-            GenerateOutcome::Failed(e) => Transition::Fail {
-                attempt: Some(attempt),
-                error: TaskFailure {
-                    code: e.code,
-                    message: e.message,
-                },
-            },
-            GenerateOutcome::Done(files) => {
-                let mut outputs = Vec::with_capacity(files.len());
-                for (i, f) in files.into_iter().enumerate() {
-                    let key = format!("tasks/{task_id}/output-{i}.{}", f.extension);
-                    let size = f.bytes.len() as u64;
-                    self.app.blobs.put(&key, f.bytes, f.content_type).await?;
-                    outputs.push(Output {
-                        key,
-                        content_type: f.content_type.to_string(),
-                        size_bytes: size,
-                    });
-                }
-                Transition::Complete { attempt, outputs }
-            }
-        };
-        self.finish(&sink.current, &transition).await
+        Ok((outcome, sink.current))
+    }
+
+    /// Puts each generated file in the blob store as `tasks/{id}/output-{i}.{ext}`.
+    async fn store_outputs(
+        &self,
+        task_id: &str,
+        files: Vec<crate::ports::Generated>,
+    ) -> PortResult<Vec<Output>> {
+        let mut outputs = Vec::with_capacity(files.len());
+        for (i, f) in files.into_iter().enumerate() {
+            let key = format!("tasks/{task_id}/output-{i}.{}", f.extension);
+            let size_bytes = f.bytes.len() as u64;
+            self.app.blobs.put(&key, f.bytes, f.content_type).await?;
+            outputs.push(Output {
+                key,
+                content_type: f.content_type.to_string(),
+                size_bytes,
+            });
+        }
+        Ok(outputs)
     }
 
     /// Applies a terminal transition to `current`, wakes waiters and schedules the webhook.
@@ -305,13 +346,40 @@ impl Processor {
         let Some(task) = store.task(task_id).await? else {
             return Ok(Disposition::Done);
         };
+        let task = match self.claim_delivery(&task, attempt).await? {
+            Ok(claimed) => claimed,
+            Err(done) => return Ok(done),
+        };
+        let Some(cb) = task.callback.as_ref() else {
+            return Ok(Disposition::Done);
+        };
+        let Some(account) = store.account(&task.account_id).await? else {
+            return Ok(Disposition::Done);
+        };
+        let body = self.webhook_body(&task).await?;
+        let msg_id = format!("msg_{}", task.id.trim_start_matches("task_"));
+        let sent_at = Utc::now();
+        let result = self
+            .webhooks
+            .send(&cb.url, &account.webhook_secret, &msg_id, body)
+            .await;
+        self.record_delivery(&task, attempt, sent_at, result).await
+    }
+
+    /// Claims webhook attempt `attempt` of `task` for this worker; `Err` with what to do when
+    /// another worker holds it (come back when its claim has run out) or it is not owed.
+    async fn claim_delivery(
+        &self,
+        task: &Task,
+        attempt: u32,
+    ) -> PortResult<Result<Task, Disposition>> {
         let now = Utc::now();
         let claim = Transition::DeliveryClaimed {
             attempt,
             lease_until: now + chrono_dur(self.delivery_claim()),
         };
-        let task = match store.update_task_from(&task, &claim).await {
-            Ok(claimed) => claimed,
+        match self.app.store.update_task_from(task, &claim).await {
+            Ok(claimed) => Ok(Ok(claimed)),
             Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
                 // Another worker is sending this attempt: come back when its claim has run out
                 // (by then it is recorded and this message stale, or its worker died).
@@ -320,43 +388,44 @@ impl Processor {
                     .filter(|l| *l > now)
                     .and_then(|l| (l - now).to_std().ok())
                     .unwrap_or_else(|| self.delivery_claim());
-                tracing::info!(
-                    task_id,
-                    attempt,
-                    "webhook attempt claimed by another worker"
-                );
-                return Ok(Disposition::RetryAfter(held + Duration::from_secs(1)));
+                tracing::info!(task_id = %task.id, attempt, "webhook attempt claimed by another worker");
+                Ok(Err(Disposition::RetryAfter(held + Duration::from_secs(1))))
             }
             Err(PortError::Rejected(e)) => {
-                tracing::debug!(task_id, attempt, reason = %e, "webhook attempt not owed");
-                return Ok(Disposition::Done);
+                tracing::debug!(task_id = %task.id, attempt, reason = %e, "webhook attempt not owed");
+                Ok(Err(Disposition::Done))
             }
-            Err(e) => return Err(e),
-        };
-        let Some(cb) = task.callback.as_ref() else {
-            return Ok(Disposition::Done);
-        };
-        let Some(account) = store.account(&task.account_id).await? else {
-            return Ok(Disposition::Done);
-        };
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The webhook's body: `{"type": "task.<status>", "timestamp", "data": <task>}`, with
+    /// result URLs signed afresh.
+    async fn webhook_body(&self, task: &Task) -> PortResult<Vec<u8>> {
         let view = task_view(
-            &task,
+            task,
             self.app.blobs.as_ref(),
             self.app.config.result_url_ttl,
         )
         .await?;
-        let now = Utc::now();
         let body = json!({
             "type": format!("task.{}", task.status),
-            "timestamp": rfc3339(now),
+            "timestamp": rfc3339(Utc::now()),
             "data": view,
         });
-        let body = serde_json::to_vec(&body).map_err(PortError::internal)?;
-        let msg_id = format!("msg_{}", task.id.trim_start_matches("task_"));
-        let result = self
-            .webhooks
-            .send(&cb.url, &account.webhook_secret, &msg_id, body)
-            .await;
+        serde_json::to_vec(&body).map_err(PortError::internal)
+    }
+
+    /// Records the answer to attempt `attempt`, sent at `now`, and what follows it
+    /// ([`AfterAttempt::decide`]): delivered, failed, or a retry, enqueued first.
+    async fn record_delivery(
+        &self,
+        task: &Task,
+        attempt: u32,
+        now: DateTime<Utc>,
+        result: DeliveryResult,
+    ) -> PortResult<Disposition> {
+        let task_id = task.id.as_str();
         let (status_code, error) = match &result {
             DeliveryResult::Status(s) => (Some(*s), None),
             DeliveryResult::NoAnswer(why) => (None, Some(why.clone())),
@@ -387,7 +456,7 @@ impl Processor {
             error,
             next,
         };
-        match store.update_task_from(&task, &record).await {
+        match self.app.store.update_task_from(task, &record).await {
             Ok(_) => Ok(Disposition::Done),
             Err(PortError::Rejected(e)) => {
                 // Only after this worker's claim ran out and another recorded the attempt.
@@ -429,7 +498,6 @@ pub async fn run_worker(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let visibility = processor.app.config.visibility;
-    let max_receives = processor.app.config.max_receives;
     loop {
         if *stop.borrow() {
             return;
@@ -453,57 +521,66 @@ pub async fn run_worker(
             continue;
         }
         for d in batch {
-            let Some(msg) = d.message.clone() else {
-                tracing::error!(worker = n, "unparseable message dropped");
-                let _ = source.ack(&d).await;
-                continue;
-            };
-            tracing::debug!(
-                worker = n,
-                task_id = msg.task_id(),
-                receive_count = d.receive_count,
-                "received"
-            );
-            let span = tracing::info_span!("work", worker = n, task_id = %msg.task_id());
-            let handled = if d.receive_count > max_receives {
-                tracing::warn!(
-                    worker = n,
-                    task_id = msg.task_id(),
-                    receive_count = d.receive_count,
-                    "message dead-lettered"
-                );
-                async {
-                    processor
-                        .dead_letter(&msg)
-                        .await
-                        .map(|()| Disposition::Done)
-                }
-                .instrument(span)
-                .await
-            } else {
-                worker_scope(processor.handle(&msg).instrument(span)).await
-            };
-            let settled = match handled {
-                Ok(Disposition::Done) => source.ack(&d).await,
-                Err(PortError::Halted) => {
-                    tracing::warn!(
-                        worker = n,
-                        task_id = msg.task_id(),
-                        "halted: message left unsettled"
-                    );
-                    continue;
-                }
-                Ok(Disposition::RetryAfter(delay)) => source.retry(&d, delay).await,
-                Err(e) => {
-                    let backoff = Duration::from_millis(200 * 2u64.pow(d.receive_count.min(8)));
-                    tracing::warn!(worker = n, task_id = msg.task_id(), error = %e, ?backoff, "work failed; retrying");
-                    source.retry(&d, backoff).await
-                }
-            };
-            if let Err(e) = settled {
-                tracing::error!(worker = n, error = %e, "could not settle a message; it comes back after its visibility timeout");
-            }
+            handle_received(n, source.as_ref(), &processor, &d).await;
         }
+    }
+}
+
+/// Handles one received message (dead-lettering it after too many receives) and settles it:
+/// deleted when done, made visible again after a delay when it should come back, left alone
+/// when its worker halted.
+async fn handle_received(
+    n: usize,
+    source: &dyn MessageSource,
+    processor: &Processor,
+    d: &Delivery,
+) {
+    let Some(msg) = d.message.clone() else {
+        tracing::error!(worker = n, "unparseable message dropped");
+        let _ = source.ack(d).await;
+        return;
+    };
+    let task_id = msg.task_id();
+    tracing::debug!(
+        worker = n,
+        task_id,
+        receive_count = d.receive_count,
+        "received"
+    );
+    let span = tracing::info_span!("work", worker = n, task_id = %task_id);
+    let handled = if d.receive_count > processor.app.config.max_receives {
+        tracing::warn!(
+            worker = n,
+            task_id,
+            receive_count = d.receive_count,
+            "message dead-lettered"
+        );
+        async {
+            processor
+                .dead_letter(&msg)
+                .await
+                .map(|()| Disposition::Done)
+        }
+        .instrument(span)
+        .await
+    } else {
+        worker_scope(processor.handle(&msg).instrument(span)).await
+    };
+    let settled = match handled {
+        Ok(Disposition::Done) => source.ack(d).await,
+        Ok(Disposition::RetryAfter(delay)) => source.retry(d, delay).await,
+        Err(PortError::Halted) => {
+            tracing::warn!(worker = n, task_id, "halted: message left unsettled");
+            return;
+        }
+        Err(e) => {
+            let backoff = Duration::from_millis(200 * 2u64.pow(d.receive_count.min(8)));
+            tracing::warn!(worker = n, task_id, error = %e, ?backoff, "work failed; retrying");
+            source.retry(d, backoff).await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::error!(worker = n, error = %e, "could not settle a message; it comes back after its visibility timeout");
     }
 }
 
