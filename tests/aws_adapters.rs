@@ -1818,8 +1818,8 @@ impl TaskStore for WritesFail {
     ) -> PortResult<()> {
         self.rest.insert_task(task, claim, max_open).await
     }
-    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
-        self.rest.due_tasks(waited_since, limit).await
+    async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        self.rest.due_tasks(cutoff, limit).await
     }
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
         self.rest.task(task_id).await
@@ -2027,7 +2027,7 @@ fn ms(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// The index sort key of a task waiting since `at`.
-fn due_sort_key(at: DateTime<Utc>, task_id: &str) -> String {
+fn waiting_sort_key(at: DateTime<Utc>, task_id: &str) -> String {
     format!("{}#{task_id}", at.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
 }
 
@@ -2054,7 +2054,7 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
             }
         };
         let task = Task {
-            check_at: Some(base + TimeDelta::seconds(i64::from(k))),
+            waiting_since: Some(base + TimeDelta::seconds(i64::from(k))),
             ..task
         };
         store.insert_task(&task, None, u64::MAX).await.unwrap();
@@ -2063,7 +2063,7 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
     // Four whose wait began in the future (a lease still running, say) are not due.
     for _ in 0..4 {
         let task = Task {
-            check_at: Some(now + TimeDelta::hours(1)),
+            waiting_since: Some(now + TimeDelta::hours(1)),
             ..queued_task(&account.id, 1, "echo")
         };
         store.insert_task(&task, None, u64::MAX).await.unwrap();
@@ -2074,8 +2074,8 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
     assert_eq!(
         due_keys(&env, &first.id).await,
         (
-            Some("DUE#0".to_string()),
-            Some(due_sort_key(first.check_at.unwrap(), &first.id))
+            Some("WAITING#0".to_string()),
+            Some(waiting_sort_key(first.waiting_since.unwrap(), &first.id))
         )
     );
 
@@ -2085,7 +2085,7 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
     // A limit keeps the oldest overall, merged across shards.
     let oldest = store.due_tasks(now, 5).await.unwrap();
     assert_eq!(ids(&oldest), ids(&waiting[..5]));
-    // `waited_since` is inclusive.
+    // `cutoff` is inclusive.
     let since = store
         .due_tasks(base + TimeDelta::seconds(3), 100)
         .await
@@ -2131,12 +2131,12 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
         )
         .await
         .unwrap();
-    assert_eq!(processing.check_at, Some(lease_end));
+    assert_eq!(processing.waiting_since, Some(lease_end));
     assert_eq!(
         due_keys(&env, &waiting[2].id).await,
         (
-            Some(format!("DUE#{}", shard_of(&waiting[2].id))),
-            Some(due_sort_key(lease_end, &waiting[2].id))
+            Some(format!("WAITING#{}", shard_of(&waiting[2].id))),
+            Some(waiting_sort_key(lease_end, &waiting[2].id))
         )
     );
     let due = store.due_tasks(now, 100).await.unwrap();
@@ -2149,15 +2149,15 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
         .update_task(
             &waiting[3].id,
             &Transition::Requeue {
-                due_before: now - TimeDelta::seconds(1),
+                cutoff: now - TimeDelta::seconds(1),
             },
         )
         .await
         .unwrap();
-    let restarted = requeued.check_at.unwrap();
+    let restarted = requeued.waiting_since.unwrap();
     assert!(restarted > now - TimeDelta::seconds(1));
     let (_, sk) = due_keys(&env, &waiting[3].id).await;
-    assert_eq!(sk, Some(due_sort_key(restarted, &waiting[3].id)));
+    assert_eq!(sk, Some(waiting_sort_key(restarted, &waiting[3].id)));
     let due = store
         .due_tasks(now - TimeDelta::seconds(1), 100)
         .await
@@ -2168,13 +2168,64 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
         .update_task(
             &waiting[3].id,
             &Transition::Requeue {
-                due_before: now - TimeDelta::seconds(1),
+                cutoff: now - TimeDelta::seconds(1),
             },
         )
         .await;
     assert!(
         matches!(again, Err(PortError::Rejected(TransitionError::NotDue))),
         "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_task_written_before_the_rename_is_still_found_by_the_sweeper_and_rewritten() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let env = env("legacy").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    let since = ms(Utc::now()) - TimeDelta::hours(1);
+    let task = Task {
+        waiting_since: Some(since),
+        ..queued_task(&account.id, 1, "echo")
+    };
+    store.insert_task(&task, None, u64::MAX).await.unwrap();
+    // What an earlier version wrote: a `DUE#` partition and `check_at` in the document.
+    let mut item = raw_item(&env, format!("TASK#{}", task.id), "TASK").await;
+    let shard = shard_of(&task.id);
+    item.insert("GSI2PK".into(), AttributeValue::S(format!("DUE#{shard}")));
+    let doc = raw_s(&item, "doc")
+        .unwrap()
+        .replace("\"waiting_since\"", "\"check_at\"");
+    assert!(doc.contains("\"check_at\""));
+    item.insert("doc".into(), AttributeValue::S(doc));
+    aws_sdk_dynamodb::Client::new(&env.config)
+        .put_item()
+        .table_name(&env.settings.table)
+        .set_item(Some(item))
+        .send()
+        .await
+        .unwrap();
+
+    let due = store.due_tasks(Utc::now(), 10).await.unwrap();
+    assert_eq!(
+        ids(&due),
+        vec![task.id.clone()],
+        "found in its DUE# partition"
+    );
+    assert_eq!(
+        due[0].waiting_since,
+        Some(since),
+        "check_at read as waiting_since"
+    );
+    // Its next write moves it to the WAITING# partition.
+    store
+        .update_task(&task.id, &Transition::Requeue { cutoff: Utc::now() })
+        .await
+        .unwrap();
+    assert_eq!(
+        due_keys(&env, &task.id).await.0,
+        Some(format!("WAITING#{shard}"))
     );
 }
 
@@ -2236,12 +2287,7 @@ async fn the_open_task_count_rises_at_submit_falls_with_the_write_that_ends_a_ta
         .await
         .unwrap();
     store
-        .update_task(
-            &c.id,
-            &Transition::Requeue {
-                due_before: Utc::now(),
-            },
-        )
+        .update_task(&c.id, &Transition::Requeue { cutoff: Utc::now() })
         .await
         .unwrap();
     assert_eq!(open_tasks(&env, &account.id).await, Some(2));

@@ -74,7 +74,7 @@ fn chrono_dur(d: Duration) -> TimeDelta {
     TimeDelta::from_std(d).unwrap()
 }
 
-/// Stored times are compared at millisecond precision (SQLite's `check_at` column and
+/// Stored times are compared at millisecond precision (SQLite's `waiting_since` column and
 /// DynamoDB's index keys keep milliseconds).
 fn slack() -> TimeDelta {
     TimeDelta::milliseconds(5)
@@ -219,7 +219,7 @@ async fn a_task_stored_but_never_enqueued_is_run_once_it_waited_sweep_after_and_
         t.started_at
     );
     assert_eq!(
-        t.check_at, None,
+        t.waiting_since, None,
         "a finished task without webhook owes nothing"
     );
     assert_eq!(on.credits().await, on_credits - 1, "charged once");
@@ -337,7 +337,7 @@ async fn abandoned_processing(s: &Server, prompt: &str, lease: TimeDelta) -> Tas
     .await;
     assert_eq!(started.status, TaskStatus::Processing);
     assert_eq!(
-        started.check_at, started.lease_until,
+        started.waiting_since, started.lease_until,
         "a processing task waits from its lease end"
     );
     started
@@ -400,7 +400,7 @@ async fn completed_without_webhook(s: &Server, hook: &Hook) -> Task {
     .await;
     assert_eq!(done.status, TaskStatus::Completed);
     assert_eq!(
-        done.check_at, done.completed_at,
+        done.waiting_since, done.completed_at,
         "a finished task owing its first webhook waits from its end"
     );
     done
@@ -431,7 +431,7 @@ async fn a_finished_tasks_first_webhook_that_was_never_enqueued_is_delivered_by_
         done.completed_at
     );
     assert_eq!(
-        s.check_at, None,
+        s.waiting_since, None,
         "nothing is owed once the first attempt was made"
     );
 
@@ -563,7 +563,7 @@ async fn a_dead_lettered_webhook_is_marked_failed_unless_its_attempt_is_stale() 
     assert_eq!(t["callback"]["attempts"], 0, "{t}");
     assert_eq!(t["cost"]["refunded"], false, "{t}");
     assert_eq!(
-        stored(&s, &done.id).await.check_at,
+        stored(&s, &done.id).await.waiting_since,
         None,
         "a failed webhook is no longer owed"
     );

@@ -666,7 +666,7 @@ async fn sweeper_binary_re_enqueues_the_run_of_a_task_stored_without_one() {
     let stack = Stack::new("sweep").await;
     // Stored ten minutes ago, its Run message lost (the template sweeps after 120 s).
     let lost = Task {
-        check_at: Some(Utc::now() - chrono::Duration::minutes(10)),
+        waiting_since: Some(Utc::now() - chrono::Duration::minutes(10)),
         ..queued_veo3(EXAMPLE_TASK, &stack.account.id)
     };
     stack.insert(&lost).await;

@@ -911,7 +911,7 @@ async fn sweeper_event_re_enqueues_only_the_task_that_waited_too_long() {
     let stack = Stack::new("sweep").await;
     let _: Value = serde_json::from_str(SWEEPER).expect("the scheduled event is JSON");
     let lost = Task {
-        check_at: Some(Utc::now() - chrono::Duration::minutes(10)),
+        waiting_since: Some(Utc::now() - chrono::Duration::minutes(10)),
         ..queued_veo3(EXAMPLE_TASK, &stack.account.id)
     };
     stack.insert(&lost).await;

@@ -96,7 +96,7 @@ fn task(id: &str, status: TaskStatus, credits: u64, refunded: bool, done: Option
         .created_at(time(0))
         .attempts(1)
         .version(3)
-        .check_at(None);
+        .waiting_since(None);
     if let Some(s) = done {
         task = task.completed_at(time(s));
     }

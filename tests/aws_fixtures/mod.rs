@@ -133,7 +133,7 @@ impl World {
             started_at: Some(now),
             completed_at: Some(now),
             attempts: 1,
-            check_at: None,
+            waiting_since: None,
             ..queued_veo3(id, &self.account.id)
         }
     }

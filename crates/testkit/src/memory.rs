@@ -192,15 +192,15 @@ impl TaskStore for MemStore {
         let next_before = more.then(|| tasks.last().map(|t| t.id.clone())).flatten();
         Ok(TaskPage { tasks, next_before })
     }
-    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+    async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         let s = self.lock();
         let mut due: Vec<Task> = s
             .tasks
             .values()
-            .filter(|t| t.check_at.is_some_and(|c| c <= waited_since))
+            .filter(|t| t.waiting_since.is_some_and(|c| c <= cutoff))
             .cloned()
             .collect();
-        due.sort_by_key(|t| t.check_at);
+        due.sort_by_key(|t| t.waiting_since);
         due.truncate(limit);
         Ok(due)
     }

@@ -18,7 +18,7 @@ use tasklane_core::task::{Callback, CallbackState, Cost, Task, TaskInput, TaskSt
 ///     .build();
 /// assert_eq!(task.model, "echo");
 /// assert_eq!(task.cost.credits, 1);
-/// assert_eq!(task.check_at, Some(task.created_at));
+/// assert_eq!(task.waiting_since, Some(task.created_at));
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
@@ -43,7 +43,7 @@ impl TaskBuilder {
     /// A queued `echo` task of `account_id` as submit stores it: a fresh id ([`new_task_id`]),
     /// action `generate`, prompt `a test task`, 1 credit debited, no callback, no metadata,
     /// created now, version 1, no attempt yet, waiting on its run since its creation
-    /// (`check_at`).
+    /// (`waiting_since`).
     pub fn echo(account_id: &str) -> Self {
         let now = Utc::now();
         TaskBuilder {
@@ -73,7 +73,7 @@ impl TaskBuilder {
                 attempts: 0,
                 lease_until: None,
                 version: 1,
-                check_at: Some(now),
+                waiting_since: Some(now),
             },
         }
     }
@@ -132,7 +132,7 @@ impl TaskBuilder {
         self
     }
 
-    /// When it was submitted (`check_at` stays as set: see [`TaskBuilder::check_at`]).
+    /// When it was submitted (`waiting_since` stays as set: see [`TaskBuilder::waiting_since`]).
     pub fn created_at(mut self, at: DateTime<Utc>) -> Self {
         self.task.created_at = at;
         self
@@ -157,8 +157,8 @@ impl TaskBuilder {
     }
 
     /// Since when it waits on work that may have been lost (`None`: nothing owed).
-    pub fn check_at(mut self, at: Option<DateTime<Utc>>) -> Self {
-        self.task.check_at = at;
+    pub fn waiting_since(mut self, at: Option<DateTime<Utc>>) -> Self {
+        self.task.waiting_since = at;
         self
     }
 

@@ -9,8 +9,9 @@
 //!
 //! `GSI1` answers both "which account has this key" (one query) and "this account's tasks,
 //! newest first" (task ids are ULIDs). `GSI2` is sparse: only a task waiting on possibly
-//! lost work carries `GSI2PK = DUE#<shard 0..7>` and `GSI2SK = <check_at>#<task id>`, so the
-//! sweeper reads just those (eight queries, one per shard, spreading the index's writes).
+//! lost work carries `GSI2PK = WAITING#<shard 0..7>` and `GSI2SK = <waiting_since>#<task id>`,
+//! so the sweeper reads just those (one query per shard, spreading the index's writes; and as
+//! many for the `DUE#<shard>` partitions that items written before the rename still carry).
 //! A key claim item makes each key hash unique: it is written with its account (and swapped on
 //! rotation) in one transaction, conditioned on not existing.
 //! The account item counts its open tasks (`open_tasks`): submit increments it under the
@@ -40,15 +41,18 @@ use tasklane_core::task::{Applied, Task, Transition, apply};
 pub const GSI1: &str = "GSI1";
 /// Name of the sparse index of tasks waiting on possibly lost work.
 pub const GSI2: &str = "GSI2";
-/// Partitions of [`GSI2`].
-const DUE_SHARDS: u8 = 8;
+/// Partitions of [`GSI2`] per prefix.
+const WAITING_SHARDS: u8 = 8;
+/// Partition prefixes of [`GSI2`]: `WAITING#<shard>`, and `DUE#<shard>`, which items written
+/// before the sweeper's clock had one name carry until their next write.
+const WAITING_PREFIXES: [&str; 2] = ["WAITING", "DUE"];
 
-fn due_shard(task_id: &str) -> u8 {
-    task_id.bytes().last().unwrap_or(0) % DUE_SHARDS
+fn waiting_shard(task_id: &str) -> u8 {
+    task_id.bytes().last().unwrap_or(0) % WAITING_SHARDS
 }
 
 /// A sort key that orders as the time does (fixed width, UTC).
-fn due_time(t: DateTime<Utc>) -> String {
+fn waiting_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
@@ -250,14 +254,14 @@ fn task_item(task: &Task) -> PortResult<Item> {
             s(serde_json::to_string(task).map_err(PortError::internal)?),
         ),
     ]);
-    if let Some(at) = task.check_at {
+    if let Some(at) = task.waiting_since {
         item.insert(
             "GSI2PK".to_string(),
-            s(format!("DUE#{}", due_shard(&task.id))),
+            s(format!("WAITING#{}", waiting_shard(&task.id))),
         );
         item.insert(
             "GSI2SK".to_string(),
-            s(format!("{}#{}", due_time(at), task.id)),
+            s(format!("{}#{}", waiting_time(at), task.id)),
         );
     }
     Ok(item)
@@ -769,18 +773,21 @@ impl TaskStore for DynamoStore {
         self.update_task(&current.id, transition).await
     }
 
-    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+    async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         // Every shard's oldest `limit`, merged: the oldest `limit` overall.
-        let upper = format!("{}#~", due_time(waited_since));
+        let upper = format!("{}#~", waiting_time(cutoff));
         let mut due = Vec::new();
-        for shard in 0..DUE_SHARDS {
+        let partitions = WAITING_PREFIXES
+            .iter()
+            .flat_map(|p| (0..WAITING_SHARDS).map(move |shard| format!("{p}#{shard}")));
+        for partition in partitions {
             let out = self
                 .client
                 .query()
                 .table_name(&self.table)
                 .index_name(GSI2)
                 .key_condition_expression("GSI2PK = :p AND GSI2SK <= :u")
-                .expression_attribute_values(":p", s(format!("DUE#{shard}")))
+                .expression_attribute_values(":p", s(partition))
                 .expression_attribute_values(":u", s(upper.clone()))
                 .limit(i32::try_from(limit).unwrap_or(100))
                 .send()
@@ -790,7 +797,7 @@ impl TaskStore for DynamoStore {
                 due.push(task_from(item)?);
             }
         }
-        due.sort_by_key(|t| t.check_at);
+        due.sort_by_key(|t| t.waiting_since);
         due.truncate(limit);
         Ok(due)
     }

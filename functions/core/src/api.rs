@@ -369,7 +369,7 @@ impl Api {
             attempts: 0,
             lease_until: None,
             version: 1,
-            check_at: Some(now),
+            waiting_since: Some(now),
         };
         self.app
             .store
@@ -387,7 +387,7 @@ impl Api {
         };
         if let Err(e) = self.app.queue.enqueue(&run, Duration::ZERO).await {
             // The task is stored and paid for: that is the commit point. Its wait started at
-            // submit (`check_at`), so the sweeper enqueues it once the queue takes messages
+            // submit (`waiting_since`), so the sweeper enqueues it once the queue takes messages
             // again; the client keeps its 202 and its task.
             tracing::error!(task_id = %task.id, error = %e, "enqueue failed; the sweeper will queue the task");
         }

@@ -136,9 +136,9 @@ impl TaskStore for Intercepted<dyn TaskStore> {
         self.hook.before(Op::InsertTask).await?;
         self.inner.insert_task(task, claim, max_open).await
     }
-    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+    async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         self.hook.before(Op::DueTasks).await?;
-        self.inner.due_tasks(waited_since, limit).await
+        self.inner.due_tasks(cutoff, limit).await
     }
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
         self.hook.before(Op::Task).await?;

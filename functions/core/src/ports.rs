@@ -168,9 +168,9 @@ pub trait TaskStore: Send + Sync {
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>>;
     /// Lists an account's tasks, newest first.
     async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage>;
-    /// Tasks of any account that have waited on possibly lost work since `waited_since` or
-    /// earlier ([`Task::check_at`]), oldest first, at most `limit`.
-    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;
+    /// Tasks of any account that have waited on possibly lost work since `cutoff` or
+    /// earlier ([`Task::waiting_since`]), oldest first, at most `limit`.
+    async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>>;
     /// Applies `transition` with [`crate::task::apply`] and writes the result conditioned on the
     /// version read, together with any refund (and, when the task closes, one less open task on
     /// its account), in one atomic write. Returns the task as stored.

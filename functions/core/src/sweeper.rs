@@ -3,7 +3,7 @@
 //! A task is written before its work message is sent, so a crash, a failed send or a lost
 //! message can leave a task with no work behind it: queued with no `Run`, processing under a
 //! lease nobody renews, or finished with its first webhook never sent. Every task records since
-//! when it has been waiting ([`Task::check_at`], kept by [`crate::task::apply`]); the sweeper
+//! when it has been waiting ([`Task::waiting_since`], kept by [`crate::task::apply`]); the sweeper
 //! finds the tasks that have waited longer than [`crate::Config::sweep_after`], restarts their
 //! wait with a conditional write, and enqueues their work again. Duplicate messages are no-ops
 //! for the processor, so sweeping a task whose message was only slow is harmless.
@@ -60,7 +60,7 @@ pub async fn sweep(app: &App, now: DateTime<Utc>) -> PortResult<SweepReport> {
         let due = app.store.due_tasks(since, PAGE).await?;
         report.due += due.len();
         for task in &due {
-            let requeue = Transition::Requeue { due_before: since };
+            let requeue = Transition::Requeue { cutoff: since };
             let task = match app.store.update_task_from(task, &requeue).await {
                 Ok(t) => t,
                 Err(PortError::Rejected(_) | PortError::NotFound) => {

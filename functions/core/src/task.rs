@@ -208,9 +208,10 @@ pub struct Task {
     /// last re-enqueue while queued, its lease end while processing, its end while the first
     /// webhook attempt is outstanding; `None` when nothing is owed. The sweeper
     /// ([`crate::sweeper`]) re-enqueues work for tasks that have waited too long. Kept by
-    /// [`apply`]; never shown to clients.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub check_at: Option<DateTime<Utc>>,
+    /// [`apply`]; never shown to clients. Stored tasks written before it had this name carry it
+    /// as `check_at`.
+    #[serde(default, alias = "check_at", skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<DateTime<Utc>>,
 }
 
 impl Task {
@@ -341,10 +342,10 @@ pub enum Transition {
         attempt: u32,
     },
     /// The sweeper re-enqueued the work a task waits on: restarts its wait at `now`. Refused
-    /// with [`TransitionError::NotDue`] unless the task has waited since `due_before` or earlier.
+    /// with [`TransitionError::NotDue`] unless the task has waited since `cutoff` or earlier.
     Requeue {
         /// Only a task waiting since this time or earlier is due.
-        due_before: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
     },
 }
 
@@ -426,7 +427,7 @@ pub fn apply(
         Ok(Inner::Changed { refund }) => {
             task.version += 1;
             if !matches!(t, Transition::Requeue { .. }) {
-                task.check_at = waiting_since(task, now);
+                task.waiting_since = next_waiting_since(task, now);
             }
             Ok(Applied::Changed {
                 refund,
@@ -445,9 +446,9 @@ pub fn apply(
 }
 
 /// Since when `task`, just changed at `now`, waits on work that may have been lost.
-fn waiting_since(task: &Task, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+fn next_waiting_since(task: &Task, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     match task.status {
-        TaskStatus::Queued => task.check_at.or(Some(now)),
+        TaskStatus::Queued => task.waiting_since.or(Some(now)),
         TaskStatus::Processing => task.lease_until,
         _ if task.first_callback_owed() => task.completed_at.or(Some(now)),
         _ => None,
@@ -566,10 +567,10 @@ fn apply_inner(
             task.lease_until = None;
             Ok(Inner::Changed { refund: 0 })
         }
-        Transition::Requeue { due_before } => match task.check_at {
-            Some(since) if since <= *due_before => {
+        Transition::Requeue { cutoff } => match task.waiting_since {
+            Some(since) if since <= *cutoff => {
                 let owes_work = task.is_open() || task.first_callback_owed();
-                task.check_at = owes_work.then_some(now);
+                task.waiting_since = owes_work.then_some(now);
                 Ok(Inner::Changed { refund: 0 })
             }
             _ => Err(TransitionError::NotDue),
@@ -642,7 +643,7 @@ pub(crate) mod tests {
             attempts: 0,
             lease_until: None,
             version: 1,
-            check_at: None,
+            waiting_since: None,
         }
     }
 
@@ -863,21 +864,41 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn check_at_follows_what_the_task_waits_on() {
+    fn a_stored_task_written_with_check_at_reads_as_waiting_since() {
+        let task = Task {
+            waiting_since: Some(Utc::now()),
+            ..sample(TaskStatus::Queued)
+        };
+        let mut doc = serde_json::to_value(&task).unwrap();
+        let since = doc
+            .as_object_mut()
+            .unwrap()
+            .remove("waiting_since")
+            .unwrap();
+        doc["check_at"] = since;
+        let read: Task = serde_json::from_value(doc).unwrap();
+        assert_eq!(read.waiting_since, task.waiting_since);
+        assert!(read.waiting_since.is_some());
+        let written = serde_json::to_value(&read).unwrap();
+        assert!(written.get("check_at").is_none() && written.get("waiting_since").is_some());
+    }
+
+    #[test]
+    fn waiting_since_follows_what_the_task_waits_on() {
         let t0 = Utc::now();
         let t1 = t0 + Duration::seconds(10);
         // Queued: a change keeps the time the wait began, or starts it. (No transition keeps a
         // task queued today; the rule is there for one that would.)
         let mut task = with_callback(sample(TaskStatus::Queued));
-        task.check_at = Some(t0);
-        assert_eq!(waiting_since(&task, t1), Some(t0));
+        task.waiting_since = Some(t0);
+        assert_eq!(next_waiting_since(&task, t1), Some(t0));
         let fresh = with_callback(sample(TaskStatus::Queued));
-        assert_eq!(waiting_since(&fresh, t1), Some(t1));
+        assert_eq!(next_waiting_since(&fresh, t1), Some(t1));
 
         // Processing: the lease end, renewed by progress.
         let lease = t1 + Duration::seconds(60);
         apply(&mut task, &Transition::Start { lease_until: lease }, t1).unwrap();
-        assert_eq!(task.check_at, Some(lease));
+        assert_eq!(task.waiting_since, Some(lease));
         let renewed = lease + Duration::seconds(5);
         let progress = Transition::Progress {
             attempt: 1,
@@ -885,7 +906,7 @@ pub(crate) mod tests {
             lease_until: renewed,
         };
         apply(&mut task, &progress, t1).unwrap();
-        assert_eq!(task.check_at, Some(renewed));
+        assert_eq!(task.waiting_since, Some(renewed));
 
         // Finished with the first webhook owed: the end; once attempted: nothing.
         let end = t1 + Duration::seconds(2);
@@ -896,14 +917,14 @@ pub(crate) mod tests {
         let mut no_hook = task.clone();
         no_hook.callback = None;
         apply(&mut task, &complete, end).unwrap();
-        assert_eq!(task.check_at, Some(end));
+        assert_eq!(task.waiting_since, Some(end));
         // A claimed first attempt is still owed: if its worker dies, the sweeper sends it again.
         let claim = Transition::DeliveryClaimed {
             attempt: 0,
             lease_until: end + Duration::seconds(20),
         };
         apply(&mut task, &claim, end).unwrap();
-        assert_eq!(task.check_at, Some(end));
+        assert_eq!(task.waiting_since, Some(end));
         apply(
             &mut task,
             &attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
@@ -911,32 +932,32 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(
-            task.check_at, None,
+            task.waiting_since, None,
             "a retry is scheduled by its own message"
         );
 
         // Finished without a webhook: nothing.
         apply(&mut no_hook, &complete, end).unwrap();
-        assert_eq!(no_hook.check_at, None);
+        assert_eq!(no_hook.waiting_since, None);
 
         // Failed or cancelled with a webhook owed: the end; a webhook given up on: nothing.
         let mut failed = with_callback(sample(TaskStatus::Queued));
         apply(&mut failed, &fail(), end).unwrap();
-        assert_eq!(failed.check_at, Some(end));
+        assert_eq!(failed.waiting_since, Some(end));
         apply(
             &mut failed,
             &Transition::DeliveryAbandoned { attempt: 0 },
             end,
         )
         .unwrap();
-        assert_eq!(failed.check_at, None);
+        assert_eq!(failed.waiting_since, None);
         let mut cancelled = with_callback(sample(TaskStatus::Queued));
         apply(&mut cancelled, &Transition::Cancel, end).unwrap();
-        assert_eq!(cancelled.check_at, Some(end));
+        assert_eq!(cancelled.waiting_since, Some(end));
         let mut cancelled = sample(TaskStatus::Queued);
-        cancelled.check_at = Some(t0);
+        cancelled.waiting_since = Some(t0);
         apply(&mut cancelled, &Transition::Cancel, end).unwrap();
-        assert_eq!(cancelled.check_at, None);
+        assert_eq!(cancelled.waiting_since, None);
         // A refused change leaves it as it was.
         let before = cancelled.clone();
         assert!(apply(&mut cancelled, &fail(), end).is_err());
@@ -948,12 +969,12 @@ pub(crate) mod tests {
         let t0 = Utc::now();
         let sweep = t0 + Duration::seconds(120);
         let mut task = sample(TaskStatus::Queued);
-        task.check_at = Some(t0);
+        task.waiting_since = Some(t0);
 
         // Not waiting long enough yet: not due, nothing changes.
         let before = task.clone();
         let early = Transition::Requeue {
-            due_before: t0 - Duration::milliseconds(1),
+            cutoff: t0 - Duration::milliseconds(1),
         };
         assert_eq!(
             apply(&mut task, &early, sweep),
@@ -962,7 +983,7 @@ pub(crate) mod tests {
         assert_eq!(task, before);
 
         // Due: the wait restarts now, nothing else changes.
-        let due = Transition::Requeue { due_before: t0 };
+        let due = Transition::Requeue { cutoff: t0 };
         assert_eq!(
             apply(&mut task, &due, sweep),
             Ok(Applied::Changed {
@@ -970,11 +991,11 @@ pub(crate) mod tests {
                 closed: false
             })
         );
-        assert_eq!(task.check_at, Some(sweep));
+        assert_eq!(task.waiting_since, Some(sweep));
         assert_eq!(task.version, before.version + 1);
         assert_eq!(
             Task {
-                check_at: before.check_at,
+                waiting_since: before.waiting_since,
                 version: before.version,
                 ..task.clone()
             },
@@ -988,7 +1009,7 @@ pub(crate) mod tests {
         let lease = sweep + Duration::seconds(60);
         apply(&mut taken, &Transition::Start { lease_until: lease }, sweep).unwrap();
         let due_then = Transition::Requeue {
-            due_before: sweep - Duration::seconds(1),
+            cutoff: sweep - Duration::seconds(1),
         };
         assert_eq!(
             apply(&mut taken, &due_then, sweep),
@@ -997,9 +1018,9 @@ pub(crate) mod tests {
         // ... and once that lease is long over, the processing task is due again; its lease is
         // left to the worker that takes it over.
         let much_later = lease + Duration::seconds(120);
-        let due_later = Transition::Requeue { due_before: lease };
+        let due_later = Transition::Requeue { cutoff: lease };
         apply(&mut taken, &due_later, much_later).unwrap();
-        assert_eq!(taken.check_at, Some(much_later));
+        assert_eq!(taken.waiting_since, Some(much_later));
         assert_eq!(taken.lease_until, Some(lease));
         assert_eq!(taken.status, TaskStatus::Processing);
 
@@ -1010,9 +1031,9 @@ pub(crate) mod tests {
 
         // A due task that owes nothing (written by an older version, say) leaves the sweep.
         let mut stale = done.clone();
-        stale.check_at = Some(t0);
+        stale.waiting_since = Some(t0);
         apply(&mut stale, &due, sweep).unwrap();
-        assert_eq!(stale.check_at, None);
+        assert_eq!(stale.waiting_since, None);
         assert_eq!(apply(&mut stale, &due, sweep), Err(TransitionError::NotDue));
     }
 
@@ -1298,7 +1319,7 @@ pub(crate) mod tests {
         assert_eq!((cb.state, cb.attempts), (CallbackState::Failed, 0));
         assert_eq!(abandoned.lease_until, None);
         assert_eq!(
-            abandoned.check_at, None,
+            abandoned.waiting_since, None,
             "a webhook given up on is not owed"
         );
     }

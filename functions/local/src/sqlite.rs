@@ -61,7 +61,8 @@ CREATE INDEX IF NOT EXISTS queue_visible ON queue (visible_at, id);
 
 /// Indexes over columns a database from an earlier version may lack (added by [`migrate`]).
 const INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS tasks_due ON tasks (check_at) WHERE check_at IS NOT NULL;
+DROP INDEX IF EXISTS tasks_due;
+CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (waiting_since) WHERE waiting_since IS NOT NULL;
 DROP INDEX IF EXISTS tasks_open;
 ";
 
@@ -72,11 +73,15 @@ fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<boo
 
 /// Brings a database written by an earlier version up to date.
 fn migrate(c: &Connection) -> rusqlite::Result<()> {
-    if !has_column(c, "tasks", "check_at")? {
-        c.execute_batch("ALTER TABLE tasks ADD COLUMN check_at INTEGER;")?;
+    if has_column(c, "tasks", "check_at")? {
+        // The column's name before the sweeper's clock had one name everywhere.
+        c.execute_batch("ALTER TABLE tasks RENAME COLUMN check_at TO waiting_since;")?;
+    }
+    if !has_column(c, "tasks", "waiting_since")? {
+        c.execute_batch("ALTER TABLE tasks ADD COLUMN waiting_since INTEGER;")?;
         // Unfinished tasks are re-enqueued at start-up; from then on they are swept normally.
         c.execute(
-            "UPDATE tasks SET check_at = ?1 WHERE status IN ('queued', 'processing')",
+            "UPDATE tasks SET waiting_since = ?1 WHERE status IN ('queued', 'processing')",
             [now_ms()],
         )?;
     }
@@ -234,14 +239,14 @@ fn write_task(c: &Connection, task: &Task, expected_version: u64) -> PortResult<
     let doc = serde_json::to_string(task).map_err(internal)?;
     let n = c
         .execute(
-            "UPDATE tasks SET status = ?2, version = ?3, doc = ?4, check_at = ?6 WHERE id = ?1 AND version = ?5",
+            "UPDATE tasks SET status = ?2, version = ?3, doc = ?4, waiting_since = ?6 WHERE id = ?1 AND version = ?5",
             params![
                 task.id,
                 task.status.as_str(),
                 task.version as i64,
                 doc,
                 expected_version as i64,
-                task.check_at.map(millis),
+                task.waiting_since.map(millis),
             ],
         )
         .map_err(db_err)?;
@@ -440,8 +445,8 @@ impl TaskStore for SqliteStore {
                 }
                 let doc = serde_json::to_string(&task).map_err(internal)?;
                 tx.execute(
-                    "INSERT INTO tasks (id, account_id, status, model, version, doc, check_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![task.id, task.account_id, task.status.as_str(), task.model, task.version as i64, doc, task.check_at.map(millis)],
+                    "INSERT INTO tasks (id, account_id, status, model, version, doc, waiting_since) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![task.id, task.account_id, task.status.as_str(), task.model, task.version as i64, doc, task.waiting_since.map(millis)],
                 )
                 .map_err(db_err)?;
                 tx.commit().map_err(db_err)
@@ -495,12 +500,12 @@ impl TaskStore for SqliteStore {
             .await
     }
 
-    async fn due_tasks(&self, waited_since: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
-        let since = millis(waited_since);
+    async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
+        let since = millis(cutoff);
         self.db
             .with(move |c| {
                 let mut st = c
-                    .prepare("SELECT doc FROM tasks WHERE check_at IS NOT NULL AND check_at <= ?1 ORDER BY check_at LIMIT ?2")
+                    .prepare("SELECT doc FROM tasks WHERE waiting_since IS NOT NULL AND waiting_since <= ?1 ORDER BY waiting_since LIMIT ?2")
                     .map_err(db_err)?;
                 let docs: Vec<String> = st
                     .query_map(params![since, limit as i64], |r| r.get(0))
@@ -724,7 +729,7 @@ mod tests {
             attempts: 0,
             lease_until: None,
             version: 1,
-            check_at: Some(Utc::now()),
+            waiting_since: Some(Utc::now()),
         }
     }
 
@@ -763,5 +768,48 @@ mod tests {
             "{refused:?}"
         );
         store.insert_task(&next, None, 3).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_database_whose_column_is_still_check_at_is_migrated_and_its_waiting_tasks_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasklane.db");
+        let account = Account::create(10, None).account;
+        let task = queued("task_00000000000000000000000001", &account.id);
+        {
+            let store = SqliteStore::new(Db::open(&path).unwrap());
+            store.create_account(&account).await.unwrap();
+            store.insert_task(&task, None, u64::MAX).await.unwrap();
+        }
+        // What an earlier version wrote: the column and the task document say `check_at`.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "DROP INDEX tasks_waiting;
+             ALTER TABLE tasks RENAME COLUMN waiting_since TO check_at;
+             CREATE INDEX tasks_due ON tasks (check_at) WHERE check_at IS NOT NULL;
+             UPDATE tasks SET doc = replace(doc, '\"waiting_since\"', '\"check_at\"');",
+        )
+        .unwrap();
+        let doc: String = old
+            .query_row("SELECT doc FROM tasks", [], |r| r.get(0))
+            .unwrap();
+        assert!(doc.contains("\"check_at\""), "{doc}");
+        drop(old);
+
+        let store = SqliteStore::new(Db::open(&path).unwrap());
+        let stored = store.task(&task.id).await.unwrap().unwrap();
+        assert_eq!(stored.waiting_since, task.waiting_since);
+        let due = store
+            .due_tasks(Utc::now() + chrono::Duration::seconds(1), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            due.len(),
+            1,
+            "the migrated task is found by the sweeper's query"
+        );
+        let now = Connection::open(&path).unwrap();
+        assert!(!has_column(&now, "tasks", "check_at").unwrap());
+        assert!(has_column(&now, "tasks", "waiting_since").unwrap());
     }
 }
