@@ -12,9 +12,9 @@ use common::{Answer, Server};
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
-use tasklane_core::intercept::{Interceptor, Op};
 use tasklane_core::ports::{PortError, PortResult};
 use tasklane_local::Hooks;
+use tasklane_testkit::intercept::{Interceptor, Op};
 use tokio::sync::{Notify, Semaphore};
 
 // ---------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ impl Interceptor for Fault {
 }
 
 fn store_fault(fault: Fault) -> Hooks {
-    Hooks::intercept(Arc::new(fault))
+    tasklane_testkit::intercept::hooks(Arc::new(fault))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use common::{Answer, Server, answer};
 use serde_json::{Value, json};
-use tasklane_core::intercept::{Interceptor, Op};
 use tasklane_core::ports::{PortError, PortResult, WorkMessage};
 use tasklane_core::processor::Processor;
 use tasklane_core::task::{Task, TaskStatus, Transition};
 use tasklane_local::{Hooks, LocalConfig};
 use tasklane_testkit::TaskBuilder;
 use tasklane_testkit::chaos::{Chaos, ChaosConfig};
+use tasklane_testkit::intercept::{Interceptor, Op};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -291,8 +291,8 @@ async fn submit_losing_the_message(s: &Server, faults: &FailNext) -> String {
 async fn a_submit_whose_enqueue_failed_is_accepted_and_run_by_the_sweeper() {
     let (f_on, f_off) = (Arc::new(FailNext::default()), Arc::new(FailNext::default()));
     let (on, off) = sweeping_and_control((
-        Hooks::intercept(f_on.clone()),
-        Hooks::intercept(f_off.clone()),
+        tasklane_testkit::intercept::hooks(f_on.clone()),
+        tasklane_testkit::intercept::hooks(f_off.clone()),
     ))
     .await;
     let (on_credits, off_credits) = (on.credits().await, off.credits().await);
@@ -668,7 +668,7 @@ impl Interceptor for CrashMidTask {
 async fn a_task_whose_worker_dies_mid_task_is_retried_after_its_lease_and_fails_after_three_attempts()
  {
     let log = Arc::new(CrashLog::default());
-    let hooks = Hooks::intercept(Arc::new(CrashMidTask { log: log.clone() }));
+    let hooks = tasklane_testkit::intercept::hooks(Arc::new(CrashMidTask { log: log.clone() }));
     // No sweeps: only the crashed worker's message, back after its visibility, drives the
     // later attempts. Lease 1 s, visibility 2 s: it comes back after the lease ran out.
     let s = Server::start_with(not_sweeping, hooks).await;
@@ -907,7 +907,11 @@ async fn a_client_that_hangs_up_at_any_step_of_a_submit_leaves_no_task_waiting_o
             dropped: Default::default(),
         });
         // Sweeping is off: a task left without its work message would wait here for an hour.
-        let s = Server::start_with(not_sweeping, Hooks::intercept(hold.clone())).await;
+        let s = Server::start_with(
+            not_sweeping,
+            tasklane_testkit::intercept::hooks(hold.clone()),
+        )
+        .await;
         let key = format!("hangup-{step:?}");
         let req = s
             .client

@@ -10,10 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::{Answer, Server, answer};
 use serde_json::{Value, json};
-use tasklane_core::intercept::{Interceptor, Op};
 use tasklane_core::ports::{PortResult, WorkMessage};
 use tasklane_core::task::{Task, Transition};
 use tasklane_local::Hooks;
+use tasklane_testkit::intercept::{Interceptor, Op};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -297,7 +297,7 @@ async fn race_round(s: &Server, referee: &Referee, plan: Plan, n: usize) -> Winn
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_racing_the_workers_pickup_is_won_by_exactly_one_side() {
     let referee = Arc::new(Referee::default());
-    let s = Server::start_with(|_| {}, Hooks::intercept(referee.clone())).await;
+    let s = Server::start_with(|_| {}, tasklane_testkit::intercept::hooks(referee.clone())).await;
     let start = s.credits().await;
     // Chance rounds, then rounds where each side is made to win: both a claim and a cancel
     // made on a stale read (the task queued) meet the other side's write and lose.

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use common::{Answer, Server};
 use serde_json::{Value, json};
-use tasklane_core::intercept::{Interceptor, Op};
 use tasklane_core::ports::PortResult;
 use tasklane_local::Hooks;
+use tasklane_testkit::intercept::{Interceptor, Op};
 use tokio::sync::watch;
 
 const TERMINAL: [&str; 3] = ["completed", "failed", "cancelled"];
@@ -413,7 +413,7 @@ impl Interceptor for SlowInsert {
 async fn a_key_still_in_flight_answers_409_and_afterwards_the_original_task() {
     let (entered_tx, mut entered_rx) = watch::channel(0u32);
     let (gate_tx, gate_rx) = watch::channel(false);
-    let hooks = Hooks::intercept(Arc::new(SlowInsert {
+    let hooks = tasklane_testkit::intercept::hooks(Arc::new(SlowInsert {
         entered: entered_tx,
         gate: gate_rx,
     }));

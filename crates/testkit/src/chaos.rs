@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::intercept::{Intercepted, Interceptor, Op};
 use async_trait::async_trait;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tasklane_core::intercept::{Intercepted, Interceptor, Op};
 use tasklane_core::ports::{PortError, PortResult, TaskStore, WorkMessage, WorkQueue};
 use tasklane_core::processor::in_worker;
 use tasklane_local::Hooks;

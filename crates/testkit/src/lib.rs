@@ -4,6 +4,7 @@
 //! measure tasklane. The product crates use it only as a dev-dependency, so no release binary
 //! contains any of it.
 //!
+//! - [`intercept`]: port wrappers that run a hook before each call (fail, delay or hold it).
 //! - [`chaos`]: seeded fault injection (failed and delayed store and queue calls, duplicate
 //!   messages, workers halted between two steps) on the core's seams.
 //! - [`soak`]: the soak run (many clients, injected faults, every answer recorded) and its
@@ -14,6 +15,7 @@
 //! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
 
 pub mod chaos;
+pub mod intercept;
 pub mod memory;
 pub mod provision;
 pub mod runtime_api;

@@ -15,9 +15,8 @@
 //! - [`processor`]: runs queued work (generation, webhook delivery) idempotently.
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
 //! - [`error`]: the one error enum and its mapping to the API error shape.
-//! - [`intercept`]: port wrappers that run a hook before each call. With the worker scope
-//!   ([`processor::in_worker`]) and [`ports::PortError::Halted`], the seams fault injection
-//!   (`tasklane-testkit`) builds on; the core injects no fault itself.
+//! - Seams for fault injection, which lives in `tasklane-testkit` (the core injects no fault
+//!   itself): the worker scope ([`processor::in_worker`]) and [`ports::PortError::Halted`].
 //! - [`sweeper`]: re-enqueues work a task waits on when its message was lost.
 //! - [`limits`]: per-account rate limiting; [`logging`]: log output (text or JSON, colour only
 //!   on a terminal).
@@ -28,7 +27,6 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod events;
-pub mod intercept;
 pub mod limits;
 pub mod logging;
 pub mod ports;

@@ -10,7 +10,6 @@ use anyhow::Context;
 use axum::Router;
 use tasklane_core::App;
 use tasklane_core::api::Api;
-use tasklane_core::intercept::{Intercepted, Interceptor};
 use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkQueue};
 use tasklane_core::processor::{Processor, run_worker};
 use tasklane_core::providers::builtin_registry;
@@ -62,19 +61,6 @@ impl Running {
                 "grace period over; abandoning in-flight work (it is taken up again at the next start)"
             );
             self.tasks.abort_all();
-        }
-    }
-}
-
-impl Hooks {
-    /// Runs `hook` before every store and work-queue call the API and the processor make.
-    pub fn intercept(hook: Arc<dyn Interceptor>) -> Hooks {
-        let h2 = hook.clone();
-        Hooks {
-            store: Some(Box::new(move |inner| {
-                Arc::new(Intercepted::new(inner, hook))
-            })),
-            queue: Some(Box::new(move |inner| Arc::new(Intercepted::new(inner, h2)))),
         }
     }
 }

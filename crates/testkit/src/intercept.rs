@@ -1,5 +1,6 @@
-//! Wrappers that run a hook before every port call: the seam for fault injection (fail,
-//! delay or hold a call) in tests and soak runs, without touching the adapters.
+//! Wrappers that run a hook before every port call, for fault injection (fail, delay or hold
+//! a call) in tests and soak runs without touching the adapters; [`hooks`] plugs one into a
+//! local server.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +9,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use crate::account::Account;
-use crate::ports::{
+use tasklane_core::account::Account;
+use tasklane_core::ports::{
     BlobStore, IdempotencyClaim, ListQuery, PortResult, Reservation, SignedUrl, TaskPage,
     TaskStore, WorkMessage, WorkQueue,
 };
-use crate::task::{Task, Transition};
+use tasklane_core::task::{Task, Transition};
+use tasklane_local::Hooks;
 
 /// A port call about to be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -179,5 +181,17 @@ impl BlobStore for Intercepted<dyn BlobStore> {
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
         self.hook.before(Op::PresignGet).await?;
         self.inner.presign_get(key, ttl).await
+    }
+}
+
+/// Runs `hook` before every store and work-queue call a local server's API, processor and
+/// sweeper make.
+pub fn hooks(hook: Arc<dyn Interceptor>) -> Hooks {
+    let h2 = hook.clone();
+    Hooks {
+        store: Some(Box::new(move |inner| {
+            Arc::new(Intercepted::new(inner, hook))
+        })),
+        queue: Some(Box::new(move |inner| Arc::new(Intercepted::new(inner, h2)))),
     }
 }
