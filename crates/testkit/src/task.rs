@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use tasklane_core::task::{Callback, CallbackState, Cost, Task, TaskInput, TaskStatus};
+use tasklane_core::task::{Callback, Task, TaskInput, TaskStatus};
 
 /// Builds a [`Task`]:
 ///
@@ -45,36 +45,13 @@ impl TaskBuilder {
     /// created now, version 1, no attempt yet, waiting on its run since its creation
     /// (`waiting_since`).
     pub fn echo(account_id: &str) -> Self {
-        let now = Utc::now();
+        let input = TaskInput {
+            prompt: Some("a test task".into()),
+            duration: None,
+            params: serde_json::Map::new(),
+        };
         TaskBuilder {
-            task: Task {
-                id: new_task_id(),
-                account_id: account_id.to_string(),
-                model: "echo".into(),
-                action: "generate".into(),
-                status: TaskStatus::Queued,
-                progress: 0,
-                input: TaskInput {
-                    prompt: Some("a test task".into()),
-                    duration: None,
-                    params: serde_json::Map::new(),
-                },
-                outputs: vec![],
-                error: None,
-                cost: Cost {
-                    credits: 1,
-                    refunded: false,
-                },
-                callback: None,
-                metadata: Default::default(),
-                created_at: now,
-                started_at: None,
-                completed_at: None,
-                attempts: 0,
-                lease_until: None,
-                version: 1,
-                waiting_since: Some(now),
-            },
+            task: Task::queued(new_task_id(), account_id, "echo", input, 1, Utc::now()),
         }
     }
 
@@ -122,13 +99,7 @@ impl TaskBuilder {
 
     /// A webhook to `url`, pending, nothing attempted yet.
     pub fn callback(mut self, url: &str) -> Self {
-        self.task.callback = Some(Callback {
-            url: url.to_string(),
-            state: CallbackState::Pending,
-            attempts: 0,
-            last_status_code: None,
-            deliveries: vec![],
-        });
+        self.task.callback = Some(Callback::pending(url));
         self
     }
 

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::account::{Account, hash_api_key};
 use crate::error::ApiError;
 use crate::ports::{IdempotencyClaim, ListQuery, PortError, Reservation, WorkMessage};
-use crate::task::{Callback, CallbackState, Cost, Task, TaskInput, TaskStatus, Transition};
+use crate::task::{Callback, Task, TaskInput, TaskStatus, Transition};
 use crate::validate::{SubmitRequest, SubmitRules, check_idempotency_key, parse_submit};
 use crate::view::{TaskView, task_view};
 use crate::{App, is_task_id};
@@ -336,40 +336,23 @@ impl Api {
                 available: account.credits,
             });
         }
-        let now = chrono::Utc::now();
+        let input = TaskInput {
+            prompt: sub.prompt.clone(),
+            duration: sub.duration,
+            params: sub.params.clone(),
+        };
         let task = Task {
-            id: self.app.new_task_id(),
-            account_id: account.id.clone(),
-            model: sub.model.clone(),
             action: sub.action.clone(),
-            status: TaskStatus::Queued,
-            progress: 0,
-            input: TaskInput {
-                prompt: sub.prompt.clone(),
-                duration: sub.duration,
-                params: sub.params.clone(),
-            },
-            outputs: vec![],
-            error: None,
-            cost: Cost {
-                credits: cost,
-                refunded: false,
-            },
-            callback: sub.callback_url.as_ref().map(|url| Callback {
-                url: url.clone(),
-                state: CallbackState::Pending,
-                attempts: 0,
-                last_status_code: None,
-                deliveries: Vec::new(),
-            }),
+            callback: sub.callback_url.as_ref().map(Callback::pending),
             metadata: sub.metadata.clone(),
-            created_at: now,
-            started_at: None,
-            completed_at: None,
-            attempts: 0,
-            lease_until: None,
-            version: 1,
-            waiting_since: Some(now),
+            ..Task::queued(
+                self.app.new_task_id(),
+                &account.id,
+                &sub.model,
+                input,
+                cost,
+                chrono::Utc::now(),
+            )
         };
         self.app
             .store

@@ -151,6 +151,17 @@ pub struct DeliveryAttempt {
 }
 
 impl Callback {
+    /// A webhook to `url` that nothing has been sent to yet.
+    pub fn pending(url: impl Into<String>) -> Callback {
+        Callback {
+            url: url.into(),
+            state: CallbackState::Pending,
+            attempts: 0,
+            last_status_code: None,
+            deliveries: Vec::new(),
+        }
+    }
+
     /// Records an attempt (keeping the last [`MAX_DELIVERY_HISTORY`]); `last_status_code`
     /// stays the status of the last attempt that got an answer.
     pub fn record(&mut self, attempt: DeliveryAttempt) {
@@ -215,6 +226,42 @@ pub struct Task {
 }
 
 impl Task {
+    /// A new task as submit stores it: queued with action `generate`, `credits` debited, no
+    /// callback or metadata, created at `now` and waiting on its run since then, version 1.
+    pub fn queued(
+        id: String,
+        account_id: &str,
+        model: &str,
+        input: TaskInput,
+        credits: u64,
+        now: DateTime<Utc>,
+    ) -> Task {
+        Task {
+            id,
+            account_id: account_id.to_string(),
+            model: model.to_string(),
+            action: "generate".into(),
+            status: TaskStatus::Queued,
+            progress: 0,
+            input,
+            outputs: vec![],
+            error: None,
+            cost: Cost {
+                credits,
+                refunded: false,
+            },
+            callback: None,
+            metadata: BTreeMap::new(),
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+            attempts: 0,
+            lease_until: None,
+            version: 1,
+            waiting_since: Some(now),
+        }
+    }
+
     /// Whether the task is queued or processing (counts towards the account's open-task cap).
     pub fn is_open(&self) -> bool {
         !self.status.is_terminal()
