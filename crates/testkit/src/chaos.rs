@@ -1,5 +1,5 @@
-//! Seeded fault injection for tests and soak runs, built on two neutral seams of the core:
-//! [`tasklane_core::intercept`] (a hook before every port call) and the worker scope of
+//! Seeded fault injection for tests and soak runs, built on [`crate::intercept`] (a hook
+//! before every port call) and a neutral seam of the core, the worker scope of
 //! [`tasklane_core::processor`] ([`in_worker`]: whether the call is a worker's).
 //!
 //! [`Chaos`] is an [`Interceptor`]: before a store or queue call it may fail the call as a

@@ -296,7 +296,7 @@ fn integral(v: f64) -> Option<Value> {
 }
 
 /// Parses a request body as JSON, refusing repeated keys. Whole numbers written with a
-/// fraction or an exponent (`17.0`, `1.7e1`) come out as integers (see [`integral`]).
+/// fraction or an exponent (`17.0`, `1.7e1`) come out as integers when they fit `i64` or `u64`.
 pub fn parse_strict_json(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice::<Strict>(body)
         .map(|s| s.0)

@@ -123,7 +123,7 @@ pub struct WebhookSender {
 /// addresses they "resolve" to, with every connection routed to a loopback listener, so the
 /// checks run on exactly the addresses the sender would have connected to while no packet and
 /// no DNS query leaves the machine. Literal addresses in a URL are never looked up (they are
-/// judged by [`check_target`] before anything is sent).
+/// judged before anything is sent: [`WebhookSender::refuses_before_connecting`]).
 pub trait Network: Send + Sync + std::fmt::Debug + 'static {
     /// The addresses `host` resolves to.
     fn lookup(&self, host: String) -> BoxFuture<std::io::Result<Vec<IpAddr>>>;
