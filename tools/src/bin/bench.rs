@@ -201,6 +201,22 @@ struct ClientResult {
     ids: Vec<String>,
 }
 
+impl ClientResult {
+    /// Sends `req`: counted ok, with its latency, when it answers `expected`; otherwise
+    /// counted as the error it is.
+    async fn expect(&mut self, expected: StatusCode, req: reqwest::RequestBuilder) {
+        let start = Instant::now();
+        match send(req).await {
+            Ok((status, _)) if status == expected => {
+                self.ok += 1;
+                self.latencies.push(start.elapsed());
+            }
+            Ok((status, bytes)) => self.errors.add(http_error(status, &bytes)),
+            Err(kind) => self.errors.add(kind),
+        }
+    }
+}
+
 struct Target {
     client: Client,
     base: String,
@@ -343,15 +359,7 @@ async fn status_reads(
             while Instant::now() < deadline {
                 let path = format!("/tasks/{}", ids[next % ids.len()]);
                 next += n;
-                let start = Instant::now();
-                match send(t.get(&path)).await {
-                    Ok((StatusCode::OK, _)) => {
-                        r.ok += 1;
-                        r.latencies.push(start.elapsed());
-                    }
-                    Ok((status, bytes)) => r.errors.add(http_error(status, &bytes)),
-                    Err(kind) => r.errors.add(kind),
-                }
+                r.expect(StatusCode::OK, t.get(&path)).await;
             }
             r
         }
@@ -381,15 +389,8 @@ async fn submits(t: &Arc<Target>, n: usize, requests: usize) -> PhaseResult {
                 })
                 .is_ok()
             {
-                let start = Instant::now();
-                match send(t.post("/tasks", &body)).await {
-                    Ok((StatusCode::ACCEPTED, _)) => {
-                        r.ok += 1;
-                        r.latencies.push(start.elapsed());
-                    }
-                    Ok((status, bytes)) => r.errors.add(http_error(status, &bytes)),
-                    Err(kind) => r.errors.add(kind),
-                }
+                r.expect(StatusCode::ACCEPTED, t.post("/tasks", &body))
+                    .await;
             }
             r
         }
