@@ -934,20 +934,31 @@ async fn a_client_that_hangs_up_at_any_step_of_a_submit_leaves_no_task_waiting_o
             .is_ok();
         hold.release.add_permits(1);
 
-        let tasks = s.get("/tasks?limit=10").await.body["data"]
-            .as_array()
-            .unwrap()
-            .clone();
-        if tasks.is_empty() {
+        // A cancelled call writes nothing more; one that goes on creates its task, perhaps
+        // only after this line: wait for it rather than read the list too early.
+        let list = || async {
+            s.get("/tasks?limit=10").await.body["data"]
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        let mut tasks = list().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cancelled && tasks.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tasks = list().await;
+        }
+        if cancelled {
             // Cut before the first write: nothing was created, nothing was charged.
-            assert!(
-                cancelled,
-                "{step:?}: no task, but the call was not cancelled either"
-            );
+            assert!(tasks.is_empty(), "{step:?}: cancelled, yet {tasks:?}");
             assert_eq!(s.credits().await, common::test_config(&s.dir).dev_credits);
             cut_before_writing += 1;
         } else {
-            assert_eq!(tasks.len(), 1, "{step:?}: {tasks:?}");
+            assert_eq!(
+                tasks.len(),
+                1,
+                "{step:?}: not cancelled, so its task: {tasks:?}"
+            );
             let end = s.wait_terminal(&id(&tasks[0]), 20).await;
             assert_eq!(end["status"], "completed", "{step:?}: {end}");
         }
