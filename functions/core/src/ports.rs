@@ -341,3 +341,132 @@ pub trait Generator: Send + Sync {
     /// Generates the outputs of `job`, reporting progress to `progress`.
     async fn generate(&self, job: Job<'_>, progress: &mut dyn ProgressSink) -> GenerateOutcome;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams: models that run elsewhere
+// ---------------------------------------------------------------------------------------------
+
+/// What an upstream says about one of its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamState {
+    /// Waiting or running. `progress` (0..=99) when the upstream gives one or its logs show
+    /// one; `logs`: the run's whole log as the upstream has it so far, when it gives one.
+    Running {
+        /// Progress, if known.
+        progress: Option<u8>,
+        /// The log so far, if the upstream gives one.
+        logs: Option<String>,
+    },
+    /// Finished with these outputs: `data:` URIs or URLs to download.
+    Succeeded {
+        /// The outputs, in order.
+        outputs: Vec<String>,
+        /// The final log, if any.
+        logs: Option<String>,
+    },
+    /// The model failed; `message` is the upstream's (bounded before it is shown).
+    Failed {
+        /// What the upstream said.
+        message: String,
+        /// The final log, if any.
+        logs: Option<String>,
+    },
+    /// The run was cancelled upstream (by tasklane after a timeout, or by someone else).
+    Canceled,
+    /// The upstream no longer knew the run and started it anew: its result, if it had one, is
+    /// gone (Cog forgets a prediction once it has finished and has no way to read one).
+    Restarted,
+}
+
+impl UpstreamState {
+    /// Whether the run has ended (no further change will come).
+    pub fn is_terminal(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamState::Running { .. } | UpstreamState::Restarted
+        )
+    }
+}
+
+/// Why an upstream call did not give an answer about a run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream is at capacity (all slots busy, rate limited): try again later; the task
+    /// stays queued and is never failed for it.
+    #[error("upstream at capacity")]
+    Busy {
+        /// When the upstream said to come back, if it did.
+        retry_after: Option<Duration>,
+    },
+    /// Unreachable, timed out or a 5xx: retried with backoff.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// The upstream refused the request (a 4xx other than capacity): the task fails.
+    #[error("upstream refused the request: {0}")]
+    Refused(String),
+    /// The upstream does not know the run.
+    #[error("upstream does not know the run")]
+    Unknown,
+}
+
+/// A callback from an upstream, read by [`Upstream::read_callback`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamReport {
+    /// The upstream's id of the run it is about.
+    pub id: String,
+    /// What it says.
+    pub state: UpstreamState,
+}
+
+/// The parts of an HTTP request an upstream's callback is judged on.
+#[derive(Debug, Clone, Copy)]
+pub struct CallbackRequest<'a> {
+    /// Request headers (a provider's signature lives there).
+    pub headers: &'a http::HeaderMap,
+    /// The raw body, as signed.
+    pub body: &'a [u8],
+}
+
+/// A model served by an upstream: tasklane starts a run, lets its worker go, and learns the end
+/// from the upstream's callback to `POST /v1/upstream/{provider}/{task_id}` or from checking
+/// ([`Upstream::check`]) on a backoff. One implementation per protocol ([`crate::providers`]).
+#[async_trait]
+pub trait Upstream: Send + Sync {
+    /// The provider's name in callback routes and logs (`cog`, `replicate`, ...).
+    fn provider(&self) -> &'static str;
+
+    /// Starts `job`, asking the upstream to report to `callback`; returns the upstream's id of
+    /// the run. A provider that lets the caller name the run uses the task id, so a start
+    /// retried after a crash never runs the job twice.
+    async fn start(&self, job: Job<'_>, callback: &str) -> Result<String, UpstreamError>;
+
+    /// What run `id` of `job` is doing now (`callback` as given to `start`, for providers whose
+    /// only way to ask is to repeat the start).
+    async fn check(
+        &self,
+        job: Job<'_>,
+        id: &str,
+        callback: &str,
+    ) -> Result<UpstreamState, UpstreamError>;
+
+    /// Asks the upstream to stop run `id`; best effort.
+    async fn cancel(&self, id: &str) -> Result<(), UpstreamError>;
+
+    /// Reads a callback, checking the provider's own signature where it has one. `Err` with
+    /// a reason when it is malformed or not signed by the upstream.
+    fn read_callback(&self, req: CallbackRequest<'_>) -> Result<UpstreamReport, String>;
+
+    /// Whether a callback's content is the truth about the run. Providers with a way to read a
+    /// run (Replicate, fal, Veo) answer false: a callback only prompts tasklane to
+    /// [`Upstream::check`] at once, so a forged body can change nothing. Cog answers true: it
+    /// has no way to read a prediction, so its callbacks (authenticated by the per-task token)
+    /// carry the result.
+    fn callback_is_authoritative(&self) -> bool;
+
+    /// Headers to send when downloading output `url` (the provider's credentials, only for
+    /// the provider's own file hosts).
+    fn download_headers(&self, url: &url::Url) -> Vec<(http::HeaderName, http::HeaderValue)> {
+        let _ = url;
+        Vec::new()
+    }
+}

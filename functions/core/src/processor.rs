@@ -165,7 +165,14 @@ impl Processor {
                 .finish(&task, &failure(Some(attempt), "model_unavailable", message))
                 .await;
         };
-        let (outcome, current) = self.generate(&task, spec.generator.as_ref()).await?;
+        let generator = match &spec.runner {
+            crate::registry::Runner::Local(g) => g.clone(),
+            crate::registry::Runner::Upstream(_) => {
+                let fail = failure(Some(attempt), "model_unavailable", "not wired yet");
+                return self.finish(&task, &fail).await;
+            }
+        };
+        let (outcome, current) = self.generate(&task, generator.as_ref()).await?;
         let transition = match outcome {
             GenerateOutcome::Aborted => {
                 tracing::warn!(task_id, attempt, "attempt aborted: the task was taken over");

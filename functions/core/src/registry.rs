@@ -1,11 +1,16 @@
-//! The model registry: what each model accepts, what it costs, and the generator that runs it.
+//! The model registry: what each model accepts, what it costs, and what runs it.
+//!
+//! The built-in demo models ([`crate::providers::builtin_registry`]) are the default; an
+//! operator's catalog ([`crate::catalog`]) replaces them with models served by upstream
+//! providers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use crate::ports::Generator;
+use crate::ports::{Generator, Upstream};
 
 /// Limits on a model's `duration`, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,11 +46,11 @@ pub enum ParamKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
     /// Name inside `params`.
-    pub name: &'static str,
+    pub name: String,
     /// Type and bounds.
     pub kind: ParamKind,
     /// What it does.
-    pub description: &'static str,
+    pub description: String,
 }
 
 /// How a task is priced.
@@ -57,15 +62,26 @@ pub enum Pricing {
     PerSecond(u64),
 }
 
+/// What runs a model's tasks.
+#[derive(Clone)]
+pub enum Runner {
+    /// A generator inside the worker, which holds the task's lease while it runs (the demo
+    /// models).
+    Local(Arc<dyn Generator>),
+    /// An upstream service: the worker starts the job and lets go; the upstream's callback or
+    /// a later check finishes the task ([`crate::upstream`]).
+    Upstream(Arc<dyn Upstream>),
+}
+
 /// Everything the API knows about a model.
 #[derive(Clone)]
 pub struct ModelSpec {
     /// Name clients send as `model`.
-    pub name: &'static str,
+    pub name: String,
     /// One line for docs.
-    pub description: &'static str,
+    pub description: String,
     /// Accepted `action` values; the first is the default when it is not `generate`.
-    pub actions: &'static [&'static str],
+    pub actions: Vec<String>,
     /// Whether `prompt` must be present and non-empty.
     pub prompt_required: bool,
     /// Longest accepted prompt, in characters.
@@ -77,7 +93,40 @@ pub struct ModelSpec {
     /// Price.
     pub pricing: Pricing,
     /// Runs the task.
-    pub generator: Arc<dyn Generator>,
+    pub runner: Runner,
+    /// How long a task may run upstream before it is cancelled there and fails (`timeout`).
+    pub timeout: Duration,
+    /// Hosts whose output URLs are fetched even when they resolve to private addresses (an
+    /// operator's own model server or bucket); every other output URL must be public.
+    pub trusted_hosts: Vec<String>,
+    /// Largest output file accepted from the upstream, in bytes.
+    pub max_output_bytes: u64,
+}
+
+/// The timeout of a model that does not set one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// The output size cap of a model that does not set one.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 512 * 1024 * 1024;
+
+impl ModelSpec {
+    /// A model run in the worker by `generator`, with the default timeout and output cap and
+    /// no params (set the other fields after).
+    pub fn local(name: &str, description: &str, generator: Arc<dyn Generator>) -> ModelSpec {
+        ModelSpec {
+            name: name.to_string(),
+            description: description.to_string(),
+            actions: vec!["generate".to_string()],
+            prompt_required: false,
+            max_prompt_chars: 2000,
+            duration: None,
+            params: Vec::new(),
+            pricing: Pricing::Flat(1),
+            runner: Runner::Local(generator),
+            timeout: DEFAULT_TIMEOUT,
+            trusted_hosts: Vec::new(),
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+        }
+    }
 }
 
 impl std::fmt::Debug for ModelSpec {
@@ -101,8 +150,8 @@ impl ModelSpec {
     pub fn check_params(&self, params: &Map<String, Value>) -> Result<(), (String, String)> {
         for (name, value) in params {
             let param = format!("params.{name}");
-            let Some(spec) = self.params.iter().find(|p| p.name == name) else {
-                let known: Vec<_> = self.params.iter().map(|p| p.name).collect();
+            let Some(spec) = self.params.iter().find(|p| p.name == *name) else {
+                let known: Vec<_> = self.params.iter().map(|p| p.name.as_str()).collect();
                 let msg = if known.is_empty() {
                     format!("model {} takes no params", self.name)
                 } else {
@@ -154,7 +203,7 @@ impl ModelSpec {
                 };
                 let mut v = kind;
                 v["description"] = json!(p.description);
-                (p.name.to_string(), v)
+                (p.name.clone(), v)
             })
             .collect();
         json!({
@@ -175,7 +224,7 @@ impl ModelSpec {
 /// The set of models the API serves.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    models: BTreeMap<&'static str, ModelSpec>,
+    models: BTreeMap<String, ModelSpec>,
 }
 
 impl Registry {
@@ -186,7 +235,7 @@ impl Registry {
 
     /// Adds (or replaces) a model.
     pub fn register(&mut self, spec: ModelSpec) -> &mut Self {
-        self.models.insert(spec.name, spec);
+        self.models.insert(spec.name.clone(), spec);
         self
     }
 
@@ -196,8 +245,8 @@ impl Registry {
     }
 
     /// Model names, sorted.
-    pub fn names(&self) -> Vec<&'static str> {
-        self.models.keys().copied().collect()
+    pub fn names(&self) -> Vec<&str> {
+        self.models.keys().map(String::as_str).collect()
     }
 
     /// All models, sorted by name.

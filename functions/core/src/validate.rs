@@ -153,7 +153,7 @@ fn model_of<'r>(
 fn action_of(obj: &Map<String, Value>, model: &ModelSpec) -> Result<String, ApiError> {
     match optional_str(obj, "action")? {
         None => Ok(model.actions[0].to_string()),
-        Some(a) if model.actions.contains(&a) => Ok(a.to_string()),
+        Some(a) if model.actions.iter().any(|x| x == a) => Ok(a.to_string()),
         Some(a) => Err(ApiError::invalid(
             "action",
             format!(

@@ -19,75 +19,98 @@ use crate::registry::{DurationRule, ModelSpec, ParamKind, ParamSpec, Pricing, Re
 pub fn builtin_registry(time_scale: f64) -> Registry {
     let mut r = Registry::new();
     r.register(ModelSpec {
-        name: "veo3",
-        description: "Demo video generator: renders an animated GIF of `duration` seconds from the prompt.",
-        actions: &["generate"],
         prompt_required: true,
-        max_prompt_chars: 2000,
-        duration: Some(DurationRule { min: 1, max: 20, default: 5 }),
+        duration: Some(DurationRule {
+            min: 1,
+            max: 20,
+            default: 5,
+        }),
         params: vec![
-            ParamSpec { name: "fps", kind: ParamKind::Int { min: 1, max: 24 }, description: "frames per second (default 8)" },
-            ParamSpec { name: "seed", kind: ParamKind::Int { min: 0, max: i64::MAX }, description: "changes the picture for the same prompt" },
+            param("fps", ParamKind::Int { min: 1, max: 24 }, "frames per second (default 8)"),
+            seed_param(),
         ],
         pricing: Pricing::PerSecond(10),
-        generator: Arc::new(VideoDemo { seconds_per_second: 0.25 * time_scale.max(0.0) }),
+        ..ModelSpec::local(
+            "veo3",
+            "Demo video generator: renders an animated GIF of `duration` seconds from the prompt.",
+            demo_generator("video", time_scale).expect("a demo generator"),
+        )
     });
+    let pixels = ParamKind::Int { min: 16, max: 1024 };
     r.register(ModelSpec {
-        name: "demo-image",
-        description: "Demo image generator: renders a PNG from the prompt.",
-        actions: &["generate"],
         prompt_required: true,
-        max_prompt_chars: 2000,
-        duration: None,
         params: vec![
-            ParamSpec {
-                name: "width",
-                kind: ParamKind::Int { min: 16, max: 1024 },
-                description: "pixels (default 512)",
-            },
-            ParamSpec {
-                name: "height",
-                kind: ParamKind::Int { min: 16, max: 1024 },
-                description: "pixels (default 512)",
-            },
-            ParamSpec {
-                name: "seed",
-                kind: ParamKind::Int {
-                    min: 0,
-                    max: i64::MAX,
-                },
-                description: "changes the picture for the same prompt",
-            },
+            param("width", pixels.clone(), "pixels (default 512)"),
+            param("height", pixels, "pixels (default 512)"),
+            seed_param(),
         ],
         pricing: Pricing::Flat(5),
-        generator: Arc::new(ImageDemo),
+        ..ModelSpec::local(
+            "demo-image",
+            "Demo image generator: renders a PNG from the prompt.",
+            demo_generator("image", time_scale).expect("a demo generator"),
+        )
     });
     r.register(ModelSpec {
-        name: "echo",
-        description: "Test model: finishes at once with the prompt as a text/plain output.",
-        actions: &["generate"],
-        prompt_required: false,
         max_prompt_chars: 10_000,
-        duration: None,
         params: vec![
-            ParamSpec {
-                name: "sleep_ms",
-                kind: ParamKind::Int {
+            param(
+                "sleep_ms",
+                ParamKind::Int {
                     min: 0,
                     max: 60_000,
                 },
-                description: "wait this long before finishing",
-            },
-            ParamSpec {
-                name: "fail",
-                kind: ParamKind::Str { max_chars: 500 },
-                description: "fail with this message (code generation_failed)",
-            },
+                "wait this long before finishing",
+            ),
+            param(
+                "fail",
+                ParamKind::Str { max_chars: 500 },
+                "fail with this message (code generation_failed)",
+            ),
         ],
         pricing: Pricing::Flat(1),
-        generator: Arc::new(Echo),
+        ..ModelSpec::local(
+            "echo",
+            "Test model: finishes at once with the prompt as a text/plain output.",
+            demo_generator("echo", time_scale).expect("a demo generator"),
+        )
     });
     r
+}
+
+/// The demo generator named `kind` (`video`, `image` or `echo`), for the built-in registry and
+/// for catalog entries with `provider = "demo"`. `time_scale` as in [`builtin_registry`].
+pub fn demo_generator(kind: &str, time_scale: f64) -> Option<Arc<dyn Generator>> {
+    Some(match kind {
+        "video" => Arc::new(VideoDemo {
+            seconds_per_second: 0.25 * time_scale.max(0.0),
+        }),
+        "image" => Arc::new(ImageDemo),
+        "echo" => Arc::new(Echo),
+        _ => return None,
+    })
+}
+
+/// The demo generators' names, for error messages.
+pub const DEMO_KINDS: [&str; 3] = ["video", "image", "echo"];
+
+fn param(name: &str, kind: ParamKind, description: &str) -> ParamSpec {
+    ParamSpec {
+        name: name.to_string(),
+        kind,
+        description: description.to_string(),
+    }
+}
+
+fn seed_param() -> ParamSpec {
+    param(
+        "seed",
+        ParamKind::Int {
+            min: 0,
+            max: i64::MAX,
+        },
+        "changes the picture for the same prompt",
+    )
 }
 
 /// Bytes derived from the prompt and seed, so the same input draws the same picture.
@@ -313,15 +336,19 @@ mod tests {
         }
     }
 
+    fn local<'r>(reg: &'r Registry, model: &str) -> &'r dyn Generator {
+        match &reg.get(model).unwrap().runner {
+            crate::registry::Runner::Local(g) => g.as_ref(),
+            crate::registry::Runner::Upstream(_) => panic!("{model} is a demo model"),
+        }
+    }
+
     #[tokio::test]
     async fn veo3_renders_a_real_gif_with_one_progress_report_per_frame() {
         let reg = builtin_registry(0.0);
         let params = Map::new();
         let mut sink = Count(vec![]);
-        let out = reg
-            .get("veo3")
-            .unwrap()
-            .generator
+        let out = local(&reg, "veo3")
             .generate(
                 job("A cat walking on the beach", Some(2), &params),
                 &mut sink,
@@ -350,10 +377,7 @@ mod tests {
         let mut params = Map::new();
         params.insert("width".into(), 40.into());
         params.insert("height".into(), 30.into());
-        let out = reg
-            .get("demo-image")
-            .unwrap()
-            .generator
+        let out = local(&reg, "demo-image")
             .generate(job("x", None, &params), &mut Count(vec![]))
             .await;
         let GenerateOutcome::Done(files) = out else {
