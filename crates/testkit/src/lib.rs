@@ -12,9 +12,12 @@
 //! - [`memory`]: small in-memory adapters (store, queue, blobs) for volume, e.g. the API fuzzer.
 //! - [`provision`]: creates the resources `template.yaml` declares on an AWS emulator.
 //! - [`runtime_api`]: a Lambda Runtime API emulator that runs a function binary as Lambda does.
+//! - [`cog`]: the real Cog prediction server (coglet) on loopback running a predictor of
+//!   `tests/cog/`, and what it was observed to do (the Cog provider adapter relies on it).
 //! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
 
 pub mod chaos;
+pub mod cog;
 pub mod intercept;
 pub mod memory;
 pub mod provision;
