@@ -777,3 +777,199 @@ async fn the_model_filter_is_1_to_64_characters_not_bytes() {
     assert_eq!(ids.len(), 1);
     s.stop().await;
 }
+
+/// A catalog of two demo-provider models whose names, prices, params and duration differ from
+/// the built-in ones.
+const CATALOG: &str = r#"
+[models.clip-pro]
+provider = "demo"
+demo = "video"
+description = "A short clip, from the catalog"
+prompt = { required = true, max_length = 100 }
+duration = { min = 2, max = 4, default = 3 }
+price = { per_second = 3 }
+timeout = 120
+
+[models.clip-pro.params.fps]
+type = "integer"
+min = 1
+max = 4
+description = "frames per second"
+
+[models.note]
+provider = "demo"
+demo = "echo"
+description = "Writes the prompt down"
+actions = ["generate", "summarize"]
+price = { per_task = 7 }
+
+[models.note.params.fail]
+type = "string"
+max_length = 50
+description = "fail with this message"
+"#;
+
+#[tokio::test]
+async fn a_catalog_file_replaces_the_models_and_submit_validates_charges_and_runs_by_it() {
+    let catalog_dir = tempfile::tempdir().unwrap();
+    let catalog = catalog_dir.path().join("models.toml");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let s = Server::start_with(|c| c.models = Some(catalog.clone()), Hooks::default()).await;
+
+    // GET /v1/models lists exactly the catalog's models, with the catalog's values.
+    let a = s.get("/models").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        a.body["data"],
+        json!([
+            {
+                "id": "clip-pro",
+                "description": "A short clip, from the catalog",
+                "actions": ["generate"],
+                "prompt": {"required": true, "max_length": 100},
+                "duration": {"min": 2, "max": 4, "default": 3},
+                "params": {"fps": {"type": "integer", "minimum": 1, "maximum": 4, "description": "frames per second"}},
+                "pricing": {"credits_per_second": 3},
+                "provider": "demo",
+                "timeout": 120,
+            },
+            {
+                "id": "note",
+                "description": "Writes the prompt down",
+                "actions": ["generate", "summarize"],
+                "prompt": {"required": false, "max_length": 2000},
+                "duration": null,
+                "params": {"fail": {"type": "string", "max_length": 50, "description": "fail with this message"}},
+                "pricing": {"credits_per_task": 7},
+                "provider": "demo",
+                "timeout": 600,
+            },
+        ])
+    );
+
+    // Submit checks requests against the catalog, not the built-in models.
+    let before = s.credits().await;
+    for (body, param) in [
+        (json!({"model": "veo3", "prompt": "a cat"}), "model"),
+        (
+            json!({"model": "clip-pro", "prompt": "a cat", "params": {"x": 1}}),
+            "params.x",
+        ),
+        (
+            json!({"model": "clip-pro", "prompt": "a cat", "params": {"fps": 8}}),
+            "params.fps",
+        ),
+        (
+            json!({"model": "clip-pro", "prompt": "a cat", "duration": 5}),
+            "duration",
+        ),
+        (
+            json!({"model": "clip-pro", "prompt": "a cat", "duration": 1}),
+            "duration",
+        ),
+        (json!({"model": "clip-pro"}), "prompt"),
+        (
+            json!({"model": "clip-pro", "prompt": "x".repeat(101)}),
+            "prompt",
+        ),
+        (
+            json!({"model": "note", "prompt": "hi", "duration": 3}),
+            "duration",
+        ),
+        (json!({"model": "note", "action": "extend"}), "action"),
+    ] {
+        let a = s.post("/tasks", &body).await;
+        let e = a.assert_error(400, "invalid_request");
+        assert_eq!(e["param"], param, "{body}: {}", a.body);
+    }
+    assert_eq!(s.credits().await, before, "refused submits cost nothing");
+
+    // Accepted ones cost the catalog's price and run on the demo generator it names.
+    let clip = s
+        .submit(
+            json!({"model": "clip-pro", "prompt": "a cat", "duration": 4, "params": {"fps": 2}}),
+        )
+        .await;
+    assert_eq!(clip["cost"], json!({"credits": 12, "refunded": false}));
+    let note = s
+        .submit(json!({"model": "note", "action": "summarize", "prompt": "hello catalog"}))
+        .await;
+    assert_eq!(note["cost"], json!({"credits": 7, "refunded": false}));
+    let defaulted = s
+        .submit(json!({"model": "clip-pro", "prompt": "a dog"}))
+        .await;
+    assert_eq!(
+        defaulted["input"]["duration"], 3,
+        "the catalog's default duration"
+    );
+    assert_eq!(defaulted["cost"]["credits"], 9);
+    assert_eq!(s.credits().await, before - 12 - 7 - 9);
+
+    let done = s.wait_terminal(&id_of(&clip), 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (status, gif) = download(done["result"]["outputs"][0]["url"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(gif.starts_with(b"GIF89a"), "a GIF");
+    let done = s.wait_terminal(&id_of(&note), 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["action"], "summarize");
+    let (status, text) = download(done["result"]["outputs"][0]["url"].as_str().unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), text.as_slice()),
+        (200, &b"hello catalog"[..])
+    );
+    let done = s.wait_terminal(&id_of(&defaulted), 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(s.credits().await, before - 12 - 7 - 9, "nothing refunded");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_catalog_stops_the_tasklane_binary_with_the_model_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("models.toml");
+    let bad = CATALOG.replace(
+        "price = { per_second = 3 }",
+        "price = { per_second = 3, per_task = 5 }",
+    );
+    std::fs::write(&catalog, bad).unwrap();
+    let data_dir = dir.path().join("data");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tasklane"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TASKLANE_") {
+            cmd.env_remove(k);
+        }
+    }
+    // With backtraces asked for, a startup error must still be one message, not a backtrace.
+    cmd.env("TASKLANE_ADDR", "127.0.0.1:0")
+        .env("TASKLANE_DATA_DIR", &data_dir)
+        .env("TASKLANE_MODELS", &catalog)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("tasklane exits instead of serving")
+        .expect("the tasklane binary runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let shown = format!(
+        "status {}\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        out.status
+    );
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        stderr.contains(
+            "model \"clip-pro\": field \"price\": give exactly one of per_second or per_task"
+        ),
+        "{shown}"
+    );
+    assert!(stderr.contains("TASKLANE_MODELS"), "{shown}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.to_lowercase().contains("backtrace"),
+        "{shown}"
+    );
+    assert!(!stdout.contains("listening"), "{shown}");
+}

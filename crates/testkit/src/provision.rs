@@ -125,5 +125,6 @@ pub async fn provision(
         queue_url,
         bucket,
         core: tasklane_core::Config::default(),
+        models: None,
     })
 }

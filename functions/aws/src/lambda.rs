@@ -145,8 +145,9 @@ pub struct Function {
 }
 
 impl Function {
-    /// Reads the settings from the environment and builds the clients. Exits the process
-    /// with a message naming the variable when configuration is missing or invalid.
+    /// Reads the settings from the environment, builds the clients and loads the model
+    /// catalog (`TASKLANE_MODELS`). Exits the process with a message naming the variable (and
+    /// for a catalog, the model and field) when configuration is missing or invalid.
     pub async fn from_env() -> Arc<Function> {
         init_tracing();
         let settings = match crate::AwsSettings::from_env() {
@@ -158,7 +159,15 @@ impl Function {
             }
         };
         let backends = crate::AwsBackends::connect(&settings).await;
-        let app = backends.app(settings.core.clone());
+        let registry = match backends.registry(&settings).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid model catalog");
+                eprintln!("tasklane: {e}");
+                std::process::exit(2);
+            }
+        };
+        let app = backends.app_with(settings.core.clone(), registry);
         Arc::new(Function {
             app: app.clone(),
             api: Api::new(app.clone()),

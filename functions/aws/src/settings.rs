@@ -1,11 +1,14 @@
 //! Configuration of the AWS runtime, read once from the environment, and the adapters built
 //! from it (SDK clients made once, outside any handler).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use aws_smithy_runtime_api::client::interceptors::SharedInterceptor;
+use tasklane_core::catalog;
 use tasklane_core::config::{ConfigError, env_required};
 use tasklane_core::providers::builtin_registry;
+use tasklane_core::registry::Registry;
 use tasklane_core::{App, Config};
 
 use crate::dynamo::DynamoStore;
@@ -23,6 +26,50 @@ pub struct AwsSettings {
     pub bucket: String,
     /// Core settings: defaults, then the shared `TASKLANE_*` variables.
     pub core: Config,
+    /// Where the model catalog is (`TASKLANE_MODELS`); `None`: the built-in demo models.
+    pub models: Option<ModelsSource>,
+}
+
+/// Where a function reads the model catalog ([`tasklane_core::catalog`]) from, once, at
+/// cold start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelsSource {
+    /// A file bundled with the function (in its package or a layer under `/opt`).
+    File(PathBuf),
+    /// An S3 object, `s3://bucket/key`, read with the function's S3 client.
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Object key.
+        key: String,
+    },
+}
+
+impl ModelsSource {
+    /// `s3://bucket/key`, or a file path; the error names `TASKLANE_MODELS`.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let Some(rest) = value.strip_prefix("s3://") else {
+            return Ok(ModelsSource::File(PathBuf::from(value)));
+        };
+        match rest.split_once('/') {
+            Some((bucket, key)) if !bucket.is_empty() && !key.is_empty() => Ok(ModelsSource::S3 {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            }),
+            _ => Err(ConfigError(format!(
+                "TASKLANE_MODELS={value:?} is not valid: an S3 catalog is s3://bucket/key"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelsSource::File(p) => write!(f, "{}", p.display()),
+            ModelsSource::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+        }
+    }
 }
 
 impl AwsSettings {
@@ -35,6 +82,10 @@ impl AwsSettings {
             queue_url: env_required("TASKLANE_QUEUE_URL")?,
             bucket: env_required("TASKLANE_BUCKET")?,
             core,
+            models: match std::env::var("TASKLANE_MODELS") {
+                Ok(v) if !v.trim().is_empty() => Some(ModelsSource::parse(v.trim())?),
+                _ => None,
+            },
         })
     }
 }
@@ -48,6 +99,8 @@ pub struct AwsBackends {
     pub queue: SqsQueue,
     /// Results bucket.
     pub blobs: S3Blobs,
+    /// The S3 client, for the model catalog.
+    s3: aws_sdk_s3::Client,
 }
 
 impl AwsBackends {
@@ -74,6 +127,7 @@ impl AwsBackends {
             sqs = sqs.interceptor(i.clone());
             s3 = s3.interceptor(i);
         }
+        let s3 = aws_sdk_s3::Client::from_conf(s3.build());
         AwsBackends {
             store: DynamoStore::new(
                 aws_sdk_dynamodb::Client::from_conf(ddb.build()),
@@ -83,22 +137,96 @@ impl AwsBackends {
                 aws_sdk_sqs::Client::from_conf(sqs.build()),
                 &settings.queue_url,
             ),
-            blobs: S3Blobs::new(
-                &config,
-                aws_sdk_s3::Client::from_conf(s3.build()),
-                &settings.bucket,
-            ),
+            blobs: S3Blobs::new(&config, s3.clone(), &settings.bucket),
+            s3,
         }
     }
 
     /// The core's shared dependencies over these adapters, with the built-in models.
     pub fn app(&self, core: Config) -> Arc<App> {
+        self.app_with(core, builtin_registry(1.0))
+    }
+
+    /// The core's shared dependencies over these adapters, serving `registry`.
+    pub fn app_with(&self, core: Config, registry: Registry) -> Arc<App> {
         App::new(
             Arc::new(self.store.clone()),
             Arc::new(self.queue.clone()),
             Arc::new(self.blobs.clone()),
-            builtin_registry(1.0),
+            registry,
             core,
         )
+    }
+
+    /// The models to serve: the catalog [`AwsSettings::models`] points at (a file, or an S3
+    /// object read with this S3 client), else the built-in demo models. Credentials the
+    /// catalog names in `api_key_env` come from the function's environment. The error names
+    /// `TASKLANE_MODELS`, the catalog, and the model and field at fault.
+    pub async fn registry(&self, settings: &AwsSettings) -> Result<Registry, ConfigError> {
+        let invalid = |e: catalog::CatalogError| ConfigError(format!("TASKLANE_MODELS: {e}"));
+        match &settings.models {
+            None => Ok(builtin_registry(1.0)),
+            Some(ModelsSource::File(path)) => catalog::load_file(path, 1.0).map_err(invalid),
+            Some(source @ ModelsSource::S3 { bucket, key }) => {
+                let unreadable = |e: String| {
+                    ConfigError(format!(
+                        "TASKLANE_MODELS: cannot read the model catalog {source}: {e}"
+                    ))
+                };
+                let object = self
+                    .s3
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        use aws_sdk_s3::error::ProvideErrorMetadata;
+                        unreadable(match (e.code(), e.message()) {
+                            (Some(code), Some(m)) => format!("{code}: {m}"),
+                            (Some(code), None) => code.to_string(),
+                            _ => aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+                        })
+                    })?;
+                let bytes = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| unreadable(e.to_string()))?
+                    .into_bytes();
+                let text = String::from_utf8(bytes.to_vec())
+                    .map_err(|_| unreadable("not UTF-8 text".to_string()))?;
+                catalog::parse(&text, &|name| std::env::var(name).ok(), 1.0).map_err(|mut e| {
+                    e.path = Some(PathBuf::from(source.to_string()));
+                    invalid(e)
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_models_source_is_an_s3_object_or_a_file() {
+        assert_eq!(
+            ModelsSource::parse("s3://my-bucket/catalogs/models.toml").unwrap(),
+            ModelsSource::S3 {
+                bucket: "my-bucket".into(),
+                key: "catalogs/models.toml".into()
+            }
+        );
+        assert_eq!(
+            ModelsSource::parse("/opt/models.toml").unwrap(),
+            ModelsSource::File("/opt/models.toml".into())
+        );
+        for bad in ["s3://", "s3://bucket", "s3://bucket/", "s3:///key"] {
+            let e = ModelsSource::parse(bad).unwrap_err().0;
+            assert!(e.starts_with("TASKLANE_MODELS="), "{bad}: {e}");
+        }
+        let shown = ModelsSource::parse("s3://b/k.toml").unwrap().to_string();
+        assert_eq!(shown, "s3://b/k.toml");
     }
 }

@@ -11,6 +11,8 @@
 //! - [`registry`]: what each model accepts and costs, and which generator runs it.
 //! - [`providers`]: the generators; today the built-in demo models (`veo3`, `demo-image`,
 //!   `echo`). Dependencies run one way: ports ← registry ← providers.
+//! - [`catalog`]: the operator's model catalog (TOML, `TASKLANE_MODELS`) turned into a
+//!   registry, instead of the built-in demo models.
 //! - [`api`]: request handling for every endpoint over `http` types, for any runtime.
 //! - [`processor`]: runs queued work (generation, webhook delivery) idempotently.
 //! - [`webhook`]: Standard Webhooks signing and a sender that refuses non-public targets.
@@ -24,6 +26,7 @@
 
 pub mod account;
 pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod events;

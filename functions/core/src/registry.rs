@@ -73,6 +73,17 @@ pub enum Runner {
     Upstream(Arc<dyn Upstream>),
 }
 
+impl Runner {
+    /// The provider's name, as `GET /v1/models` shows it: the upstream's (`cog`, ...), or
+    /// `demo` for a generator in the worker.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            Runner::Local(_) => "demo",
+            Runner::Upstream(u) => u.provider(),
+        }
+    }
+}
+
 /// Everything the API knows about a model.
 #[derive(Clone)]
 pub struct ModelSpec {
@@ -101,6 +112,9 @@ pub struct ModelSpec {
     pub trusted_hosts: Vec<String>,
     /// Largest output file accepted from the upstream, in bytes.
     pub max_output_bytes: u64,
+    /// How many jobs the upstream runs at once (a Cog server runs one), when the operator
+    /// said; `None`: not limited by tasklane.
+    pub concurrency: Option<u32>,
 }
 
 /// The timeout of a model that does not set one.
@@ -125,6 +139,7 @@ impl ModelSpec {
             timeout: DEFAULT_TIMEOUT,
             trusted_hosts: Vec::new(),
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            concurrency: None,
         }
     }
 }
@@ -186,7 +201,9 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// A JSON description for docs and `GET /v1/models`.
+    /// A JSON description for docs and `GET /v1/models`: what a client may send and what it
+    /// costs, the provider's name and the timeout; never where the model runs nor its
+    /// credentials.
     pub fn describe(&self) -> Value {
         let params: Map<String, Value> = self
             .params
@@ -217,6 +234,8 @@ impl ModelSpec {
                 Pricing::Flat(c) => json!({"credits_per_task": c}),
                 Pricing::PerSecond(c) => json!({"credits_per_second": c}),
             },
+            "provider": self.runner.provider(),
+            "timeout": self.timeout.as_secs(),
         })
     }
 }

@@ -24,6 +24,10 @@ pub struct LocalConfig {
     pub public_url: Option<String>,
     /// Multiplier on the demo generators' simulated time (`TASKLANE_DEMO_TIME_SCALE`, default 1).
     pub demo_time_scale: f64,
+    /// The model catalog file to serve instead of the built-in demo models
+    /// (`TASKLANE_MODELS`, a TOML file: see [`tasklane_core::catalog`]); read at start, where
+    /// an invalid one stops the server with the model and field at fault.
+    pub models: Option<PathBuf>,
     /// Time in-flight work may take to finish on SIGTERM (`TASKLANE_SHUTDOWN_GRACE`, default 30 s).
     pub shutdown_grace: Duration,
     /// Core settings.
@@ -40,6 +44,7 @@ impl Default for LocalConfig {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             public_url: None,
             demo_time_scale: 1.0,
+            models: None,
             shutdown_grace: Duration::from_secs(30),
             core: Config {
                 callback_allow_private: true,
@@ -81,6 +86,9 @@ impl LocalConfig {
             );
             c.demo_time_scale = s;
         }
+        c.models = std::env::var_os("TASKLANE_MODELS")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
         if let Some(g) = env_secs("TASKLANE_SHUTDOWN_GRACE")? {
             c.shutdown_grace = g;
         }

@@ -1,10 +1,25 @@
 //! `tasklane`: the whole task API on 127.0.0.1 with embedded backends (`cargo run`).
 
+use std::process::ExitCode;
+
 use tasklane_local::{LocalConfig, init_tracing, start};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     init_tracing();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // What is wrong (an invalid variable, a bad model catalog, a port in use), with its
+            // causes on one line; never a backtrace, even with RUST_BACKTRACE set.
+            eprintln!("tasklane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the server and serves until SIGINT or SIGTERM.
+async fn run() -> anyhow::Result<()> {
     let cfg = LocalConfig::from_env()?;
     let data_dir = cfg.data_dir.clone();
     let running = start(cfg).await?;

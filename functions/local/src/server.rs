@@ -10,9 +10,11 @@ use anyhow::Context;
 use axum::Router;
 use tasklane_core::App;
 use tasklane_core::api::Api;
+use tasklane_core::catalog;
 use tasklane_core::ports::{BlobStore, MessageSource, TaskStore, WorkQueue};
 use tasklane_core::processor::{Processor, run_worker};
 use tasklane_core::providers::builtin_registry;
+use tasklane_core::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -95,6 +97,7 @@ pub async fn start_on(
     backends: Option<Backends>,
     hooks: Hooks,
 ) -> anyhow::Result<Running> {
+    let registry = models(&cfg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(cfg.addr)
@@ -116,7 +119,7 @@ pub async fn start_on(
     let (dev_account_id, dev_api_key) =
         crate::dev_account::dev_account(backends.store.as_ref(), &cfg).await?;
     let source = backends.source.clone();
-    let app = compose(&cfg, backends, hooks);
+    let app = compose(&cfg, backends, hooks, registry);
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -144,8 +147,18 @@ pub async fn start_on(
     })
 }
 
-/// The core's shared dependencies over `backends`, wrapped by `hooks`.
-fn compose(cfg: &LocalConfig, backends: Backends, hooks: Hooks) -> Arc<App> {
+/// The models to serve: the catalog [`LocalConfig::models`] names, else the built-in demo
+/// models. The error names the variable, the file, the model and the field.
+fn models(cfg: &LocalConfig) -> anyhow::Result<Registry> {
+    match &cfg.models {
+        Some(path) => catalog::load_file(path, cfg.demo_time_scale)
+            .map_err(|e| anyhow::anyhow!("TASKLANE_MODELS: {e}")),
+        None => Ok(builtin_registry(cfg.demo_time_scale)),
+    }
+}
+
+/// The core's shared dependencies over `backends` serving `registry`, wrapped by `hooks`.
+fn compose(cfg: &LocalConfig, backends: Backends, hooks: Hooks, registry: Registry) -> Arc<App> {
     let mut store = backends.store;
     if let Some(w) = hooks.store {
         store = w(store);
@@ -158,7 +171,7 @@ fn compose(cfg: &LocalConfig, backends: Backends, hooks: Hooks) -> Arc<App> {
         store,
         work_queue,
         backends.blobs,
-        builtin_registry(cfg.demo_time_scale),
+        registry,
         cfg.core.clone(),
     )
 }
