@@ -39,6 +39,14 @@ pub enum Route {
     Account,
     /// `/v1/models`: GET.
     Models,
+    /// `/v1/upstream/{provider}/{task_id}`: POST, an upstream's callback about a task's run
+    /// (authenticated by the per-task token in `?token=`, not by an API key).
+    Upstream {
+        /// The provider the callback claims to come from.
+        provider: String,
+        /// The task.
+        task_id: String,
+    },
 }
 
 impl Route {
@@ -53,6 +61,12 @@ impl Route {
             ["tasks", id, "cancel"] if !id.is_empty() => Route::Cancel((*id).to_string()),
             ["account"] => Route::Account,
             ["models"] => Route::Models,
+            ["upstream", provider, task_id] if !provider.is_empty() && !task_id.is_empty() => {
+                Route::Upstream {
+                    provider: (*provider).to_string(),
+                    task_id: (*task_id).to_string(),
+                }
+            }
             _ => return None,
         })
     }
@@ -62,7 +76,7 @@ impl Route {
     pub fn allow(&self) -> &'static str {
         match self {
             Route::Tasks => "GET, POST",
-            Route::Sync | Route::Cancel(_) => "POST",
+            Route::Sync | Route::Cancel(_) | Route::Upstream { .. } => "POST",
             Route::Task(_) | Route::Account | Route::Models => "GET",
         }
     }
@@ -77,6 +91,8 @@ impl Route {
 #[derive(Clone)]
 pub struct Api {
     app: Arc<App>,
+    /// Handles upstream callbacks, which end tasks like a worker does.
+    processor: crate::processor::Processor,
 }
 
 /// Which submit flavour a request is.
@@ -91,7 +107,18 @@ enum Submit {
 impl Api {
     /// An API over `app`.
     pub fn new(app: Arc<App>) -> Self {
-        Api { app }
+        let processor = crate::processor::Processor::new(app.clone());
+        Api { app, processor }
+    }
+
+    /// The largest body a request to `path` may have: an upstream's callback carries the
+    /// outputs of Cog models inline ([`crate::upstream::MAX_CALLBACK_BYTES`]); every other
+    /// request is held to [`crate::Config::max_body_bytes`].
+    pub fn body_limit(&self, path: &str) -> usize {
+        match Route::parse(path) {
+            Some(Route::Upstream { .. }) => crate::upstream::MAX_CALLBACK_BYTES,
+            _ => self.app.config.max_body_bytes,
+        }
     }
 
     /// The shared dependencies.
@@ -118,10 +145,12 @@ impl Api {
                 allow: route.allow(),
             });
         }
-        if req.body().len() > self.app.config.max_body_bytes {
-            return Err(ApiError::PayloadTooLarge {
-                limit: self.app.config.max_body_bytes,
-            });
+        let limit = self.body_limit(req.uri().path());
+        if req.body().len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        if let Route::Upstream { provider, task_id } = &route {
+            return self.upstream_callback(provider, task_id, &req).await;
         }
         let account = self.authenticate(req.headers()).await?;
         if let Some(limiter) = &self.app.limiter
@@ -163,7 +192,33 @@ impl Api {
                 let data: Vec<_> = self.app.registry.models().map(|m| m.describe()).collect();
                 json_response(StatusCode::OK, &json!({ "data": data }))
             }
+            Route::Upstream { .. } => Err(ApiError::NotFound("no such route")),
         }
+    }
+
+    /// `POST /v1/upstream/{provider}/{task_id}?token=…`: 200 `{"received": true}` once the
+    /// callback is recorded or found to change nothing.
+    async fn upstream_callback(
+        &self,
+        provider: &str,
+        task_id: &str,
+        req: &Request<Bytes>,
+    ) -> Result<Response<Bytes>, ApiError> {
+        let token = req.uri().query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        let callback = crate::ports::CallbackRequest {
+            headers: req.headers(),
+            body: req.body(),
+        };
+        let outcome = self
+            .processor
+            .upstream_callback(provider, task_id, token.as_deref(), callback)
+            .await?;
+        tracing::info!(task_id, provider, ?outcome, "upstream callback");
+        json_response(StatusCode::OK, &json!({ "received": true }))
     }
 
     async fn authenticate(&self, headers: &HeaderMap) -> Result<Account, ApiError> {
@@ -629,6 +684,14 @@ mod tests {
         assert_eq!(Route::parse("/v1/tasks/"), None);
         assert_eq!(Route::parse("/v2/tasks"), None);
         assert_eq!(Route::parse("/v1/tasks/a/b/c"), None);
+        assert_eq!(
+            Route::parse("/v1/upstream/cog/task_1"),
+            Some(Route::Upstream {
+                provider: "cog".into(),
+                task_id: "task_1".into()
+            })
+        );
+        assert_eq!(Route::parse("/v1/upstream/cog"), None);
     }
 
     #[test]
@@ -640,6 +703,10 @@ mod tests {
             Route::Cancel("abc".into()),
             Route::Account,
             Route::Models,
+            Route::Upstream {
+                provider: "cog".into(),
+                task_id: "abc".into(),
+            },
         ];
         let methods = [
             Method::GET,
@@ -660,7 +727,7 @@ mod tests {
                 .collect();
             let want = match route {
                 Route::Tasks => vec!["GET", "POST"],
-                Route::Sync | Route::Cancel(_) => vec!["POST"],
+                Route::Sync | Route::Cancel(_) | Route::Upstream { .. } => vec!["POST"],
                 Route::Task(_) | Route::Account | Route::Models => vec!["GET"],
             };
             assert_eq!(accepted, want, "{route:?}");

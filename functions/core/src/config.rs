@@ -47,6 +47,14 @@ pub struct Config {
     pub max_receives: u32,
     /// How long a polling worker hides a message it received.
     pub visibility: Duration,
+    /// Base URL at which upstreams reach this deployment's callback route
+    /// (`{public_url}/v1/upstream/{provider}/{task_id}`); `None`: models served by an
+    /// upstream cannot run (their tasks fail with `model_unavailable`).
+    pub public_url: Option<String>,
+    /// Delay before the first check on an upstream run; each later one doubles it.
+    pub upstream_check_first: Duration,
+    /// Longest delay between two checks on an upstream run.
+    pub upstream_check_max: Duration,
 }
 
 /// The Standard Webhooks retry schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (about 27.6 h in all).
@@ -82,6 +90,9 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(30),
             max_receives: 5,
             visibility: Duration::from_secs(300),
+            public_url: None,
+            upstream_check_first: Duration::from_secs(2),
+            upstream_check_max: Duration::from_secs(30),
         }
     }
 }
@@ -204,6 +215,29 @@ impl Config {
                 "TASKLANE_VISIBILITY must be at least 1 second",
             )?;
             self.visibility = t;
+        }
+        if let Ok(u) = std::env::var("TASKLANE_PUBLIC_URL")
+            && !u.trim().is_empty()
+        {
+            ensure(
+                url::Url::parse(u.trim()).is_ok_and(|p| p.scheme().starts_with("http")),
+                "TASKLANE_PUBLIC_URL must be an http(s) URL",
+            )?;
+            self.public_url = Some(u.trim().trim_end_matches('/').to_string());
+        }
+        if let Some(t) = env_secs("TASKLANE_UPSTREAM_CHECK_FIRST")? {
+            ensure(
+                t >= Duration::from_millis(100),
+                "TASKLANE_UPSTREAM_CHECK_FIRST must be at least 0.1 seconds",
+            )?;
+            self.upstream_check_first = t;
+        }
+        if let Some(t) = env_secs("TASKLANE_UPSTREAM_CHECK_MAX")? {
+            ensure(
+                t >= self.upstream_check_first,
+                "TASKLANE_UPSTREAM_CHECK_MAX must be at least TASKLANE_UPSTREAM_CHECK_FIRST",
+            )?;
+            self.upstream_check_max = t;
         }
         if let Ok(s) = std::env::var("TASKLANE_CALLBACK_RETRY_SCHEDULE")
             && !s.trim().is_empty()

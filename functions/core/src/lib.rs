@@ -38,6 +38,7 @@ pub mod providers;
 pub mod registry;
 pub mod sweeper;
 pub mod task;
+pub mod upstream;
 pub mod validate;
 pub mod view;
 pub mod webhook;

@@ -202,6 +202,15 @@ pub enum WorkMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         not_before: Option<DateTime<Utc>>,
     },
+    /// Check on a task's upstream run ([`crate::task::UpstreamRun`]): the upstream's state is
+    /// recorded and the next check scheduled, until the run ends. `check` numbers the checks;
+    /// a message whose number is not the task's next one is a stale copy and changes nothing.
+    Check {
+        /// Task whose upstream run to check.
+        task_id: String,
+        /// The check's number ([`crate::task::UpstreamRun::checks`] when it was scheduled).
+        check: u32,
+    },
 }
 
 impl WorkMessage {
@@ -218,7 +227,9 @@ impl WorkMessage {
     /// The task the message is about.
     pub fn task_id(&self) -> &str {
         match self {
-            WorkMessage::Run { task_id } | WorkMessage::Deliver { task_id, .. } => task_id,
+            WorkMessage::Run { task_id }
+            | WorkMessage::Deliver { task_id, .. }
+            | WorkMessage::Check { task_id, .. } => task_id,
         }
     }
 }

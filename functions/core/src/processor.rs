@@ -20,6 +20,7 @@ use crate::ports::{
     Abort, Delivery, GenerateOutcome, Job, MessageSource, PortError, PortResult, ProgressSink,
     TaskStore, WorkMessage,
 };
+use crate::registry::Runner;
 use crate::task::{
     AfterAttempt, Output, Task, TaskFailure, TaskStatus, Transition, TransitionError,
 };
@@ -38,12 +39,16 @@ pub enum Disposition {
 /// Runs work messages against the shared [`App`].
 #[derive(Clone)]
 pub struct Processor {
-    app: Arc<App>,
+    pub(crate) app: Arc<App>,
     webhooks: WebhookSender,
+    /// Downloads upstream outputs from public addresses only.
+    pub(crate) downloads: reqwest::Client,
+    /// Downloads upstream outputs from hosts the catalog trusts (private addresses allowed).
+    pub(crate) downloads_trusted: reqwest::Client,
 }
 
 /// A task failure (with a refund) of attempt `attempt` (`None`: whatever attempt holds it).
-fn failure(
+pub(crate) fn failure(
     attempt: Option<u32>,
     code: impl Into<String>,
     message: impl Into<String>,
@@ -57,7 +62,7 @@ fn failure(
     }
 }
 
-fn chrono_dur(d: Duration) -> chrono::Duration {
+pub(crate) fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
@@ -68,13 +73,27 @@ impl Processor {
             app.config.callback_timeout,
             app.config.callback_allow_private,
         );
-        Processor { app, webhooks }
+        let downloads = |allow_private| {
+            crate::webhook::guarded_client(
+                OUTPUT_DOWNLOAD_TIMEOUT,
+                allow_private,
+                Arc::new(crate::webhook::SystemNetwork),
+                concat!("tasklane/", env!("CARGO_PKG_VERSION")),
+            )
+        };
+        Processor {
+            webhooks,
+            downloads: downloads(app.config.callback_allow_private),
+            downloads_trusted: downloads(true),
+            app,
+        }
     }
 
     /// Handles one message. `Err` means a backend failed: let the message come back.
     pub async fn handle(&self, msg: &WorkMessage) -> PortResult<Disposition> {
         match msg {
             WorkMessage::Run { task_id } => self.run(task_id).await,
+            WorkMessage::Check { task_id, check } => self.check_message(task_id, *check).await,
             WorkMessage::Deliver {
                 task_id,
                 attempt,
@@ -108,7 +127,7 @@ impl Processor {
             return Ok(());
         };
         match msg {
-            WorkMessage::Run { task_id } => {
+            WorkMessage::Run { task_id } | WorkMessage::Check { task_id, .. } => {
                 if !task.is_open() {
                     return self.after_leftover_run(&task).await;
                 }
@@ -147,6 +166,12 @@ impl Processor {
             tracing::warn!(task_id, "work for an unknown task dropped");
             return Ok(Disposition::Done);
         };
+        let app = self.app.clone();
+        if let Some(spec) = app.registry.get(&task.model)
+            && let Runner::Upstream(up) = &spec.runner
+        {
+            return self.run_upstream(task, spec, up).await;
+        }
         if let Some(done) = self.before_start(&task).await? {
             return Ok(done);
         }
@@ -166,11 +191,9 @@ impl Processor {
                 .await;
         };
         let generator = match &spec.runner {
-            crate::registry::Runner::Local(g) => g.clone(),
-            crate::registry::Runner::Upstream(_) => {
-                let fail = failure(Some(attempt), "model_unavailable", "not wired yet");
-                return self.finish(&task, &fail).await;
-            }
+            Runner::Local(g) => g.clone(),
+            // The catalog changed under the task: its model is now served upstream.
+            Runner::Upstream(up) => return self.run_upstream(task, spec, up).await,
         };
         let (outcome, current) = self.generate(&task, generator.as_ref()).await?;
         let transition = match outcome {
@@ -187,10 +210,22 @@ impl Processor {
         self.finish(&current, &transition).await
     }
 
+    /// A `Check` message: check number `check` on the task's upstream run.
+    async fn check_message(&self, task_id: &str, check: u32) -> PortResult<Disposition> {
+        let Some(task) = self.app.store.task(task_id).await? else {
+            return Ok(Disposition::Done);
+        };
+        let app = self.app.clone();
+        match app.registry.get(&task.model).map(|s| (s, &s.runner)) {
+            Some((spec, Runner::Upstream(up))) => self.check(task, spec, up, check).await,
+            _ => Ok(Disposition::Done),
+        }
+    }
+
     /// What to do instead of starting `task`, if anything: an ended task's leftover work, a
     /// live lease held by another worker (come back after it), or attempts exhausted (the
     /// task fails with a refund). A lapsed lease is taken over.
-    async fn before_start(&self, task: &Task) -> PortResult<Option<Disposition>> {
+    pub(crate) async fn before_start(&self, task: &Task) -> PortResult<Option<Disposition>> {
         let task_id = task.id.as_str();
         let now = Utc::now();
         if task.status.is_terminal() {
@@ -230,7 +265,7 @@ impl Processor {
 
     /// Moves `task` to processing under a fresh lease (a new attempt); `Err` with what to do
     /// when the write is refused (another worker holds it, or it can no longer start).
-    async fn claim(&self, task: &Task) -> PortResult<Result<Task, Disposition>> {
+    pub(crate) async fn claim(&self, task: &Task) -> PortResult<Result<Task, Disposition>> {
         let cfg = &self.app.config;
         let start = Transition::Start {
             lease_until: Utc::now() + chrono_dur(cfg.lease),
@@ -300,7 +335,7 @@ impl Processor {
     }
 
     /// Applies a terminal transition to `current`, wakes waiters and schedules the webhook.
-    async fn finish(&self, current: &Task, t: &Transition) -> PortResult<Disposition> {
+    pub(crate) async fn finish(&self, current: &Task, t: &Transition) -> PortResult<Disposition> {
         let task_id = current.id.as_str();
         match self.app.store.update_task_from(current, t).await {
             Ok(task) => {
@@ -474,6 +509,9 @@ impl Processor {
         }
     }
 }
+
+/// Longest time one output download may take.
+const OUTPUT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a worker's claim on a webhook attempt allows beyond the request's timeout.
 const DELIVERY_CLAIM_MARGIN: Duration = Duration::from_secs(10);

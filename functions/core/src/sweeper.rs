@@ -75,7 +75,7 @@ pub async fn sweep(app: &App, now: DateTime<Utc>) -> PortResult<SweepReport> {
             tracing::warn!(task_id = %task.id, status = %task.status, message = ?msg, "sweeper: work re-enqueued");
             app.queue.enqueue(&msg, Duration::ZERO).await?;
             match msg {
-                WorkMessage::Run { .. } => report.runs += 1,
+                WorkMessage::Run { .. } | WorkMessage::Check { .. } => report.runs += 1,
                 WorkMessage::Deliver { .. } => report.callbacks += 1,
             }
         }

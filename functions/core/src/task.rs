@@ -223,6 +223,59 @@ pub struct Task {
     /// as `check_at`.
     #[serde(default, alias = "check_at", skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTime<Utc>>,
+    /// The run on the model's upstream, for models served by one; `None` before it is
+    /// prepared and for models run in the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamRun>,
+}
+
+/// How many bytes of an upstream run's log a task keeps (the end of it).
+pub const MAX_LOG_TAIL: usize = 4096;
+
+/// A task's run on an upstream ([`crate::ports::Upstream`]). While it runs, the task is
+/// `processing` with no worker holding it: [`Task::lease_until`] is the time by which a check
+/// is due, and the sweeper resumes checking a task whose check was lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamRun {
+    /// The secret in the callback URL given to the upstream; never shown to clients.
+    pub token: String,
+    /// The upstream's id of the run, once it accepted it.
+    pub id: Option<String>,
+    /// When the upstream accepted it; the model's timeout counts from here.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Checks made: the number the next [`crate::ports::WorkMessage::Check`] carries.
+    pub checks: u32,
+    /// Times the upstream lost the run and started it anew.
+    pub restarts: u32,
+    /// Checks in a row that found the upstream unreachable.
+    #[serde(default)]
+    pub failed_checks: u32,
+    /// The end of the run's log (at most [`MAX_LOG_TAIL`] bytes).
+    pub logs: String,
+}
+
+impl UpstreamRun {
+    /// A run about to be started, reporting to a callback URL with `token`.
+    pub fn prepared(token: String) -> UpstreamRun {
+        UpstreamRun {
+            token,
+            id: None,
+            started_at: None,
+            checks: 0,
+            restarts: 0,
+            failed_checks: 0,
+            logs: String::new(),
+        }
+    }
+}
+
+/// The last [`MAX_LOG_TAIL`] bytes of `logs`, cut at a character boundary.
+pub fn log_tail(logs: &str) -> &str {
+    let mut from = logs.len().saturating_sub(MAX_LOG_TAIL);
+    while !logs.is_char_boundary(from) {
+        from += 1;
+    }
+    &logs[from..]
 }
 
 impl Task {
@@ -259,6 +312,7 @@ impl Task {
             lease_until: None,
             version: 1,
             waiting_since: Some(now),
+            upstream: None,
         }
     }
 
@@ -388,6 +442,64 @@ pub enum Transition {
         /// Attempts recorded, as the dead-lettered message knew them.
         attempt: u32,
     },
+    /// Before starting the current attempt's upstream run: keeps the callback `token` (once:
+    /// a run prepared by an earlier attempt keeps its token and id).
+    UpstreamPrepared {
+        /// The attempt starting it.
+        attempt: u32,
+        /// Secret of the callback URL.
+        token: String,
+    },
+    /// The upstream accepted the run as `id`; no worker holds the task from here, a check is
+    /// due by `check_by`.
+    UpstreamStarted {
+        /// The attempt that started it.
+        attempt: u32,
+        /// The upstream's id.
+        id: String,
+        /// When a check is due.
+        check_by: DateTime<Utc>,
+    },
+    /// What the upstream said of run `id` while it runs, from a callback or from check number
+    /// `check` (refused with [`TransitionError::StaleAttempt`] unless it is the next one, so of
+    /// two copies of a check message only one goes on).
+    UpstreamReported {
+        /// The run it is about (refused with [`TransitionError::StaleAttempt`] otherwise).
+        id: String,
+        /// The check it comes from; `None` for a callback.
+        check: Option<u32>,
+        /// Progress, if known (never moves back).
+        progress: Option<u8>,
+        /// The run's log so far, if given (its tail is kept).
+        logs: Option<String>,
+        /// The upstream lost the run and started it anew.
+        restarted: bool,
+        /// The check found the upstream unreachable (counted in
+        /// [`UpstreamRun::failed_checks`]; any other report resets the count).
+        unreachable: bool,
+        /// When the next check is due, if one was scheduled.
+        check_by: Option<DateTime<Utc>>,
+    },
+    /// Run `id` ended upstream: `processing -> completed` with the stored outputs, or
+    /// `processing -> failed` with a refund. Refused unless the task's run is `id` (or its start
+    /// is not recorded yet: a fast run's callback may come first), whatever the attempt.
+    UpstreamEnded {
+        /// The run.
+        id: String,
+        /// Stored outputs, or why it failed.
+        outcome: Result<Vec<Output>, TaskFailure>,
+        /// The run's final log, if given (its tail is kept).
+        logs: Option<String>,
+    },
+    /// The upstream could not start the current attempt's run (at capacity, unavailable):
+    /// `processing -> queued`, nothing started. A capacity refusal gives the attempt back
+    /// (`count_attempt: false`), so waiting for a slot never exhausts a task's attempts.
+    Deferred {
+        /// The attempt that tried.
+        attempt: u32,
+        /// Whether the attempt counts towards the task's limit.
+        count_attempt: bool,
+    },
     /// The sweeper re-enqueued the work a task waits on: restarts its wait at `now`. Refused
     /// with [`TransitionError::NotDue`] unless the task has waited since `cutoff` or earlier.
     Requeue {
@@ -420,6 +532,9 @@ pub enum TransitionError {
     /// The task is not waiting on lost work (it moved on since it was read).
     #[error("task is not due for a sweep")]
     NotDue,
+    /// The task has no upstream run (prepared) to record this about.
+    #[error("task has no upstream run")]
+    NotStarted,
 }
 
 /// The effect of an applied transition, for the adapter to write.
@@ -614,6 +729,121 @@ fn apply_inner(
             task.lease_until = None;
             Ok(Inner::Changed { refund: 0 })
         }
+        Transition::UpstreamPrepared { attempt, token } => {
+            current_attempt(task, *attempt)?;
+            if task.upstream.is_some() {
+                return Ok(Inner::Unchanged);
+            }
+            task.upstream = Some(UpstreamRun::prepared(token.clone()));
+            Ok(Inner::Changed { refund: 0 })
+        }
+        Transition::UpstreamStarted {
+            attempt,
+            id,
+            check_by,
+        } => {
+            current_attempt(task, *attempt)?;
+            let run = task.upstream.as_mut().ok_or(TransitionError::NotStarted)?;
+            if run.id.as_ref().is_some_and(|known| known != id) {
+                return Err(TransitionError::StaleAttempt);
+            }
+            run.id = Some(id.clone());
+            run.started_at.get_or_insert(now);
+            task.lease_until = Some(*check_by);
+            Ok(Inner::Changed { refund: 0 })
+        }
+        Transition::UpstreamReported {
+            id,
+            check,
+            progress,
+            logs,
+            restarted,
+            unreachable,
+            check_by,
+        } => {
+            if task.status != Processing {
+                return Err(TransitionError::WrongState(task.status));
+            }
+            let run = task.upstream.as_mut().ok_or(TransitionError::NotStarted)?;
+            if run.id.as_deref() != Some(id.as_str()) {
+                return Err(TransitionError::StaleAttempt);
+            }
+            if let Some(n) = check {
+                if *n != run.checks {
+                    return Err(TransitionError::StaleAttempt);
+                }
+                run.checks += 1;
+            }
+            run.failed_checks = if *unreachable {
+                run.failed_checks + 1
+            } else {
+                0
+            };
+            if *restarted {
+                run.restarts += 1;
+                run.logs.clear();
+                task.progress = 0;
+            }
+            if let Some(l) = logs {
+                run.logs = log_tail(l).to_string();
+            }
+            if let Some(p) = progress {
+                task.progress = (*p).min(99).max(task.progress);
+            }
+            if let Some(c) = check_by {
+                task.lease_until = Some(*c);
+            }
+            Ok(Inner::Changed { refund: 0 })
+        }
+        Transition::UpstreamEnded { id, outcome, logs } => {
+            if task.status != Processing {
+                return Err(TransitionError::WrongState(task.status));
+            }
+            let run = task.upstream.as_mut().ok_or(TransitionError::NotStarted)?;
+            if run.id.as_ref().is_some_and(|known| known != id) {
+                return Err(TransitionError::StaleAttempt);
+            }
+            run.id = Some(id.clone());
+            if let Some(l) = logs {
+                run.logs = log_tail(l).to_string();
+            }
+            task.lease_until = None;
+            task.completed_at = Some(now);
+            match outcome {
+                Ok(outputs) => {
+                    task.status = Completed;
+                    task.progress = 100;
+                    task.outputs = outputs.clone();
+                    Ok(Inner::Changed { refund: 0 })
+                }
+                Err(error) => {
+                    task.status = Failed;
+                    task.error = Some(error.clone());
+                    Ok(Inner::Changed {
+                        refund: refund(task),
+                    })
+                }
+            }
+        }
+        Transition::Deferred {
+            attempt,
+            count_attempt,
+        } => {
+            current_attempt(task, *attempt)?;
+            if task.upstream.as_ref().is_some_and(|u| u.id.is_some()) {
+                return Err(TransitionError::WrongState(task.status));
+            }
+            task.status = Queued;
+            if !count_attempt {
+                task.attempts -= 1;
+            }
+            task.lease_until = None;
+            task.progress = 0;
+            task.upstream = None;
+            // Waiting anew: `next_waiting_since` restarts the clock of a queued task.
+            task.waiting_since = None;
+            Ok(Inner::Changed { refund: 0 })
+        }
         Transition::Requeue { cutoff } => match task.waiting_since {
             Some(since) if since <= *cutoff => {
                 let owes_work = task.is_open() || task.first_callback_owed();
@@ -691,6 +921,7 @@ pub(crate) mod tests {
             lease_until: None,
             version: 1,
             waiting_since: None,
+            upstream: None,
         }
     }
 
@@ -1369,5 +1600,158 @@ pub(crate) mod tests {
             abandoned.waiting_since, None,
             "a webhook given up on is not owed"
         );
+    }
+
+    /// A processing task whose attempt 1 prepared an upstream run and started it as `up_1`.
+    fn started_upstream(now: DateTime<Utc>) -> Task {
+        let mut t = sample(TaskStatus::Queued);
+        let lease = now + Duration::seconds(60);
+        apply(&mut t, &Transition::Start { lease_until: lease }, now).unwrap();
+        let token = "secret".to_string();
+        apply(
+            &mut t,
+            &Transition::UpstreamPrepared { attempt: 1, token },
+            now,
+        )
+        .unwrap();
+        let again = Transition::UpstreamPrepared {
+            attempt: 1,
+            token: "other".into(),
+        };
+        assert_eq!(apply(&mut t, &again, now), Ok(Applied::Unchanged));
+        let started = Transition::UpstreamStarted {
+            attempt: 1,
+            id: "up_1".into(),
+            check_by: now + Duration::seconds(5),
+        };
+        apply(&mut t, &started, now).unwrap();
+        t
+    }
+
+    fn report(check: Option<u32>, progress: Option<u8>, logs: Option<&str>) -> Transition {
+        Transition::UpstreamReported {
+            id: "up_1".into(),
+            check,
+            progress,
+            logs: logs.map(str::to_string),
+            restarted: false,
+            unreachable: false,
+            check_by: None,
+        }
+    }
+
+    #[test]
+    fn an_upstream_run_keeps_its_first_token_and_counts_each_check_once() {
+        let now = Utc::now();
+        let mut t = started_upstream(now);
+        let run = t.upstream.clone().unwrap();
+        assert_eq!(
+            (run.token.as_str(), run.id.as_deref()),
+            ("secret", Some("up_1"))
+        );
+        assert_eq!(
+            t.lease_until,
+            Some(now + Duration::seconds(5)),
+            "a check is due"
+        );
+        apply(&mut t, &report(Some(0), Some(40), Some("40%")), now).unwrap();
+        // A copy of check 0 finds its number taken.
+        assert_eq!(
+            apply(&mut t, &report(Some(0), Some(50), None), now),
+            Err(TransitionError::StaleAttempt)
+        );
+        // A callback about another run, or progress going back, changes nothing it should not.
+        let mut other = report(None, Some(90), None);
+        if let Transition::UpstreamReported { id, .. } = &mut other {
+            *id = "up_2".into();
+        }
+        assert_eq!(
+            apply(&mut t, &other, now),
+            Err(TransitionError::StaleAttempt)
+        );
+        apply(&mut t, &report(None, Some(10), None), now).unwrap();
+        assert_eq!(t.progress, 40);
+        let long = "x".repeat(MAX_LOG_TAIL + 100) + "é";
+        apply(&mut t, &report(None, None, Some(&long)), now).unwrap();
+        let logs = &t.upstream.as_ref().unwrap().logs;
+        assert!(logs.len() <= MAX_LOG_TAIL && logs.ends_with('é'));
+        assert_eq!(t.upstream.as_ref().unwrap().checks, 1);
+    }
+
+    #[test]
+    fn an_upstream_run_ends_once_and_refunds_once() {
+        let now = Utc::now();
+        let mut t = started_upstream(now);
+        let failed = Transition::UpstreamEnded {
+            id: "up_1".into(),
+            outcome: Err(TaskFailure {
+                code: "generation_failed".into(),
+                message: "boom".into(),
+            }),
+            logs: Some("last words".into()),
+        };
+        assert_eq!(
+            apply(&mut t, &failed, now),
+            Ok(Applied::Changed {
+                refund: 7,
+                closed: true
+            })
+        );
+        assert_eq!(t.upstream.as_ref().unwrap().logs, "last words");
+        // The duplicate, and a late success, are refused.
+        assert!(apply(&mut t, &failed, now).is_err());
+        let ok = Transition::UpstreamEnded {
+            id: "up_1".into(),
+            outcome: Ok(vec![]),
+            logs: None,
+        };
+        assert_eq!(
+            apply(&mut t, &ok, now),
+            Err(TransitionError::WrongState(TaskStatus::Failed))
+        );
+        // A fast run's callback may end a task whose start is not recorded yet.
+        let mut early = sample(TaskStatus::Queued);
+        apply(&mut early, &Transition::Start { lease_until: now }, now).unwrap();
+        let token = "t".to_string();
+        apply(
+            &mut early,
+            &Transition::UpstreamPrepared { attempt: 1, token },
+            now,
+        )
+        .unwrap();
+        apply(&mut early, &ok, now).unwrap();
+        assert_eq!(early.status, TaskStatus::Completed);
+        assert_eq!(early.upstream.unwrap().id.as_deref(), Some("up_1"));
+    }
+
+    #[test]
+    fn an_upstream_at_capacity_puts_the_task_back_without_using_an_attempt() {
+        let now = Utc::now();
+        let mut t = sample(TaskStatus::Queued);
+        apply(&mut t, &Transition::Start { lease_until: now }, now).unwrap();
+        let token = "t".to_string();
+        apply(
+            &mut t,
+            &Transition::UpstreamPrepared { attempt: 1, token },
+            now,
+        )
+        .unwrap();
+        let later = now + Duration::seconds(3);
+        let busy = Transition::Deferred {
+            attempt: 1,
+            count_attempt: false,
+        };
+        apply(&mut t, &busy, later).unwrap();
+        assert_eq!(
+            (t.status, t.attempts, t.lease_until),
+            (TaskStatus::Queued, 0, None)
+        );
+        assert_eq!(t.upstream, None);
+        assert_eq!(t.waiting_since, Some(later), "its wait starts again");
+        // Still cancellable, as any queued task.
+        apply(&mut t, &Transition::Cancel, later).unwrap();
+        // A started run cannot be deferred.
+        let mut started = started_upstream(now);
+        assert!(apply(&mut started, &busy, now).is_err());
     }
 }

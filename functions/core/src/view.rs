@@ -61,6 +61,10 @@ pub struct TaskView {
     /// Terminal time.
     #[serde(serialize_with = "rfc3339_opt")]
     pub completed_at: Option<DateTime<Utc>>,
+    /// The end of the model's log (at most 4 KiB), for models served by an upstream that
+    /// gives one; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
     /// On a sync answer that timed out: where to keep polling.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_url: Option<String>,
@@ -182,5 +186,10 @@ pub async fn task_view(task: &Task, blobs: &dyn BlobStore, ttl: Duration) -> Por
         started_at: task.started_at,
         completed_at: task.completed_at,
         poll_url: None,
+        logs: task
+            .upstream
+            .as_ref()
+            .map(|u| u.logs.clone())
+            .filter(|l| !l.is_empty()),
     })
 }

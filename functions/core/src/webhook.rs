@@ -185,6 +185,32 @@ impl reqwest::dns::Resolve for Resolver {
     }
 }
 
+/// An HTTP client for addresses that someone else chose (webhook targets, upstream output
+/// URLs): it follows no redirects, uses no proxy, bounds connect and total time, and resolves
+/// names through `network`, keeping only public addresses unless `allow_private`. Literal
+/// addresses in URLs are not resolved: judge them first ([`is_public`]).
+pub fn guarded_client(
+    timeout: Duration,
+    allow_private: bool,
+    network: std::sync::Arc<dyn Network>,
+    user_agent: &str,
+) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .timeout(timeout)
+        .user_agent(user_agent)
+        // A proxy (HTTPS_PROXY and the like) would resolve and connect on our behalf,
+        // past the address check.
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(Resolver {
+            network,
+            public_only: !allow_private,
+        }))
+        .build()
+        .expect("static reqwest configuration")
+}
+
 impl WebhookSender {
     /// A sender with a `timeout` for the whole request; private targets only when `allow_private`.
     pub fn new(timeout: Duration, allow_private: bool) -> Self {
@@ -197,20 +223,12 @@ impl WebhookSender {
         allow_private: bool,
         network: std::sync::Arc<dyn Network>,
     ) -> Self {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .timeout(timeout)
-            .user_agent(concat!("tasklane-webhooks/", env!("CARGO_PKG_VERSION")))
-            // A proxy (HTTPS_PROXY and the like) would resolve and connect on our behalf,
-            // past the address check below.
-            .no_proxy()
-            .dns_resolver(std::sync::Arc::new(Resolver {
-                network,
-                public_only: !allow_private,
-            }))
-            .build()
-            .expect("static reqwest configuration");
+        let client = guarded_client(
+            timeout,
+            allow_private,
+            network,
+            concat!("tasklane-webhooks/", env!("CARGO_PKG_VERSION")),
+        );
         WebhookSender {
             client,
             allow_private,

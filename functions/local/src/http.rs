@@ -17,7 +17,6 @@ use crate::files::{FILES_PREFIX, FileBlobs, content_type_of};
 pub(crate) struct Served {
     pub(crate) api: Api,
     pub(crate) files: Option<FileBlobs>,
-    pub(crate) max_body: usize,
 }
 
 pub(crate) async fn serve(State(s): State<Arc<Served>>, req: Request) -> Response {
@@ -26,13 +25,14 @@ pub(crate) async fn serve(State(s): State<Arc<Served>>, req: Request) -> Respons
         let query = parts.uri.query().unwrap_or("");
         return to_axum(serve_file(files, key, query, &parts.method).await);
     }
-    let bytes = match Limited::new(body, s.max_body).collect().await {
+    let limit = s.api.body_limit(parts.uri.path());
+    let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return to_axum(ApiError::PayloadTooLarge { limit: s.max_body }.into_response());
+            return to_axum(ApiError::PayloadTooLarge { limit }.into_response());
         }
         Err(_) => {
             return to_axum(

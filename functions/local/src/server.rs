@@ -109,6 +109,12 @@ pub async fn start_on(
             )
         })?;
     let addr = listener.local_addr()?;
+    // Upstreams call back at the same address as result URLs point to.
+    let mut cfg = cfg;
+    let public = cfg.public_url.clone();
+    cfg.core
+        .public_url
+        .get_or_insert_with(|| public.unwrap_or_else(|| format!("http://{addr}")));
     let (backends, files) = match backends {
         Some(b) => (b, None),
         None => {
@@ -132,7 +138,6 @@ pub async fn start_on(
     let served = Served {
         api: Api::new(app.clone()),
         files,
-        max_body: cfg.core.max_body_bytes,
     };
     tasks.spawn(serve_http(listener, served, stop_rx));
     Ok(Running {

@@ -730,6 +730,7 @@ mod tests {
             lease_until: None,
             version: 1,
             waiting_since: Some(Utc::now()),
+            upstream: None,
         }
     }
 

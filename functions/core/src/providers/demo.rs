@@ -26,7 +26,11 @@ pub fn builtin_registry(time_scale: f64) -> Registry {
             default: 5,
         }),
         params: vec![
-            param("fps", ParamKind::Int { min: 1, max: 24 }, "frames per second (default 8)"),
+            param(
+                "fps",
+                ParamKind::Int { min: 1, max: 24 },
+                "frames per second (default 8)",
+            ),
             seed_param(),
         ],
         pricing: Pricing::PerSecond(10),

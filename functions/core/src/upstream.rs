@@ -1,0 +1,752 @@
+//! Models served by an upstream ([`crate::ports::Upstream`]): a worker starts the run and lets
+//! go; the upstream's callback, or a check scheduled on a backoff, ends the task.
+//!
+//! - **Start** (a `Run` message): the task is claimed like any other, a per-task callback token
+//!   is recorded, the upstream is asked to start (the task id names the run where the provider
+//!   allows it, so a start retried after a crash never runs twice), and its id is recorded.
+//!   The worker is then free. An upstream at capacity puts the task back to `queued` without
+//!   counting the attempt and tries again later; an unreachable one is retried like a crashed
+//!   attempt and ends in `upstream_unavailable`.
+//! - **Checks** (`Check` messages numbered by [`crate::task::UpstreamRun::checks`]): each asks
+//!   the upstream what the run does, records progress and the log's tail, and schedules the
+//!   next check (doubling from [`crate::Config::upstream_check_first`] up to
+//!   [`crate::Config::upstream_check_max`]). A copy of a check finds its number taken and stops.
+//!   Past the model's timeout the run is cancelled upstream and the task fails with `timeout`.
+//! - **Callbacks** (`POST /v1/upstream/{provider}/{task_id}?token=…`): the token must match
+//!   the task's. A provider that can be asked about a run ([`Upstream::callback_is_authoritative`]
+//!   false) only prompts a check; Cog's callbacks carry the result and are recorded.
+//! - **Outputs become ours**: each `data:` URI or URL is copied into the blob store under the
+//!   model's size cap; URLs must resolve to public addresses unless their host is one the
+//!   catalog trusts. The task completes with tasklane's own expiring URLs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::Utc;
+use rand::RngCore;
+
+use crate::error::ApiError;
+use crate::ports::{
+    CallbackRequest, Job, PortError, PortResult, Upstream, UpstreamError, UpstreamState,
+    WorkMessage,
+};
+use crate::processor::{Disposition, Processor, chrono_dur, failure};
+use crate::registry::ModelSpec;
+use crate::task::{Output, Task, TaskFailure, TaskStatus, Transition};
+
+/// Times an upstream may lose a run and start it again before the task fails.
+pub const MAX_RESTARTS: u32 = 1;
+/// Checks in a row that may find the upstream unreachable before the task fails with
+/// `upstream_unavailable`.
+pub const MAX_FAILED_CHECKS: u32 = 5;
+/// Largest upstream callback body: Cog sends a finished prediction's outputs inline, as
+/// `data:` URIs. (On AWS, API Gateway caps request bodies lower, at 10 MB.)
+pub const MAX_CALLBACK_BYTES: usize = 64 * 1024 * 1024;
+/// Longest upstream message kept on a failed task.
+pub const MAX_UPSTREAM_MESSAGE: usize = 500;
+
+/// What a callback did, for the route's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// Recorded (progress, or the end of the run).
+    Recorded,
+    /// Nothing to change: the task ended already, or the callback is about an older run.
+    Ignored,
+    /// The provider's callbacks are hints: a check was scheduled at once.
+    CheckScheduled,
+}
+
+/// The job a task asks of its model.
+pub(crate) fn job_of(task: &Task) -> Job<'_> {
+    Job {
+        task_id: &task.id,
+        action: &task.action,
+        prompt: task.input.prompt.as_deref(),
+        duration: task.input.duration,
+        params: &task.input.params,
+    }
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// `message` cut to [`MAX_UPSTREAM_MESSAGE`] characters.
+fn bounded(message: &str) -> String {
+    let mut m: String = message.chars().take(MAX_UPSTREAM_MESSAGE).collect();
+    if m.len() < message.len() {
+        m.push('…');
+    }
+    m
+}
+
+/// Constant-time comparison of two tokens.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl Processor {
+    /// The URL the upstream reports to for `task`, or `None` when this deployment has no
+    /// public URL.
+    fn callback_url(&self, provider: &str, task: &Task) -> Option<String> {
+        let base = self.app.config.public_url.as_deref()?;
+        let token = &task.upstream.as_ref()?.token;
+        Some(format!(
+            "{}/v1/upstream/{provider}/{}?token={token}",
+            base.trim_end_matches('/'),
+            task.id
+        ))
+    }
+
+    /// Delay before check number `n`.
+    fn check_delay(&self, n: u32) -> Duration {
+        let cfg = &self.app.config;
+        cfg.upstream_check_first
+            .saturating_mul(2u32.saturating_pow(n.min(16)))
+            .min(cfg.upstream_check_max)
+    }
+
+    /// Schedules check `n` of `task`'s run: after its delay, but not after the model's
+    /// deadline (so a silent run is still cancelled on time). Returns when it is due.
+    async fn schedule_check(
+        &self,
+        task: &Task,
+        spec: &ModelSpec,
+        n: u32,
+    ) -> PortResult<chrono::DateTime<Utc>> {
+        let now = Utc::now();
+        let mut delay = self.check_delay(n);
+        if let Some(started) = task.upstream.as_ref().and_then(|u| u.started_at) {
+            let deadline = started + chrono_dur(spec.timeout);
+            let left = (deadline - now).to_std().unwrap_or_default();
+            delay = delay.min(left + Duration::from_millis(100));
+        }
+        let msg = WorkMessage::Check {
+            task_id: task.id.clone(),
+            check: n,
+        };
+        self.app
+            .queue
+            .enqueue(&msg, delay.min(self.app.config.max_queue_delay))
+            .await?;
+        // A check lost before it ran is resumed by the sweeper once this has passed.
+        Ok(now + chrono_dur(delay + self.app.config.lease))
+    }
+
+    /// A `Run` of a task whose model is served by `up`: starts the run, or, when it runs
+    /// already (the sweeper found its check lost), checks on it.
+    pub(crate) async fn run_upstream(
+        &self,
+        task: Task,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+    ) -> PortResult<Disposition> {
+        let started = task.upstream.as_ref().is_some_and(|u| u.id.is_some());
+        if task.status == TaskStatus::Processing && started {
+            if task.lease_until.is_some_and(|l| l > Utc::now()) {
+                // A check is scheduled: this is a duplicate.
+                return Ok(Disposition::Done);
+            }
+            let n = task.upstream.as_ref().map_or(0, |u| u.checks);
+            return self.check(task, spec, up, n).await;
+        }
+        if let Some(done) = self.before_start(&task).await? {
+            return Ok(done);
+        }
+        let task = match self.claim(&task).await? {
+            Ok(claimed) => claimed,
+            Err(done) => return Ok(done),
+        };
+        self.start_upstream(task, spec, up).await
+    }
+
+    /// Starts the claimed `task`'s run upstream and lets go of it.
+    async fn start_upstream(
+        &self,
+        task: Task,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+    ) -> PortResult<Disposition> {
+        let attempt = task.attempts;
+        let task_id = task.id.clone();
+        let prepare = Transition::UpstreamPrepared {
+            attempt,
+            token: new_token(),
+        };
+        let task = match self.app.store.update_task_from(&task, &prepare).await {
+            Ok(t) => t,
+            Err(PortError::Rejected(e)) => {
+                tracing::info!(task_id, reason = %e, "upstream run not prepared");
+                return Ok(Disposition::Done);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(callback) = self.callback_url(up.provider(), &task) else {
+            let message = "this deployment has no public URL for upstream callbacks \
+                           (TASKLANE_PUBLIC_URL); credits were refunded";
+            let fail = failure(Some(attempt), "model_unavailable", message);
+            return self.finish(&task, &fail).await;
+        };
+        let started = up.start(job_of(&task), &callback).await;
+        let id = match started {
+            Ok(id) => id,
+            Err(e) => return self.not_started(&task, e).await,
+        };
+        tracing::info!(task_id, provider = up.provider(), upstream_id = %id, "upstream run started");
+        // Check 0 is enqueued before the start is recorded: a worker that stops in between
+        // leaves a check that finds the run (its id is the task's, or it re-sends the start).
+        let check_by = self.schedule_check(&task, spec, 0).await?;
+        let record = Transition::UpstreamStarted {
+            attempt,
+            id,
+            check_by,
+        };
+        match self.app.store.update_task_from(&task, &record).await {
+            Ok(_) => Ok(Disposition::Done),
+            Err(PortError::Rejected(e)) => {
+                // A callback ended it first (a fast run), or another worker took over.
+                tracing::info!(task_id, reason = %e, "upstream start not recorded");
+                Ok(Disposition::Done)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The upstream did not start `task`'s run: at capacity, the task waits queued (its
+    /// attempt not counted) and runs again later; unreachable, it is retried like a crashed
+    /// attempt and fails with `upstream_unavailable` once attempts run out; refused, it fails.
+    async fn not_started(&self, task: &Task, e: UpstreamError) -> PortResult<Disposition> {
+        let attempt = task.attempts;
+        let task_id = task.id.as_str();
+        let cfg = &self.app.config;
+        let (count_attempt, delay) = match &e {
+            UpstreamError::Busy { retry_after } => {
+                let delay = retry_after
+                    .unwrap_or(cfg.upstream_check_first * 2)
+                    .clamp(Duration::from_millis(100), cfg.upstream_check_max);
+                (false, delay)
+            }
+            UpstreamError::Unavailable(_) if attempt < cfg.max_attempts => {
+                (true, self.check_delay(attempt))
+            }
+            UpstreamError::Unavailable(why) => {
+                let message = format!(
+                    "the model's upstream could not be reached after {attempt} attempts ({}); credits were refunded",
+                    bounded(why)
+                );
+                let fail = failure(Some(attempt), "upstream_unavailable", message);
+                return self.finish(task, &fail).await;
+            }
+            UpstreamError::Refused(why) => {
+                let fail = failure(Some(attempt), "generation_failed", bounded(why));
+                return self.finish(task, &fail).await;
+            }
+            UpstreamError::Unknown => {
+                let message = "the model's upstream lost the run; credits were refunded";
+                let fail = failure(Some(attempt), "upstream_unavailable", message);
+                return self.finish(task, &fail).await;
+            }
+        };
+        tracing::info!(task_id, attempt, error = %e, ?delay, "upstream did not start the run; the task waits");
+        let back = Transition::Deferred {
+            attempt,
+            count_attempt,
+        };
+        match self.app.store.update_task_from(task, &back).await {
+            Ok(_) => {}
+            Err(PortError::Rejected(e)) => {
+                tracing::info!(task_id, reason = %e, "not deferred");
+                return Ok(Disposition::Done);
+            }
+            Err(e) => return Err(e),
+        }
+        // A fresh message rather than this one again: waiting for a slot must not count
+        // towards the queue's receive limit.
+        let run = WorkMessage::Run {
+            task_id: task_id.to_string(),
+        };
+        self.app.queue.enqueue(&run, delay).await?;
+        Ok(Disposition::Done)
+    }
+
+    /// Check number `n` on `task`'s upstream run.
+    pub(crate) async fn check(
+        &self,
+        task: Task,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+        n: u32,
+    ) -> PortResult<Disposition> {
+        let task_id = task.id.as_str();
+        let Some(run) = task.upstream.clone() else {
+            return Ok(Disposition::Done);
+        };
+        let Some(id) = run.id.clone() else {
+            return Ok(Disposition::Done);
+        };
+        if task.status != TaskStatus::Processing || run.checks != n {
+            tracing::debug!(task_id, check = n, "stale check");
+            return Ok(Disposition::Done);
+        }
+        let now = Utc::now();
+        if run
+            .started_at
+            .is_some_and(|s| s + chrono_dur(spec.timeout) <= now)
+        {
+            return self.time_out(&task, spec, up, &id).await;
+        }
+        let Some(callback) = self.callback_url(up.provider(), &task) else {
+            return Ok(Disposition::Done);
+        };
+        let state = up.check(job_of(&task), &id, &callback).await;
+        let mut unreachable = false;
+        let (progress, logs, restarted) = match state {
+            Ok(s) if s.is_terminal() => return self.settle(&task, spec, up, &id, s).await,
+            Ok(UpstreamState::Running { progress, logs }) => (progress, logs, false),
+            Ok(_restarted) if run.restarts >= MAX_RESTARTS => {
+                let _ = up.cancel(&id).await;
+                let message =
+                    "the model's upstream lost the run's result twice; credits were refunded";
+                let fail = failure(Some(task.attempts), "upstream_unavailable", message);
+                return self.finish(&task, &fail).await;
+            }
+            Ok(_restarted) => {
+                tracing::warn!(task_id, upstream_id = %id, "the upstream lost the run and started it again");
+                (None, None, true)
+            }
+            Err(UpstreamError::Busy { .. }) => (None, None, false),
+            Err(UpstreamError::Unavailable(why)) => {
+                if run.failed_checks + 1 >= MAX_FAILED_CHECKS {
+                    let _ = up.cancel(&id).await;
+                    let message = format!(
+                        "the model's upstream could not be reached ({}); credits were refunded",
+                        bounded(&why)
+                    );
+                    let fail = failure(Some(task.attempts), "upstream_unavailable", message);
+                    return self.finish(&task, &fail).await;
+                }
+                tracing::warn!(task_id, check = n, error = %why, "upstream check failed");
+                unreachable = true;
+                (None, None, false)
+            }
+            Err(UpstreamError::Unknown) => {
+                let message = "the model's upstream no longer knows the run; credits were refunded";
+                let fail = failure(Some(task.attempts), "upstream_unavailable", message);
+                return self.finish(&task, &fail).await;
+            }
+            Err(UpstreamError::Refused(why)) => {
+                let fail = failure(Some(task.attempts), "generation_failed", bounded(&why));
+                return self.finish(&task, &fail).await;
+            }
+        };
+        let check_by = self.schedule_check(&task, spec, n + 1).await?;
+        let report = Transition::UpstreamReported {
+            id,
+            check: Some(n),
+            progress,
+            logs,
+            restarted,
+            unreachable,
+            check_by: Some(check_by),
+        };
+        match self.app.store.update_task_from(&task, &report).await {
+            Ok(_) => Ok(Disposition::Done),
+            Err(PortError::Rejected(e)) => {
+                tracing::debug!(task_id, check = n, reason = %e, "check not recorded");
+                Ok(Disposition::Done)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The run outlived the model's timeout: cancel it upstream (best effort) and fail the
+    /// task with `timeout`, refunded.
+    async fn time_out(
+        &self,
+        task: &Task,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+        id: &str,
+    ) -> PortResult<Disposition> {
+        if let Err(e) = up.cancel(id).await {
+            tracing::warn!(task_id = %task.id, upstream_id = id, error = %e, "upstream cancel failed");
+        }
+        let message = format!(
+            "the model ran longer than its timeout of {} s and was cancelled; credits were refunded",
+            spec.timeout.as_secs()
+        );
+        let fail = failure(Some(task.attempts), "timeout", message);
+        self.finish(task, &fail).await
+    }
+
+    /// Ends `task` with the terminal `state` of its run `id`: outputs copied into the blob
+    /// store and the task completed, or the task failed with a refund.
+    async fn settle(
+        &self,
+        task: &Task,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+        id: &str,
+        state: UpstreamState,
+    ) -> PortResult<Disposition> {
+        let (outcome, logs) = match state {
+            UpstreamState::Succeeded { outputs, logs } => {
+                match self.collect(&task.id, spec, up, &outputs).await {
+                    Ok(stored) => (Ok(stored), logs),
+                    Err(Collect::Port(e)) => return Err(e),
+                    Err(Collect::Refused(why)) => (
+                        Err(TaskFailure {
+                            code: "output_rejected".into(),
+                            message: format!("{why}; credits were refunded"),
+                        }),
+                        logs,
+                    ),
+                }
+            }
+            UpstreamState::Failed { message, logs } => (
+                Err(TaskFailure {
+                    code: "generation_failed".into(),
+                    message: bounded(&message),
+                }),
+                logs,
+            ),
+            UpstreamState::Canceled => (
+                Err(TaskFailure {
+                    code: "generation_failed".into(),
+                    message: "the run was cancelled upstream; credits were refunded".into(),
+                }),
+                None,
+            ),
+            UpstreamState::Running { .. } | UpstreamState::Restarted => {
+                return Ok(Disposition::Done);
+            }
+        };
+        let end = Transition::UpstreamEnded {
+            id: id.to_string(),
+            outcome,
+            logs,
+        };
+        self.finish(task, &end).await
+    }
+
+    /// Handles an upstream's callback about task `task_id` (the `POST /v1/upstream/{provider}/{task_id}`
+    /// route): 404 when the task or its model's provider does not match, 401 when the token is
+    /// not the task's, 400 when the provider refuses the body.
+    pub async fn upstream_callback(
+        &self,
+        provider: &str,
+        task_id: &str,
+        token: Option<&str>,
+        req: CallbackRequest<'_>,
+    ) -> Result<CallbackOutcome, ApiError> {
+        let store = &self.app.store;
+        let Some(task) = store.task(task_id).await? else {
+            return Err(ApiError::NotFound("no such task"));
+        };
+        let Some(spec) = self.app.registry.get(&task.model) else {
+            return Err(ApiError::NotFound("no such task"));
+        };
+        let crate::registry::Runner::Upstream(up) = &spec.runner else {
+            return Err(ApiError::NotFound("no such task"));
+        };
+        if up.provider() != provider {
+            return Err(ApiError::NotFound("no such task"));
+        }
+        let Some(run) = task.upstream.clone() else {
+            return Err(ApiError::Unauthorized);
+        };
+        if !token.is_some_and(|t| same_token(t, &run.token)) {
+            return Err(ApiError::Unauthorized);
+        }
+        let report = up
+            .read_callback(req)
+            .map_err(|why| ApiError::invalid("body", format!("callback refused: {why}")))?;
+        if task.status != TaskStatus::Processing {
+            return Ok(CallbackOutcome::Ignored);
+        }
+        if run.id.as_ref().is_some_and(|known| *known != report.id) {
+            return Ok(CallbackOutcome::Ignored);
+        }
+        if !up.callback_is_authoritative() {
+            let msg = WorkMessage::Check {
+                task_id: task.id.clone(),
+                check: run.checks,
+            };
+            self.app.queue.enqueue(&msg, Duration::ZERO).await?;
+            return Ok(CallbackOutcome::CheckScheduled);
+        }
+        match report.state {
+            UpstreamState::Running { progress, logs } => {
+                let t = Transition::UpstreamReported {
+                    id: report.id,
+                    check: None,
+                    progress,
+                    logs,
+                    restarted: false,
+                    unreachable: false,
+                    check_by: None,
+                };
+                match store.update_task_from(&task, &t).await {
+                    Ok(_) => Ok(CallbackOutcome::Recorded),
+                    // Before the start was recorded, or after the end: nothing to keep.
+                    Err(PortError::Rejected(_)) => Ok(CallbackOutcome::Ignored),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            UpstreamState::Restarted => Ok(CallbackOutcome::Ignored),
+            state => {
+                self.settle(&task, spec, up, &report.id, state).await?;
+                Ok(CallbackOutcome::Recorded)
+            }
+        }
+    }
+
+    /// Copies each output into the blob store as `tasks/{id}/output-{i}.{ext}`.
+    async fn collect(
+        &self,
+        task_id: &str,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+        outputs: &[String],
+    ) -> Result<Vec<Output>, Collect> {
+        let mut stored = Vec::with_capacity(outputs.len());
+        for (i, out) in outputs.iter().enumerate() {
+            let (bytes, content_type) = if out.starts_with("data:") {
+                decode_data_uri(out, spec.max_output_bytes)?
+            } else {
+                self.download(out, spec, up).await?
+            };
+            let key = format!("tasks/{task_id}/output-{i}.{}", extension(&content_type));
+            let size_bytes = bytes.len() as u64;
+            self.app
+                .blobs
+                .put(&key, bytes, &content_type)
+                .await
+                .map_err(Collect::Port)?;
+            stored.push(Output {
+                key,
+                content_type,
+                size_bytes,
+            });
+        }
+        Ok(stored)
+    }
+
+    /// Downloads output `url` under the model's size cap. Its host must resolve to public
+    /// addresses only, unless the catalog trusts it.
+    async fn download(
+        &self,
+        url: &str,
+        spec: &ModelSpec,
+        up: &Arc<dyn Upstream>,
+    ) -> Result<(bytes::Bytes, String), Collect> {
+        let parsed = url::Url::parse(url).map_err(|_| {
+            Collect::Refused("the upstream returned an output that is not a URL".into())
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Collect::Refused(format!(
+                "the upstream returned an output URL with scheme {:?}",
+                parsed.scheme()
+            )));
+        }
+        let host = parsed
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(['[', ']']);
+        let trusted = spec
+            .trusted_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host));
+        if !trusted {
+            let literal = match parsed.host() {
+                Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
+                Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
+                _ => None,
+            };
+            if literal.is_some_and(|ip| !crate::webhook::is_public(ip)) {
+                return Err(Collect::Refused(format!(
+                    "the upstream returned an output URL on a non-public address ({host})"
+                )));
+            }
+        }
+        let client = if trusted {
+            &self.downloads_trusted
+        } else {
+            &self.downloads
+        };
+        let mut req = client.get(parsed.clone());
+        for (name, value) in up.download_headers(&parsed) {
+            req = req.header(name, value);
+        }
+        let mut resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Collect::Refused(format!(
+                    "the output could not be downloaded from {host} ({})",
+                    if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "connection failed or refused"
+                    }
+                )));
+            }
+        };
+        if !resp.status().is_success() {
+            return Err(Collect::Refused(format!(
+                "the output could not be downloaded from {host} (HTTP {})",
+                resp.status().as_u16()
+            )));
+        }
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_string();
+        let cap = spec.max_output_bytes;
+        if resp.content_length().is_some_and(|n| n > cap) {
+            return Err(too_big(cap));
+        }
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > cap {
+                        return Err(too_big(cap));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(Collect::Refused(format!(
+                        "the output download from {host} broke off"
+                    )));
+                }
+            }
+        }
+        Ok((body.freeze(), content_type))
+    }
+}
+
+/// Why outputs could not be collected.
+enum Collect {
+    /// The blob store failed: retry later.
+    Port(PortError),
+    /// The output is refused or unreachable: the task fails with `output_rejected`.
+    Refused(String),
+}
+
+impl From<PortError> for Collect {
+    fn from(e: PortError) -> Self {
+        Collect::Port(e)
+    }
+}
+
+fn too_big(cap: u64) -> Collect {
+    Collect::Refused(format!(
+        "an output is larger than the model's limit of {cap} bytes"
+    ))
+}
+
+/// Decodes a `data:[<type>][;base64],<data>` URI under `cap` bytes.
+fn decode_data_uri(uri: &str, cap: u64) -> Result<(bytes::Bytes, String), Collect> {
+    let rest = &uri["data:".len()..];
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or_else(|| Collect::Refused("the upstream returned a malformed data: URI".into()))?;
+    let (mime, base64) = match meta.strip_suffix(";base64") {
+        Some(m) => (m, true),
+        None => (meta, false),
+    };
+    let mime = if mime.is_empty() { "text/plain" } else { mime };
+    // Base64 is 4 characters per 3 bytes: refuse before decoding what would be too big.
+    if (data.len() as u64 / 4) * 3 > cap {
+        return Err(too_big(cap));
+    }
+    let bytes = if base64 {
+        base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|_| {
+                Collect::Refused("the upstream returned a data: URI that is not base64".into())
+            })?
+    } else {
+        data.as_bytes().to_vec()
+    };
+    if bytes.len() as u64 > cap {
+        return Err(too_big(cap));
+    }
+    Ok((bytes.into(), mime.to_string()))
+}
+
+/// A file extension for `content_type`.
+fn extension(content_type: &str) -> &'static str {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "image/gif" => "gif",
+        "image/png" => "png",
+        "image/jpeg" => "jpg",
+        "image/webp" => "webp",
+        "video/mp4" => "mp4",
+        "video/webm" => "webm",
+        "audio/mpeg" => "mp3",
+        "audio/wav" | "audio/x-wav" => "wav",
+        "application/json" => "json",
+        "text/plain" => "txt",
+        _ => "bin",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_uris_decode_with_their_type_and_respect_the_cap() {
+        let (b, t) = decode_data_uri("data:image/gif;base64,R0lGODlh", 100)
+            .ok()
+            .unwrap();
+        assert_eq!(&b[..], b"GIF89a");
+        assert_eq!(t, "image/gif");
+        assert_eq!(extension(&t), "gif");
+        let (b, t) = decode_data_uri("data:,hello", 100).ok().unwrap();
+        assert_eq!((&b[..], t.as_str()), (&b"hello"[..], "text/plain"));
+        assert!(matches!(
+            decode_data_uri("data:image/gif;base64,R0lGODlh", 5),
+            Err(Collect::Refused(_))
+        ));
+        assert!(matches!(
+            decode_data_uri("data:image/gif;base64,%%%", 100),
+            Err(Collect::Refused(_))
+        ));
+        assert!(matches!(
+            decode_data_uri("data:nocomma", 100),
+            Err(Collect::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn messages_are_bounded_and_tokens_compared_whole() {
+        assert_eq!(
+            bounded(&"x".repeat(600)).chars().count(),
+            MAX_UPSTREAM_MESSAGE + 1
+        );
+        assert_eq!(bounded("short"), "short");
+        assert!(same_token("abc", "abc"));
+        assert!(!same_token("abc", "abd"));
+        assert!(!same_token("abc", "abcd"));
+        assert_ne!(new_token(), new_token());
+        assert_eq!(new_token().len(), 48);
+    }
+}
