@@ -14,6 +14,8 @@
 //! - [`runtime_api`]: a Lambda Runtime API emulator that runs a function binary as Lambda does.
 //! - [`cog`]: the real Cog prediction server (coglet) on loopback running a predictor of
 //!   `tests/cog/`, and what it was observed to do (the Cog provider adapter relies on it).
+//! - [`replicate`]: a fake of Replicate's predictions API on loopback (time-driven lifecycle,
+//!   signed webhooks, protected output files) with switches for throttling, 5xx and lost webhooks.
 //! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
 
 pub mod chaos;
@@ -21,6 +23,7 @@ pub mod cog;
 pub mod intercept;
 pub mod memory;
 pub mod provision;
+pub mod replicate;
 pub mod runtime_api;
 pub mod soak;
 pub mod task;

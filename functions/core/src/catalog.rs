@@ -99,6 +99,7 @@ struct RawModel {
     endpoint: Option<String>,
     upstream_model: Option<String>,
     api_key_env: Option<String>,
+    webhook_secret_env: Option<String>,
     demo: Option<String>,
     actions: Option<Vec<String>>,
     prompt: Option<RawPrompt>,
@@ -308,6 +309,7 @@ fn build(
             ("endpoint", raw.endpoint.is_some()),
             ("upstream_model", raw.upstream_model.is_some()),
             ("api_key_env", raw.api_key_env.is_some()),
+            ("webhook_secret_env", raw.webhook_secret_env.is_some()),
             ("request_timeout", raw.request_timeout.is_some()),
             ("concurrency", raw.concurrency.is_some()),
             ("trusted_hosts", raw.trusted_hosts.is_some()),
@@ -473,29 +475,49 @@ fn build(
             .as_deref()
             .map(|e| endpoint(e).map_err(|m| err("endpoint", m)))
             .transpose()?;
-        let api_key = match raw.api_key_env.as_deref() {
-            None => None,
-            Some(var) if !is_env_name(var) => {
-                return Err(err(
-                    "api_key_env",
-                    format!(
-                        "{var:?} is not an environment variable name; give the variable's NAME, \
-                         never the credential itself"
-                    ),
-                ));
-            }
-            Some(var) => Some(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                err(
-                    "api_key_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?),
+        // A secret named by `field`: the variable must be set (and not empty).
+        let secret = |field: &str, var: Option<&str>, default: Option<&str>| match var {
+            None => match default {
+                None => Ok(None),
+                Some(var) => env(var).filter(|v| !v.is_empty()).map(Some).ok_or_else(|| {
+                    err(
+                        field,
+                        format!(
+                            "not given, and environment variable {var} (the default for provider \
+                             {:?}) is not set",
+                            raw.provider
+                        ),
+                    )
+                }),
+            },
+            Some(var) if !is_env_name(var) => Err(err(
+                field,
+                format!(
+                    "{var:?} is not an environment variable name; give the variable's NAME, \
+                     never the secret itself"
+                ),
+            )),
+            Some(var) => env(var)
+                .filter(|v| !v.is_empty())
+                .map(Some)
+                .ok_or_else(|| err(field, format!("environment variable {var} is not set"))),
         };
+        let api_key = secret(
+            "api_key_env",
+            raw.api_key_env.as_deref(),
+            providers::default_api_key_env(&raw.provider),
+        )?;
+        let webhook_secret = secret(
+            "webhook_secret_env",
+            raw.webhook_secret_env.as_deref(),
+            None,
+        )?;
         let settings = UpstreamSettings {
             provider: raw.provider.clone(),
             endpoint,
             model: raw.upstream_model.clone(),
             api_key,
+            webhook_secret,
             request_timeout,
         };
         Runner::Upstream(
@@ -846,6 +868,48 @@ max_output_bytes = 1048576
         let e = parse_err(literal);
         assert!(e.starts_with("model \"m\": field \"api_key_env\": "), "{e}");
         assert!(e.contains("NAME"), "{e}");
+    }
+
+    #[test]
+    fn a_replicate_model_reads_its_token_from_replicate_api_token_unless_told_otherwise() {
+        let text = "[models.m]\nprovider = \"replicate\"\n\
+                    upstream_model = \"black-forest-labs/flux-schnell\"\nprice = { per_task = 1 }\n";
+        assert_eq!(
+            parse_err(text),
+            "model \"m\": field \"api_key_env\": not given, and environment variable \
+             REPLICATE_API_TOKEN (the default for provider \"replicate\") is not set"
+        );
+        let env = |k: &str| match k {
+            "REPLICATE_API_TOKEN" => Some("r8_default".to_string()),
+            "HOOK" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_string()),
+            "PLAIN" => Some("not-a-whsec".to_string()),
+            _ => None,
+        };
+        let r = parse(text, &env, 0.0).unwrap();
+        assert_eq!(r.get("m").unwrap().runner.provider(), "replicate");
+        let signed = format!("{text}webhook_secret_env = \"HOOK\"\n");
+        assert!(parse(&signed, &env, 0.0).is_ok());
+        let missing = format!("{text}webhook_secret_env = \"NOPE\"\n");
+        assert_eq!(
+            parse(&missing, &env, 0.0).unwrap_err().to_string(),
+            "model \"m\": field \"webhook_secret_env\": environment variable NOPE is not set"
+        );
+        let malformed = format!("{text}webhook_secret_env = \"PLAIN\"\n");
+        let e = parse(&malformed, &env, 0.0).unwrap_err().to_string();
+        assert!(
+            e.starts_with("model \"m\": field \"webhook_secret_env\": ") && !e.contains("not-a"),
+            "{e}"
+        );
+        let no_model = "[models.m]\nprovider = \"replicate\"\nprice = { per_task = 1 }\n";
+        let e = parse(no_model, &env, 0.0).unwrap_err().to_string();
+        assert!(
+            e.starts_with("model \"m\": field \"upstream_model\": "),
+            "{e}"
+        );
+        let demo = format!("{DEMO}webhook_secret_env = \"HOOK\"\n");
+        assert!(
+            parse_err(&demo).starts_with("model \"m\": field \"webhook_secret_env\": only for")
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! - [`demo`]: the built-in demo models (`veo3`, `demo-image`, `echo`), the default catalog.
 //! - [`cog`]: a Cog model server (the HTTP prediction API), how teams package their own models.
+//! - [`replicate`]: Replicate's hosted predictions API.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +12,12 @@ use crate::ports::Upstream;
 
 pub mod cog;
 pub mod demo;
+pub mod replicate;
 
 pub use demo::builtin_registry;
 
 /// The upstream providers [`upstream`] builds.
-pub const UPSTREAM_PROVIDERS: [&str; 1] = ["cog"];
+pub const UPSTREAM_PROVIDERS: [&str; 2] = ["cog", "replicate"];
 
 /// How to reach one upstream model, from a catalog entry ([`crate::catalog`]).
 #[derive(Clone)]
@@ -30,6 +32,9 @@ pub struct UpstreamSettings {
     pub model: Option<String>,
     /// The provider's API credential, read from the environment. Never logged or shown.
     pub api_key: Option<String>,
+    /// The secret the provider signs its webhooks with (Replicate's `whsec_…`), read from the
+    /// environment variable the catalog's `webhook_secret_env` names. Never logged or shown.
+    pub webhook_secret: Option<String>,
     /// Limit on each HTTP request to the provider.
     pub request_timeout: Duration,
 }
@@ -41,8 +46,21 @@ impl std::fmt::Debug for UpstreamSettings {
             .field("endpoint", &self.endpoint.as_ref().map(url::Url::as_str))
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("request_timeout", &self.request_timeout)
             .finish()
+    }
+}
+
+/// The environment variable holding a provider's credential when its catalog entry names
+/// none in `api_key_env` (the variable the provider's own SDK reads).
+pub fn default_api_key_env(provider: &str) -> Option<&'static str> {
+    match provider {
+        "replicate" => Some(replicate::DEFAULT_API_KEY_ENV),
+        _ => None,
     }
 }
 
@@ -50,6 +68,7 @@ impl std::fmt::Debug for UpstreamSettings {
 pub fn upstream(settings: &UpstreamSettings) -> Result<Arc<dyn Upstream>, (String, String)> {
     match settings.provider.as_str() {
         "cog" => Ok(Arc::new(cog::Cog::new(settings)?)),
+        "replicate" => Ok(Arc::new(replicate::Replicate::new(settings)?)),
         other => Err((
             "provider".to_string(),
             format!(
