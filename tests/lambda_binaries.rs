@@ -1,5 +1,5 @@
 //! The compiled Lambda binaries (`submit`, `status`, `cancel`, `sync-wait`, `account`,
-//! `processor`), each run as a real process behind a minimal Lambda Runtime API emulator
+//! `processor`, `dead-letter`, `sweeper`, `upstream`), each run as a real process behind a minimal Lambda Runtime API emulator
 //! (`tasklane_testkit::runtime_api`), and fed the events in `events/` as Lambda would: the function asks
 //! `GET /2018-06-01/runtime/invocation/next`, gets the event with the invocation headers, and
 //! posts its answer to `.../invocation/{id}/response` (or `.../error`). The functions talk to
@@ -10,6 +10,11 @@
 //! Where `tests/lambda_events.rs` calls the handlers in-process, this suite checks what only the
 //! binaries show: `main.rs` wiring, configuration read from the environment at start, the runtime
 //! loop, the wire format Lambda receives, JSON logs, and cold-start time (printed, never asserted).
+//!
+//! A model served by an upstream runs here through the binaries too: `veo3` on a real Cog
+//! server (`tasklane_testkit::cog`), started by the `processor` binary, whose callbacks reach
+//! the `upstream` binary through a loopback stand-in for API Gateway ([`Gateway`]). That test
+//! prints how long the processor was busy for the generation (never asserted).
 
 mod aws_fixtures;
 
@@ -24,15 +29,16 @@ use aws_fixtures::{
 };
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tasklane_core::ports::{MessageSource, WorkMessage};
-use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus};
+use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus, UpstreamRun};
+use tasklane_testkit::cog::CogServer;
 use tasklane_testkit::runtime_api::{Invoked, Reply, RuntimeApi};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
-const FUNCTIONS: [(&str, &str, u32); 8] = [
+const FUNCTIONS: [(&str, &str, u32); 9] = [
     ("submit", "SubmitFunction", 256),
     ("status", "StatusFunction", 256),
     ("cancel", "CancelFunction", 256),
@@ -41,7 +47,13 @@ const FUNCTIONS: [(&str, &str, u32); 8] = [
     ("processor", "ProcessorFunction", 512),
     ("dead-letter", "DeadLetterFunction", 256),
     ("sweeper", "SweeperFunction", 256),
+    ("upstream", "UpstreamFunction", 512),
 ];
+
+/// The API's URL as template.yaml gives it to the processor (`TASKLANE_PUBLIC_URL`, from
+/// `Api.ApiEndpoint`), with the fake API id of the events. Nothing calls it: the built-in
+/// models run in the processor.
+const EXAMPLE_API_URL: &str = "https://a1b2c3d4e5.execute-api.us-east-1.amazonaws.com";
 
 // Generous deadlines: debug binaries on a loaded two-core machine. Nothing asserts a duration.
 /// From spawn to the first `next` request.
@@ -68,6 +80,7 @@ fn binary(name: &str) -> &'static str {
         "processor" => env!("CARGO_BIN_EXE_processor"),
         "dead-letter" => env!("CARGO_BIN_EXE_dead-letter"),
         "sweeper" => env!("CARGO_BIN_EXE_sweeper"),
+        "upstream" => env!("CARGO_BIN_EXE_upstream"),
         other => panic!("no function binary named {other}"),
     }
 }
@@ -370,7 +383,8 @@ impl Stack {
         Stack { world }
     }
 
-    /// The function configuration template.yaml sets (with its default parameters).
+    /// The configuration template.yaml gives every function (Globals, with its default
+    /// parameters: no model catalog, no provider credentials).
     fn vars(&self) -> Vec<(&'static str, String)> {
         vec![
             ("TASKLANE_TABLE", self.settings.table.clone()),
@@ -381,8 +395,23 @@ impl Stack {
             ("TASKLANE_CALLBACK_ALLOW_PRIVATE", "false".into()),
             ("TASKLANE_SWEEP_AFTER", "120".into()),
             ("TASKLANE_MAX_OPEN_TASKS", "1000".into()),
+            ("TASKLANE_MODELS", String::new()),
+            ("REPLICATE_API_TOKEN", String::new()),
+            ("REPLICATE_WEBHOOK_SECRET", String::new()),
+            ("FAL_KEY", String::new()),
+            ("GEMINI_API_KEY", String::new()),
             ("RUST_LOG", "info".into()),
         ]
+    }
+
+    /// The configuration template.yaml gives the function of `binary`: [`Stack::vars`], and
+    /// for the processor the API's URL upstreams call back on.
+    fn vars_for(&self, binary: &str) -> Vec<(&'static str, String)> {
+        let mut vars = self.vars();
+        if binary == "processor" {
+            vars.push(("TASKLANE_PUBLIC_URL", EXAMPLE_API_URL.into()));
+        }
+        vars
     }
 
     /// An object of the results bucket.
@@ -408,14 +437,32 @@ impl Stack {
     }
 }
 
+/// One SQS event the event source mapping handed to the processor.
+#[derive(Debug)]
+struct Batch {
+    /// The messages' bodies.
+    bodies: Vec<String>,
+    /// The function's answer.
+    reply: Value,
+    /// From queuing the event to the function's answer.
+    took: Duration,
+}
+
+impl Batch {
+    /// The batch's work messages, parsed.
+    fn messages(&self) -> Vec<WorkMessage> {
+        self.bodies
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect()
+    }
+}
+
 /// What SQS's event source mapping does for the processor function: receives from the work
 /// queue, invokes the function with the messages as an SQS event, and deletes those not
-/// reported in `batchItemFailures`. Runs until dropped; records each batch and the reply.
-async fn event_source_mapping(
-    stack: &Stack,
-    processor: &mut Function,
-    fed: &Mutex<Vec<(Vec<String>, Value)>>,
-) {
+/// reported in `batchItemFailures`. Runs until dropped; records each batch, the reply and how
+/// long the invocation took.
+async fn event_source_mapping(stack: &Stack, processor: &mut Function, fed: &Mutex<Vec<Batch>>) {
     let sqs = aws_sdk_sqs::Client::new(&stack.config);
     let url = &stack.settings.queue_url;
     loop {
@@ -437,7 +484,9 @@ async fn event_source_mapping(
             "arn:aws:sqs:us-east-1:123456789012:tasklane-WorkQueue-EXAMPLE1234",
         );
         let event = json!({ "Records": records }).to_string();
+        let queued = Instant::now();
         let reply = processor.invoke(&event).await.response().clone();
+        let took = queued.elapsed();
         let failed: Vec<&str> = reply["batchItemFailures"]
             .as_array()
             .map(|a| {
@@ -462,8 +511,332 @@ async fn event_source_mapping(
             .iter()
             .map(|m| m.body().unwrap_or_default().to_string())
             .collect();
-        fed.lock().unwrap().push((bodies, reply));
+        fed.lock().unwrap().push(Batch {
+            bodies,
+            reply,
+            took,
+        });
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An upstream model: a Cog server, and API Gateway's part in its callbacks.
+// ---------------------------------------------------------------------------------------------
+
+/// API Gateway's limit on a request body (HTTP APIs: 10 MB); it answers 413 above it.
+const GATEWAY_MAX_BODY: usize = 10 * 1024 * 1024;
+
+/// A model catalog (TOML, as `TASKLANE_MODELS` reads it) with one model, `veo3`, served by the
+/// Cog server at `endpoint`, written into `dir`. Cog passes every input to the predictor, which
+/// refuses one it does not declare: the predictors in `tests/cog/` take `prompt`, `duration`
+/// and `fps`.
+fn cog_catalog(dir: &std::path::Path, endpoint: &str) -> std::path::PathBuf {
+    let path = dir.join("models.toml");
+    let text = format!(
+        r#"
+[models.veo3]
+provider = "cog"
+description = "Video from a prompt, on our Cog server"
+endpoint = "{endpoint}"
+prompt = {{ required = true, max_length = 500 }}
+duration = {{ min = 1, max = 8, default = 2 }}
+price = {{ per_second = 10 }}
+timeout = 120
+trusted_hosts = ["127.0.0.1"]
+
+[models.veo3.params.fps]
+type = "integer"
+min = 1
+max = 30
+description = "frames per second"
+"#
+    );
+    std::fs::write(&path, text).expect("writing the model catalog");
+    path
+}
+
+/// An API Gateway (HTTP API, payload format 2.0, `$default` stage) event for a request to the
+/// template's route `POST /v1/upstream/{provider}/{task_id}` (the upstream function's), as
+/// API Gateway builds it: `rawPath`, `rawQueryString`, lowercase headers (repeated ones joined
+/// with commas), the path and query parameters, and a text body. `target` is the path and query.
+fn upstream_event(target: &str, headers: &[(String, String)], body: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut hs = serde_json::Map::new();
+    for (k, v) in headers {
+        let k = k.to_ascii_lowercase();
+        match hs.get_mut(&k) {
+            Some(Value::String(prev)) => {
+                prev.push(',');
+                prev.push_str(v);
+            }
+            _ => {
+                hs.insert(k, json!(v));
+            }
+        }
+    }
+    let parsed = reqwest::Url::parse(&format!(
+        "https://a1b2c3d4e5.execute-api.us-east-1.amazonaws.com{target}"
+    ))
+    .expect("a request target");
+    let mut query_params = serde_json::Map::new();
+    for (k, v) in parsed.query_pairs() {
+        query_params.insert(k.into_owned(), json!(v.into_owned()));
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let now = Utc::now();
+    let route = "POST /v1/upstream/{provider}/{task_id}";
+    let user_agent = hs.get("user-agent").cloned().unwrap_or(json!(""));
+    json!({
+        "version": "2.0",
+        "routeKey": route,
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": hs,
+        "queryStringParameters": query_params,
+        "pathParameters": {
+            "provider": segments.get(2).copied().unwrap_or_default(),
+            "task_id": segments.get(3).copied().unwrap_or_default(),
+        },
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "a1b2c3d4e5",
+            "domainName": "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com",
+            "domainPrefix": "a1b2c3d4e5",
+            "http": {
+                "method": "POST",
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": user_agent,
+            },
+            "requestId": format!("{}", ulid::Ulid::new()),
+            "routeKey": route,
+            "stage": "$default",
+            "time": now.format("%d/%b/%Y:%H:%M:%S +0000").to_string(),
+            "timeEpoch": now.timestamp_millis(),
+        },
+        "body": body,
+        "isBase64Encoded": false,
+    })
+    .to_string()
+}
+
+/// One request the [`Gateway`] passed to the upstream function.
+#[derive(Debug, Clone)]
+struct Forwarded {
+    /// The prediction's `status` in Cog's webhook body.
+    status: String,
+    /// Cog's `metrics.predict_time` (seconds), on the completed webhook.
+    predict_time: Option<f64>,
+    /// The function's answer.
+    answer: u64,
+    /// From queuing the event to the function's answer.
+    took: Duration,
+}
+
+/// A loopback stand-in for API Gateway in front of the upstream function: each HTTP request to
+/// `POST /v1/upstream/{provider}/{task_id}` becomes an HTTP API event, is invoked through the
+/// function's Runtime API, and is answered with the function's response (status, headers,
+/// body). Bodies over 10 MB get API Gateway's 413, other routes its 404; both are recorded as
+/// unexpected, as Cog only calls the callback route. Serves until dropped.
+struct Gateway {
+    /// Its base URL: the deployment's public URL (`TASKLANE_PUBLIC_URL`).
+    url: String,
+    forwarded: Arc<Mutex<Vec<Forwarded>>>,
+    unexpected: Arc<Mutex<Vec<String>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Gateway {
+    async fn start(function: Arc<tokio::sync::Mutex<Function>>) -> Gateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the gateway");
+        let url = format!("http://{}", listener.local_addr().expect("its address"));
+        let forwarded = Arc::new(Mutex::new(Vec::new()));
+        let unexpected = Arc::new(Mutex::new(Vec::new()));
+        let (f, u) = (forwarded.clone(), unexpected.clone());
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(gateway_connection(
+                    stream,
+                    function.clone(),
+                    f.clone(),
+                    u.clone(),
+                ));
+            }
+        });
+        Gateway {
+            url,
+            forwarded,
+            unexpected,
+            server,
+        }
+    }
+
+    fn forwarded(&self) -> Vec<Forwarded> {
+        self.forwarded.lock().unwrap().clone()
+    }
+}
+
+/// Reads one HTTP/1.1 request: method, target, headers, body (`Content-Length` or chunked).
+async fn read_http_request(
+    r: &mut BufReader<tokio::net::TcpStream>,
+) -> std::io::Result<(String, String, Vec<(String, String)>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or_default().to_string();
+    let target = words.next().unwrap_or_default().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).await? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).await?;
+            let size = size.trim().split(';').next().unwrap_or_default();
+            let size = usize::from_str_radix(size, 16).map_err(std::io::Error::other)?;
+            if size == 0 {
+                let mut trailer = String::new();
+                while r.read_line(&mut trailer).await? > 2 {
+                    trailer.clear();
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).await?;
+            chunk.truncate(size);
+            body.extend_from_slice(&chunk);
+        }
+    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body = vec![0; len];
+        r.read_exact(&mut body).await?;
+    }
+    // API Gateway passes on what the function reads; the body's framing is its own.
+    headers.retain(|(k, _)| k != "transfer-encoding" && k != "connection");
+    Ok((method, target, headers, body))
+}
+
+/// Serves one connection of the [`Gateway`]: one request, then it closes.
+async fn gateway_connection(
+    stream: tokio::net::TcpStream,
+    function: Arc<tokio::sync::Mutex<Function>>,
+    forwarded: Arc<Mutex<Vec<Forwarded>>>,
+    unexpected: Arc<Mutex<Vec<String>>>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = BufReader::new(stream);
+    let Ok((method, target, headers, body)) = read_http_request(&mut stream).await else {
+        return;
+    };
+    let path = target.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let on_route = method == "POST"
+        && segments.len() == 4
+        && segments[..2] == ["v1", "upstream"]
+        && segments[2..].iter().all(|s| !s.is_empty());
+    let text = String::from_utf8(body.clone());
+    let (status, headers_out, body_out) = if !on_route {
+        unexpected
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path} (no such route)"));
+        (404, Map::new(), r#"{"message":"Not Found"}"#.to_string())
+    } else if body.len() > GATEWAY_MAX_BODY {
+        unexpected
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path} with {} bytes", body.len()));
+        (
+            413,
+            Map::new(),
+            r#"{"message":"Request Entity Too Large"}"#.to_string(),
+        )
+    } else if let Ok(text) = text {
+        let event = upstream_event(&target, &headers, &text);
+        let queued = Instant::now();
+        let invoked = function.lock().await.invoke(&event).await;
+        let took = queued.elapsed();
+        let Reply::Response(wire) = &invoked.reply else {
+            panic!(
+                "the upstream function failed an invocation: {:?}",
+                invoked.reply
+            );
+        };
+        let answer = wire["statusCode"].as_u64().unwrap_or_default();
+        let cog: Value = serde_json::from_str(&text).unwrap_or_default();
+        forwarded.lock().unwrap().push(Forwarded {
+            status: cog["status"].as_str().unwrap_or_default().to_string(),
+            predict_time: cog["metrics"]["predict_time"].as_f64(),
+            answer,
+            took,
+        });
+        (
+            answer,
+            wire["headers"].as_object().cloned().unwrap_or_default(),
+            wire["body"].as_str().unwrap_or_default().to_string(),
+        )
+    } else {
+        // API Gateway would base64 it; Cog sends JSON only.
+        unexpected
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path} with a body that is not UTF-8"));
+        (400, Map::new(), r#"{"message":"Bad Request"}"#.to_string())
+    };
+    let reason = http::StatusCode::from_u16(status as u16)
+        .ok()
+        .and_then(|c| c.canonical_reason())
+        .unwrap_or("Unknown");
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\n");
+    for (k, v) in &headers_out {
+        if let Some(v) = v.as_str()
+            && k != "content-length"
+        {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    if !headers_out.contains_key("content-type") {
+        out.push_str("content-type: application/json\r\n");
+    }
+    out.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n{body_out}",
+        body_out.len()
+    ));
+    let stream = stream.get_mut();
+    let _ = stream.write_all(out.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// How many times the render predictor started rendering `prompt`.
+fn renders(cog: &CogServer, prompt: &str) -> usize {
+    cog.log().matches(&format!("frames for '{prompt}'")).count()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -476,7 +849,7 @@ async fn every_function_binary_starts_and_asks_the_runtime_api_for_an_invocation
     let mut table = Vec::new();
     // One at a time, so that the figures do not include each other's start.
     for (binary, _, _) in FUNCTIONS {
-        let mut f = Function::start(binary, &stack.vars()).await;
+        let mut f = Function::start(binary, &stack.vars_for(binary)).await;
         let cold = f.cold_start().await;
         f.assert_running("after asking for an invocation");
         f.assert_clean_runtime_use();
@@ -719,7 +1092,7 @@ async fn account_binary_answers_account_json_with_the_credits_and_the_webhook_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_wait_binary_answers_completed_while_the_processor_binary_runs_the_work_it_queued() {
     let stack = Stack::new("sync").await;
-    let mut processor = Function::ready("processor", &stack.vars()).await;
+    let mut processor = Function::ready("processor", &stack.vars_for("processor")).await;
     let mut sync = Function::ready("sync-wait", &stack.vars()).await;
 
     let fed = Mutex::new(Vec::new());
@@ -754,13 +1127,19 @@ async fn sync_wait_binary_answers_completed_while_the_processor_binary_runs_the_
     let run = json!({"type": "run", "task_id": id});
     let fed = fed.into_inner().unwrap();
     assert!(
-        fed.iter().any(|(bodies, _)| bodies
+        fed.iter().any(|batch| batch
+            .bodies
             .iter()
             .any(|m| serde_json::from_str::<Value>(m).ok() == Some(run.clone()))),
         "the processor binary ran the task's run message: {fed:?}"
     );
-    for (bodies, reply) in &fed {
-        assert_eq!(reply, &json!({"batchItemFailures": []}), "batch {bodies:?}");
+    for batch in &fed {
+        assert_eq!(
+            batch.reply,
+            json!({"batchItemFailures": []}),
+            "batch {:?}",
+            batch.bodies
+        );
     }
     sync.assert_clean_runtime_use();
     processor.assert_clean_runtime_use();
@@ -788,7 +1167,7 @@ async fn processor_binary_runs_processor_json_and_stores_the_task_output_in_s3()
         ..stack.completed_echo(DELIVER_TASK).await
     };
     stack.insert(&delivered).await;
-    let mut processor = Function::ready("processor", &stack.vars()).await;
+    let mut processor = Function::ready("processor", &stack.vars_for("processor")).await;
 
     let invoked = processor.invoke(PROCESSOR).await;
     assert_eq!(
@@ -829,7 +1208,7 @@ async fn an_event_a_function_cannot_read_goes_to_the_error_endpoint_and_the_next
         ("processor", json!({"Records": []}).to_string()),
     ];
     for (binary, good) in cases {
-        let mut f = Function::ready(binary, &stack.vars()).await;
+        let mut f = Function::ready(binary, &stack.vars_for(binary)).await;
         let bad = f.invoke(&not_an_event).await;
         let Reply::Error {
             error_type,
@@ -863,12 +1242,12 @@ async fn an_event_a_function_cannot_read_goes_to_the_error_endpoint_and_the_next
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_the_variable() {
     let stack = Stack::new("noqueue").await;
-    let vars: Vec<_> = stack
-        .vars()
-        .into_iter()
-        .filter(|(k, _)| *k != "TASKLANE_QUEUE_URL")
-        .collect();
     for (binary, _, _) in FUNCTIONS {
+        let vars: Vec<_> = stack
+            .vars_for(binary)
+            .into_iter()
+            .filter(|(k, _)| *k != "TASKLANE_QUEUE_URL")
+            .collect();
         let mut f = Function::start(binary, &vars).await;
         let status = f.exit_status().await;
         let init_errors = f.runtime.init_errors();
@@ -914,4 +1293,294 @@ async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_t
             "`{binary}`: {error}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn veo3_on_a_real_cog_server_completes_through_the_submit_processor_and_upstream_binaries() {
+    let stack = Stack::new("cog").await;
+    let cog = CogServer::start("render");
+    let models = tempfile::tempdir().expect("a folder for the catalog");
+    let catalog = cog_catalog(models.path(), &cog.url);
+    let with_catalog = |binary: &str| {
+        let mut vars = stack.vars_for(binary);
+        vars.push(("TASKLANE_MODELS", catalog.display().to_string()));
+        vars
+    };
+    let upstream = Arc::new(tokio::sync::Mutex::new(
+        Function::ready("upstream", &with_catalog("upstream")).await,
+    ));
+    let gateway = Gateway::start(upstream.clone()).await;
+    // The processor gives Cog the API's URL for its callbacks: here, the gateway's.
+    let mut processor_vars = with_catalog("processor");
+    processor_vars.push(("TASKLANE_PUBLIC_URL", gateway.url.clone()));
+    let mut processor = Function::ready("processor", &processor_vars).await;
+    let mut submit = Function::ready("submit", &with_catalog("submit")).await;
+
+    // 6 s of video at 4 fps: 24 frames, about 3 s of rendering on Cog. Checks come 2 s after
+    // the start and 4 s after that (the defaults): one while it renders, one after the end.
+    let prompt = "a lighthouse at dusk";
+    let mut event: Value = serde_json::from_str(SUBMIT).expect("submit.json");
+    let body =
+        json!({"model": "veo3", "prompt": prompt, "duration": 6, "params": {"fps": 4}}).to_string();
+    event["headers"]["content-length"] = json!(body.len().to_string());
+    event["body"] = json!(body);
+    let submitted_at = Instant::now();
+    let a = submit.invoke(&event.to_string()).await.gateway();
+    assert_eq!(a.status, 202, "body: {}", a.body);
+    assert_eq!(a.body["cost"], json!({"credits": 60, "refunded": false}));
+    let id = a.body["task_id"].as_str().expect("a task id").to_string();
+
+    // The event source mapping feeds the processor until the task has ended and the last
+    // check scheduled for it has run too (so every processor invocation is counted).
+    let fed = Mutex::new(Vec::new());
+    let (task, ended_after) = {
+        let mapping = event_source_mapping(&stack, &mut processor, &fed);
+        tokio::pin!(mapping);
+        let settled = async {
+            let deadline = Instant::now() + INVOKE_DEADLINE;
+            let mut ended_after = None;
+            loop {
+                let task = stack.task(&id).await;
+                if task.status.is_terminal() {
+                    let ended = *ended_after.get_or_insert_with(|| submitted_at.elapsed());
+                    let last = task.upstream.as_ref().map_or(0, |u| u.checks);
+                    let checked = fed.lock().unwrap().iter().any(|b: &Batch| {
+                        b.messages().iter().any(|m| {
+                            matches!(m, WorkMessage::Check { task_id, check } if *task_id == id && *check >= last)
+                        })
+                    });
+                    if checked {
+                        return (task, ended);
+                    }
+                }
+                if Instant::now() > deadline {
+                    let batches = format!("{:?}", fed.lock().unwrap());
+                    let upstream_output = upstream.lock().await.output();
+                    panic!(
+                        "task {id} not settled within {INVOKE_DEADLINE:?}: {task:?}\nbatches: {batches}\ncallbacks: {:?}\nCog's log:\n{}\n{upstream_output}",
+                        gateway.forwarded(),
+                        cog.log(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            settled = settled => settled,
+            () = &mut mapping => unreachable!("the event source mapping runs until dropped"),
+        }
+    };
+
+    // Completed, with Cog's GIF copied into the results bucket, charged once.
+    assert_eq!(task.status, TaskStatus::Completed, "{task:?}");
+    assert_eq!(task.progress, 100);
+    assert_eq!(task.outputs.len(), 1, "{task:?}");
+    let output = &task.outputs[0];
+    assert_eq!(output.content_type, "image/gif");
+    let gif = stack.object(&output.key).await;
+    assert!(gif.starts_with(b"GIF8"), "a GIF in the results bucket");
+    assert_eq!(output.size_bytes, gif.len() as u64);
+    assert!(!task.cost.refunded);
+    assert_eq!(stack.credits().await, CREDITS - 60, "charged once");
+    assert_eq!(renders(&cog, prompt), 1, "rendered once\n{}", cog.log());
+
+    // The processor started the run and let go; Cog's callbacks reached the upstream function
+    // through the gateway, and it ended the task.
+    let fed = fed.into_inner().unwrap();
+    for batch in &fed {
+        assert_eq!(
+            batch.reply,
+            json!({"batchItemFailures": []}),
+            "batch {:?}",
+            batch.bodies
+        );
+    }
+    let runs = fed
+        .iter()
+        .filter(|b| {
+            b.messages().contains(&WorkMessage::Run {
+                task_id: id.clone(),
+            })
+        })
+        .count();
+    assert_eq!(runs, 1, "one start: {fed:?}");
+    let forwarded = gateway.forwarded();
+    assert!(
+        gateway.unexpected.lock().unwrap().is_empty(),
+        "{:?}",
+        gateway.unexpected.lock().unwrap()
+    );
+    assert!(
+        forwarded.iter().all(|f| f.answer == 200),
+        "every callback answered 200: {forwarded:?}"
+    );
+    let completed = forwarded
+        .iter()
+        .find(|f| f.status == "succeeded")
+        .unwrap_or_else(|| panic!("no succeeded callback: {forwarded:?}"));
+    drop(gateway);
+    let mut upstream = upstream.lock().await;
+    let finished = upstream
+        .json_logs()
+        .into_iter()
+        .find(|v| {
+            v["fields"]["message"] == "task finished" && v["fields"]["task_id"] == id.as_str()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the upstream function did not end the task\n{}",
+                upstream.output()
+            )
+        });
+    assert_eq!(finished["fields"]["status"], "completed");
+    upstream.assert_running("after the callbacks");
+    upstream.assert_clean_runtime_use();
+    processor.assert_clean_runtime_use();
+
+    // The figure: how long the processor was busy for this generation (never asserted).
+    let generation = completed
+        .predict_time
+        .map(Duration::from_secs_f64)
+        .unwrap_or_else(|| panic!("no metrics.predict_time in Cog's completed callback"));
+    let busy: Duration = fed.iter().map(|b| b.took).sum();
+    let each: Vec<String> = fed
+        .iter()
+        .map(|b| {
+            let what = match b.messages().first() {
+                Some(WorkMessage::Run { .. }) => "start".to_string(),
+                Some(WorkMessage::Check { check, .. }) => format!("check {check}"),
+                Some(other) => format!("{other:?}"),
+                None => "?".to_string(),
+            };
+            format!("{what} {} ms", b.took.as_millis())
+        })
+        .collect();
+    let callbacks: Duration = forwarded.iter().map(|f| f.took).sum();
+    println!(
+        "processor busy {} ms over {} invocations for a {:.1} s generation ({}); \
+         upstream function busy {} ms over {} callbacks; submit to completed {} ms \
+         (debug binaries, moto)",
+        busy.as_millis(),
+        fed.len(),
+        generation.as_secs_f64(),
+        each.join(", "),
+        callbacks.as_millis(),
+        forwarded.len(),
+        ended_after.as_millis(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_binary_answers_a_forged_callback_401_in_the_api_error_shape_and_changes_nothing()
+{
+    let stack = Stack::new("forged").await;
+    // The Cog server is never called: a refused callback stops before anything is sent, and a
+    // genuine "failed" one needs nothing from Cog. (Port 9, discard, on loopback.)
+    let models = tempfile::tempdir().expect("a folder for the catalog");
+    let catalog = cog_catalog(models.path(), "http://127.0.0.1:9");
+    let mut vars = stack.vars_for("upstream");
+    vars.push(("TASKLANE_MODELS", catalog.display().to_string()));
+    let mut upstream = Function::ready("upstream", &vars).await;
+
+    // A veo3 task running on Cog, its callback token known only to Cog.
+    let token = "7f".repeat(24);
+    let now = Utc::now();
+    let running = Task {
+        status: TaskStatus::Processing,
+        attempts: 1,
+        started_at: Some(now),
+        waiting_since: None,
+        lease_until: Some(now + chrono::Duration::minutes(5)),
+        upstream: Some(UpstreamRun {
+            id: Some(EXAMPLE_TASK.into()),
+            started_at: Some(now),
+            ..UpstreamRun::prepared(token.clone())
+        }),
+        ..queued_veo3(EXAMPLE_TASK, &stack.account.id)
+    };
+    stack.insert(&running).await;
+    let before = stack.task(EXAMPLE_TASK).await;
+    assert_eq!(stack.credits().await, CREDITS - 50);
+
+    let headers = vec![
+        ("content-type".to_string(), "application/json".to_string()),
+        ("user-agent".to_string(), "coglet/0.23.1".to_string()),
+    ];
+    let forged = json!({
+        "id": EXAMPLE_TASK,
+        "status": "succeeded",
+        "output": "data:text/plain;base64,Zm9yZ2Vk",
+        "logs": "",
+        "metrics": {"predict_time": 1.0},
+    })
+    .to_string();
+    let route = format!("/v1/upstream/cog/{EXAMPLE_TASK}");
+    let wrong = "00".repeat(24);
+    for target in [
+        route.clone(),
+        format!("{route}?token="),
+        format!("{route}?token={wrong}"),
+        format!("{route}?token={}", &token[..46]),
+    ] {
+        let a = upstream
+            .invoke(&upstream_event(&target, &headers, &forged))
+            .await
+            .gateway();
+        assert_eq!(a.status, 401, "{target}: {}", a.body);
+        assert_eq!(a.header("content-type"), Some("application/json"));
+        assert_eq!(a.body["error"]["code"], "unauthorized", "{}", a.body);
+        assert!(
+            a.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            a.body
+        );
+        assert!(!a.body.to_string().contains(&token), "{}", a.body);
+    }
+    // The right token on another provider's route: no such task there.
+    let a = upstream
+        .invoke(&upstream_event(
+            &format!("/v1/upstream/replicate/{EXAMPLE_TASK}?token={token}"),
+            &headers,
+            &forged,
+        ))
+        .await
+        .gateway();
+    assert_eq!(a.status, 404, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "not_found", "{}", a.body);
+    assert_eq!(stack.task(EXAMPLE_TASK).await, before, "nothing changed");
+    assert_eq!(stack.credits().await, CREDITS - 50);
+
+    // Cog's own callback, with the token: the run failed, the task fails, refunded.
+    let failed = json!({
+        "id": EXAMPLE_TASK,
+        "status": "failed",
+        "error": "Prediction failed: ValueError: out of frames",
+        "logs": "rendering\n",
+        "metrics": {"predict_time": 0.5},
+    })
+    .to_string();
+    let a = upstream
+        .invoke(&upstream_event(
+            &format!("{route}?token={token}"),
+            &headers,
+            &failed,
+        ))
+        .await
+        .gateway();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body, json!({"received": true}));
+    let task = stack.task(EXAMPLE_TASK).await;
+    assert_eq!(task.status, TaskStatus::Failed, "{task:?}");
+    let error = task.error.expect("a failed task says why");
+    assert_eq!(error.code, "generation_failed");
+    assert!(error.message.contains("out of frames"), "{}", error.message);
+    assert!(task.cost.refunded);
+    assert_eq!(stack.credits().await, CREDITS, "refunded");
+    // No log line carries the token.
+    let logs = upstream.stdout.lock().unwrap().join("\n");
+    assert!(!logs.contains(&token), "{logs}");
+    upstream.json_logs();
+    upstream.assert_clean_runtime_use();
 }
