@@ -16,6 +16,8 @@
 //!   `tests/cog/`, and what it was observed to do (the Cog provider adapter relies on it).
 //! - [`replicate`]: a fake of Replicate's predictions API on loopback (time-driven lifecycle,
 //!   signed webhooks, protected output files) with switches for throttling, 5xx and lost webhooks.
+//! - [`veo`]: a fake of Google's Gemini API for Veo (operations, key check, downloads that
+//!   redirect to storage, quota, safety and server errors) on loopback, with counters.
 //! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
 
 pub mod chaos;
@@ -27,5 +29,6 @@ pub mod replicate;
 pub mod runtime_api;
 pub mod soak;
 pub mod task;
+pub mod veo;
 
 pub use task::TaskBuilder;

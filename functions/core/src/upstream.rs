@@ -45,6 +45,8 @@ pub const MAX_FAILED_CHECKS: u32 = 5;
 pub const MAX_CALLBACK_BYTES: usize = 64 * 1024 * 1024;
 /// Longest upstream message kept on a failed task.
 pub const MAX_UPSTREAM_MESSAGE: usize = 500;
+/// Redirects an output download follows (each hop checked like the first URL).
+pub const MAX_OUTPUT_REDIRECTS: u32 = 3;
 
 /// What a callback did, for the route's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -539,64 +541,97 @@ impl Processor {
         Ok(stored)
     }
 
-    /// Downloads output `url` under the model's size cap. Its host must resolve to public
-    /// addresses only, unless the catalog trusts it.
+    /// Downloads output `url` under the model's size cap, following at most
+    /// [`MAX_OUTPUT_REDIRECTS`] redirects (a provider's file URL may answer with a redirect to
+    /// its storage, as the Gemini API's does). Every hop is judged afresh: its host must
+    /// resolve to public addresses only, unless the catalog trusts it, and it carries the
+    /// provider's download headers only when the provider approves that hop's URL
+    /// ([`Upstream::download_headers`]), so a credential never follows a redirect elsewhere.
     async fn download(
         &self,
         url: &str,
         spec: &ModelSpec,
         up: &Arc<dyn Upstream>,
     ) -> Result<(bytes::Bytes, String), Collect> {
-        let parsed = url::Url::parse(url).map_err(|_| {
+        let mut current = url::Url::parse(url).map_err(|_| {
             Collect::Refused("the upstream returned an output that is not a URL".into())
         })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(Collect::Refused(format!(
-                "the upstream returned an output URL with scheme {:?}",
-                parsed.scheme()
-            )));
-        }
-        let host = parsed
-            .host_str()
-            .unwrap_or_default()
-            .trim_matches(['[', ']']);
-        let trusted = spec
-            .trusted_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(host));
-        if !trusted {
-            let literal = match parsed.host() {
-                Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
-                Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
-                _ => None,
+        let mut redirects = 0;
+        let (host, mut resp) = loop {
+            // The same checks on the first URL and on every redirect's target.
+            let what = if redirects == 0 {
+                "the upstream returned an output URL"
+            } else {
+                "the output's download was redirected to a URL"
             };
-            if literal.is_some_and(|ip| !crate::webhook::is_public(ip)) {
+            if !matches!(current.scheme(), "http" | "https") {
                 return Err(Collect::Refused(format!(
-                    "the upstream returned an output URL on a non-public address ({host})"
+                    "{what} with scheme {:?}",
+                    current.scheme()
                 )));
             }
-        }
-        let client = if trusted {
-            &self.downloads_trusted
-        } else {
-            &self.downloads
-        };
-        let mut req = client.get(parsed.clone());
-        for (name, value) in up.download_headers(&parsed) {
-            req = req.header(name, value);
-        }
-        let mut resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
+            let host = current
+                .host_str()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_string();
+            let trusted = spec
+                .trusted_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&host));
+            if !trusted {
+                let literal = match current.host() {
+                    Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
+                    Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
+                    _ => None,
+                };
+                if literal.is_some_and(|ip| !crate::webhook::is_public(ip)) {
+                    return Err(Collect::Refused(format!(
+                        "{what} on a non-public address ({host})"
+                    )));
+                }
+            }
+            let client = if trusted {
+                &self.downloads_trusted
+            } else {
+                &self.downloads
+            };
+            let mut req = client.get(current.clone());
+            for (name, value) in up.download_headers(&current) {
+                req = req.header(name, value);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err(Collect::Refused(format!(
+                        "the output could not be downloaded from {host} ({})",
+                        if e.is_timeout() {
+                            "timed out"
+                        } else {
+                            "connection failed or refused"
+                        }
+                    )));
+                }
+            };
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                break (host, resp);
+            }
+            if redirects == MAX_OUTPUT_REDIRECTS {
                 return Err(Collect::Refused(format!(
-                    "the output could not be downloaded from {host} ({})",
-                    if e.is_timeout() {
-                        "timed out"
-                    } else {
-                        "connection failed or refused"
-                    }
+                    "the output's download was redirected more than {MAX_OUTPUT_REDIRECTS} times"
                 )));
             }
+            let next = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|location| current.join(location).ok());
+            current = next.ok_or_else(|| {
+                Collect::Refused(format!(
+                    "the output download from {host} was redirected without a usable Location"
+                ))
+            })?;
+            redirects += 1;
         };
         if !resp.status().is_success() {
             return Err(Collect::Refused(format!(

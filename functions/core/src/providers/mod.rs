@@ -4,6 +4,7 @@
 //! - [`demo`]: the built-in demo models (`veo3`, `demo-image`, `echo`), the default catalog.
 //! - [`cog`]: a Cog model server (the HTTP prediction API), how teams package their own models.
 //! - [`replicate`]: Replicate's hosted predictions API.
+//! - [`veo`]: Veo video models on Google's Gemini API (long-running operations).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +14,12 @@ use crate::ports::Upstream;
 pub mod cog;
 pub mod demo;
 pub mod replicate;
+pub mod veo;
 
 pub use demo::builtin_registry;
 
 /// The upstream providers [`upstream`] builds.
-pub const UPSTREAM_PROVIDERS: [&str; 2] = ["cog", "replicate"];
+pub const UPSTREAM_PROVIDERS: [&str; 3] = ["cog", "replicate", "veo"];
 
 /// How to reach one upstream model, from a catalog entry ([`crate::catalog`]).
 #[derive(Clone)]
@@ -60,6 +62,7 @@ impl std::fmt::Debug for UpstreamSettings {
 pub fn default_api_key_env(provider: &str) -> Option<&'static str> {
     match provider {
         "replicate" => Some(replicate::DEFAULT_API_KEY_ENV),
+        "veo" => Some(veo::DEFAULT_API_KEY_ENV),
         _ => None,
     }
 }
@@ -69,6 +72,7 @@ pub fn upstream(settings: &UpstreamSettings) -> Result<Arc<dyn Upstream>, (Strin
     match settings.provider.as_str() {
         "cog" => Ok(Arc::new(cog::Cog::new(settings)?)),
         "replicate" => Ok(Arc::new(replicate::Replicate::new(settings)?)),
+        "veo" => Ok(Arc::new(veo::Veo::new(settings)?)),
         other => Err((
             "provider".to_string(),
             format!(
