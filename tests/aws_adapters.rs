@@ -1821,6 +1821,18 @@ impl TaskStore for WritesFail {
     async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         self.rest.due_tasks(cutoff, limit).await
     }
+    async fn acquire_slot(
+        &self,
+        pool: &str,
+        slots: u32,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> PortResult<bool> {
+        self.rest.acquire_slot(pool, slots, holder, until).await
+    }
+    async fn release_slot(&self, pool: &str, holder: &str) -> PortResult<()> {
+        self.rest.release_slot(pool, holder).await
+    }
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
         self.rest.task(task_id).await
     }
@@ -2351,4 +2363,79 @@ async fn ten_concurrent_submits_under_a_cap_of_three_store_exactly_three() {
     assert_eq!(stored, 3);
     assert_eq!(open_tasks(&env, &account.id).await, Some(3));
     assert_eq!(balance(store, &account.id).await, (97, 100));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream slots
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_models_slots_go_to_at_most_their_number_of_holders_and_free_themselves_in_time() {
+    let env = env("slots").await;
+    let store = env.store();
+    let now = Utc::now();
+    let soon = now + TimeDelta::milliseconds(1500);
+    let later = now + TimeDelta::hours(1);
+    assert!(
+        store
+            .acquire_slot("model:veo3", 2, "task_a", later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .acquire_slot("model:veo3", 2, "task_b", soon)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_slot("model:veo3", 2, "task_c", later)
+            .await
+            .unwrap(),
+        "both taken"
+    );
+    // A holder keeps its slot when it asks again; another pool is separate.
+    assert!(
+        store
+            .acquire_slot("model:veo3", 2, "task_a", later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .acquire_slot("model:other", 1, "task_c", later)
+            .await
+            .unwrap()
+    );
+    // A slot given back is free at once.
+    store.release_slot("model:veo3", "task_a").await.unwrap();
+    store.release_slot("model:veo3", "task_a").await.unwrap();
+    assert!(
+        store
+            .acquire_slot("model:veo3", 2, "task_c", later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_slot("model:veo3", 2, "task_d", later)
+            .await
+            .unwrap()
+    );
+    // task_b's time runs out: its slot is taken over, and its late release frees nothing.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(
+        store
+            .acquire_slot("model:veo3", 2, "task_d", later)
+            .await
+            .unwrap()
+    );
+    store.release_slot("model:veo3", "task_b").await.unwrap();
+    assert!(
+        !store
+            .acquire_slot("model:veo3", 2, "task_e", later)
+            .await
+            .unwrap()
+    );
 }

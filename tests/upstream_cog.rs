@@ -30,6 +30,11 @@ use tasklane_testkit::intercept::{Interceptor, Op};
 /// Cog passes every input to the predictor, which refuses one it does not declare: the
 /// predictors in `tests/cog/` all take `prompt`, `duration` and `fps`.
 fn catalog(dir: &std::path::Path, cog: &CogServer, timeout: u64) -> std::path::PathBuf {
+    catalog_at(dir, &cog.url, timeout, "")
+}
+
+/// [`catalog`] with the Cog server at `url` and `extra` lines in the model's table.
+fn catalog_at(dir: &std::path::Path, url: &str, timeout: u64, extra: &str) -> std::path::PathBuf {
     let path = dir.join("models.toml");
     let mut text = format!(
         r#"
@@ -41,8 +46,8 @@ prompt = {{ required = true, max_length = 500 }}
 price = {{ per_second = 10 }}
 timeout = {timeout}
 trusted_hosts = ["127.0.0.1"]
-"#,
-        url = cog.url
+{extra}
+"#
     );
     text.push_str(
         r#"duration = { min = 1, max = 8, default = 2 }
@@ -75,7 +80,14 @@ async fn start_hooked(
     hooks: Hooks,
 ) -> Server {
     let models = tempfile::tempdir().unwrap().keep();
-    let path = catalog(&models, cog, timeout);
+    start_on_catalog(catalog(&models, cog, timeout), f, hooks).await
+}
+
+async fn start_on_catalog(
+    path: std::path::PathBuf,
+    f: impl FnOnce(&mut LocalConfig),
+    hooks: Hooks,
+) -> Server {
     Server::start_with(
         |c| {
             c.models = Some(path);
@@ -372,10 +384,48 @@ async fn forged_and_duplicated_callbacks_change_nothing() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_busy_cog_server_makes_tasks_wait_queued_and_none_fail() {
-    let cog = CogServer::start("render");
-    let s = start(&cog, 60, |c| c.workers = 3).await;
+/// A loopback proxy in front of a Cog server that counts the `409` (all slots busy) answers.
+struct BusyCounter {
+    url: String,
+    busy: Arc<AtomicUsize>,
+}
+
+async fn busy_counter(cog: &CogServer) -> BusyCounter {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let busy = Arc::new(AtomicUsize::new(0));
+    let (target, counter, client) = (cog.url.clone(), busy.clone(), reqwest::Client::new());
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (target, counter, client) = (target.clone(), counter.clone(), client.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let mut out = client.request(parts.method, format!("{target}{}", parts.uri));
+            for name in ["prefer", "content-type"] {
+                if let Some(v) = parts.headers.get(name) {
+                    out = out.header(name, v.as_bytes());
+                }
+            }
+            let resp = out.body(body).send().await.unwrap();
+            let status = resp.status().as_u16();
+            if status == 409 {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            let bytes = resp.bytes().await.unwrap();
+            (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                bytes,
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    BusyCounter { url, busy }
+}
+
+/// Submits three one-second renders and waits until all end; asserts none failed, and
+/// returns whether some task was seen queued while another processed.
+async fn three_tasks_all_complete(s: &Server) -> bool {
     let mut ids = Vec::new();
     for i in 0..3 {
         let t = s
@@ -383,7 +433,6 @@ async fn a_busy_cog_server_makes_tasks_wait_queued_and_none_fail() {
             .await;
         ids.push(id(&t));
     }
-    // While one renders, the others are back to queued (Cog answered 409).
     let mut saw_waiting = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -404,7 +453,45 @@ async fn a_busy_cog_server_makes_tasks_wait_queued_and_none_fail() {
         let t = s.get(&format!("/tasks/{id}")).await.body;
         assert_eq!(t["status"], "completed", "{t}");
     }
+    saw_waiting
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_cog_server_makes_tasks_wait_queued_and_none_fail() {
+    let cog = CogServer::start("render");
+    let proxy = busy_counter(&cog).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_on_catalog(
+        catalog_at(dir.path(), &proxy.url, 60, ""),
+        |c| c.workers = 3,
+        Hooks::default(),
+    )
+    .await;
+    // With no limit in the catalog, tasklane learns the slot is busy from Cog's 409.
+    let saw_waiting = three_tasks_all_complete(&s).await;
     assert!(saw_waiting, "one slot: tasks waited their turn");
+    assert!(proxy.busy.load(Ordering::SeqCst) > 0, "Cog answered 409");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalogs_concurrency_keeps_tasks_queued_before_the_upstream_refuses_any() {
+    let cog = CogServer::start("render");
+    let proxy = busy_counter(&cog).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_on_catalog(
+        catalog_at(dir.path(), &proxy.url, 60, "concurrency = 1"),
+        |c| c.workers = 3,
+        Hooks::default(),
+    )
+    .await;
+    let saw_waiting = three_tasks_all_complete(&s).await;
+    assert!(saw_waiting, "tasks waited for the model's one slot");
+    assert_eq!(
+        proxy.busy.load(Ordering::SeqCst),
+        0,
+        "tasklane never sent Cog more than its one slot"
+    );
     s.stop().await;
 }
 

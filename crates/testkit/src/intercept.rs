@@ -44,6 +44,10 @@ pub enum Op {
     UpdateTask,
     /// [`TaskStore::due_tasks`].
     DueTasks,
+    /// [`TaskStore::acquire_slot`].
+    AcquireSlot,
+    /// [`TaskStore::release_slot`].
+    ReleaseSlot,
     /// [`WorkQueue::enqueue`].
     Enqueue,
     /// [`BlobStore::put`].
@@ -141,6 +145,20 @@ impl TaskStore for Intercepted<dyn TaskStore> {
     async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         self.hook.before(Op::DueTasks).await?;
         self.inner.due_tasks(cutoff, limit).await
+    }
+    async fn acquire_slot(
+        &self,
+        pool: &str,
+        slots: u32,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> PortResult<bool> {
+        self.hook.before(Op::AcquireSlot).await?;
+        self.inner.acquire_slot(pool, slots, holder, until).await
+    }
+    async fn release_slot(&self, pool: &str, holder: &str) -> PortResult<()> {
+        self.hook.before(Op::ReleaseSlot).await?;
+        self.inner.release_slot(pool, holder).await
     }
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
         self.hook.before(Op::Task).await?;

@@ -33,6 +33,8 @@ struct MemState {
     tasks: BTreeMap<String, Task>,
     idem: HashMap<(String, String), Idem>,
     tokens: u64,
+    /// (pool, slot) -> (holder, until).
+    slots: BTreeMap<(String, u32), (String, DateTime<Utc>)>,
 }
 
 /// A task store in one mutex: every method is atomic.
@@ -191,6 +193,33 @@ impl TaskStore for MemStore {
         let more = matching.next().is_some();
         let next_before = more.then(|| tasks.last().map(|t| t.id.clone())).flatten();
         Ok(TaskPage { tasks, next_before })
+    }
+    async fn acquire_slot(
+        &self,
+        pool: &str,
+        slots: u32,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> PortResult<bool> {
+        let mut s = self.lock();
+        let now = Utc::now();
+        let held = |n: u32, s: &MemState| s.slots.get(&(pool.to_string(), n)).cloned();
+        let mine = (0..slots).find(|n| held(*n, &s).is_some_and(|(h, _)| h == holder));
+        let free = (0..slots).find(|n| held(*n, &s).is_none_or(|(_, end)| end <= now));
+        match mine.or(free) {
+            Some(n) => {
+                s.slots
+                    .insert((pool.to_string(), n), (holder.to_string(), until));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+    async fn release_slot(&self, pool: &str, holder: &str) -> PortResult<()> {
+        self.lock()
+            .slots
+            .retain(|(p, _), (h, _)| !(p == pool && h == holder));
+        Ok(())
     }
     async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         let s = self.lock();

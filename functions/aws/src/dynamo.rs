@@ -6,6 +6,7 @@
 //! | task | `TASK#<id>` | `TASK` | `ACCT#<account id>` | `<task id>` |
 //! | idempotency record | `IDEM#<account id>#<key>` | `IDEM` | – | – |
 //! | key claim | `KEY#<sha256 of the API key>` | `KEY` | – | – |
+//! | upstream slot | `SLOTS#<pool>` | `SLOT#<n>` | – | – |
 //!
 //! `GSI1` answers both "which account has this key" (one query) and "this account's tasks,
 //! newest first" (task ids are ULIDs). `GSI2` is sparse: only a task waiting on possibly
@@ -771,6 +772,110 @@ impl TaskStore for DynamoStore {
             return Ok(task);
         }
         self.update_task(&current.id, transition).await
+    }
+
+    async fn acquire_slot(
+        &self,
+        pool: &str,
+        slots: u32,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> PortResult<bool> {
+        let pk = format!("SLOTS#{pool}");
+        let now_ms = Utc::now().timestamp_millis();
+        let until_ms = until.timestamp_millis();
+        let held = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .expression_attribute_values(":pk", s(pk.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let slot_of = |item: &Item| -> Option<(u32, String, i64)> {
+            let n = get_s(item, "SK")
+                .ok()?
+                .strip_prefix("SLOT#")?
+                .parse()
+                .ok()?;
+            let holder = get_s(item, "holder").ok()?.to_string();
+            let end = item.get("until")?.as_n().ok()?.parse().ok()?;
+            Some((n, holder, end))
+        };
+        let held: Vec<_> = held.items().iter().filter_map(slot_of).collect();
+        let mine = held.iter().find(|(_, h, _)| h == holder).map(|(n, ..)| *n);
+        // Our own slot first, then every slot that is free or whose holder's time ran out;
+        // each write is conditioned on what was read, so two acquirers never share a slot.
+        let candidates = mine.into_iter().chain((0..slots).filter(|n| {
+            held.iter()
+                .all(|(slot, _, end)| slot != n || *end <= now_ms)
+        }));
+        for slot in candidates {
+            let res = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .item("PK", s(pk.clone()))
+                .item("SK", s(format!("SLOT#{slot}")))
+                .item("holder", s(holder))
+                .item("until", n(until_ms))
+                .condition_expression("attribute_not_exists(PK) OR #u <= :now OR holder = :me")
+                .expression_attribute_names("#u", "until")
+                .expression_attribute_values(":now", n(now_ms))
+                .expression_attribute_values(":me", s(holder))
+                .send()
+                .await;
+            match res {
+                Ok(_) => return Ok(true),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(sdk_error(e)),
+            }
+        }
+        Ok(false)
+    }
+
+    async fn release_slot(&self, pool: &str, holder: &str) -> PortResult<()> {
+        let pk = format!("SLOTS#{pool}");
+        let held = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .filter_expression("holder = :me")
+            .expression_attribute_values(":pk", s(pk.clone()))
+            .expression_attribute_values(":me", s(holder))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        for item in held.items() {
+            let res = self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .key("PK", s(pk.clone()))
+                .key("SK", s(get_s(item, "SK")?))
+                .condition_expression("holder = :me")
+                .expression_attribute_values(":me", s(holder))
+                .send()
+                .await;
+            match res {
+                Ok(_) => {}
+                // Taken over after our time ran out: not ours to free.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
+                Err(e) => return Err(sdk_error(e)),
+            }
+        }
+        Ok(())
     }
 
     async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {

@@ -175,6 +175,20 @@ pub trait TaskStore: Send + Sync {
     /// version read, together with any refund (and, when the task closes, one less open task on
     /// its account), in one atomic write. Returns the task as stored.
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task>;
+    /// Takes one of the `slots` slots of `pool` for `holder` until `until`, and answers whether
+    /// it got one: a holder that has a slot keeps it (until `until`); a slot whose holder's time
+    /// ran out is free. Bounds how many runs of a model an upstream gets at once (the catalog's
+    /// `concurrency`); a holder that dies without [`TaskStore::release_slot`] frees its slot
+    /// when its time runs out.
+    async fn acquire_slot(
+        &self,
+        pool: &str,
+        slots: u32,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> PortResult<bool>;
+    /// Gives `holder`'s slot of `pool` back; nothing when it holds none.
+    async fn release_slot(&self, pool: &str, holder: &str) -> PortResult<()>;
     /// Like [`TaskStore::update_task`], starting from `current`, a version of the task the
     /// caller read: an adapter may apply the transition to it and write conditioned on its
     /// version without reading first, falling back to `update_task` when it is stale.

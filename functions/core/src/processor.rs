@@ -340,6 +340,11 @@ impl Processor {
         match self.app.store.update_task_from(current, t).await {
             Ok(task) => {
                 tracing::info!(task_id, status = %task.status, refunded = task.cost.refunded, "task finished");
+                if task.upstream.is_some()
+                    && let Some(spec) = self.app.registry.get(&task.model)
+                {
+                    self.give_slot_back(&task, spec).await;
+                }
                 self.app.events.notify(task_id);
                 self.schedule_callback(&task).await?;
                 Ok(Disposition::Done)

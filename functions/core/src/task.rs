@@ -250,6 +250,9 @@ pub struct UpstreamRun {
     /// Checks in a row that found the upstream unreachable.
     #[serde(default)]
     pub failed_checks: u32,
+    /// When the upstream's last callback about the run was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_callback: Option<DateTime<Utc>>,
     /// The end of the run's log (at most [`MAX_LOG_TAIL`] bytes).
     pub logs: String,
 }
@@ -264,6 +267,7 @@ impl UpstreamRun {
             checks: 0,
             restarts: 0,
             failed_checks: 0,
+            last_callback: None,
             logs: String::new(),
         }
     }
@@ -500,6 +504,10 @@ pub enum Transition {
         /// Whether the attempt counts towards the task's limit.
         count_attempt: bool,
     },
+    /// A queued task waits for a slot of its model's upstream (and was re-enqueued to try
+    /// again): its wait restarts now, so the sweeper does not take it for lost work. Refused
+    /// unless the task is queued.
+    StillWaiting,
     /// The sweeper re-enqueued the work a task waits on: restarts its wait at `now`. Refused
     /// with [`TransitionError::NotDue`] unless the task has waited since `cutoff` or earlier.
     Requeue {
@@ -768,11 +776,10 @@ fn apply_inner(
             if run.id.as_deref() != Some(id.as_str()) {
                 return Err(TransitionError::StaleAttempt);
             }
-            if let Some(n) = check {
-                if *n != run.checks {
-                    return Err(TransitionError::StaleAttempt);
-                }
-                run.checks += 1;
+            match check {
+                Some(n) if *n != run.checks => return Err(TransitionError::StaleAttempt),
+                Some(_) => run.checks += 1,
+                None => run.last_callback = Some(now),
             }
             run.failed_checks = if *unreachable {
                 run.failed_checks + 1
@@ -841,6 +848,13 @@ fn apply_inner(
             task.progress = 0;
             task.upstream = None;
             // Waiting anew: `next_waiting_since` restarts the clock of a queued task.
+            task.waiting_since = None;
+            Ok(Inner::Changed { refund: 0 })
+        }
+        Transition::StillWaiting => {
+            if task.status != Queued {
+                return Err(TransitionError::WrongState(task.status));
+            }
             task.waiting_since = None;
             Ok(Inner::Changed { refund: 0 })
         }

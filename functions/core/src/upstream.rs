@@ -40,6 +40,9 @@ pub const MAX_RESTARTS: u32 = 1;
 /// Checks in a row that may find the upstream unreachable before the task fails with
 /// `upstream_unavailable`.
 pub const MAX_FAILED_CHECKS: u32 = 5;
+/// How long a check that found its run forgotten (and so started it again) waits for the
+/// callback of the run's end before it takes the callback for lost.
+pub const RESTART_GRACE: Duration = Duration::from_secs(2);
 /// Largest upstream callback body: Cog sends a finished prediction's outputs inline, as
 /// `data:` URIs. (On AWS, API Gateway caps request bodies lower, at 10 MB.)
 pub const MAX_CALLBACK_BYTES: usize = 64 * 1024 * 1024;
@@ -57,6 +60,11 @@ pub enum CallbackOutcome {
     Ignored,
     /// The provider's callbacks are hints: a check was scheduled at once.
     CheckScheduled,
+}
+
+/// The pool of slots a model's runs share ([`ModelSpec::concurrency`]).
+fn slot_pool(spec: &ModelSpec) -> String {
+    format!("model:{}", spec.name)
 }
 
 /// The job a task asks of its model.
@@ -162,11 +170,71 @@ impl Processor {
         if let Some(done) = self.before_start(&task).await? {
             return Ok(done);
         }
+        if !self.take_slot(&task, spec).await? {
+            return self.wait_for_slot(&task).await;
+        }
         let task = match self.claim(&task).await? {
             Ok(claimed) => claimed,
-            Err(done) => return Ok(done),
+            Err(done) => {
+                self.give_slot_back(&task, spec).await;
+                return Ok(done);
+            }
         };
         self.start_upstream(task, spec, up).await
+    }
+
+    /// Takes one of the model's `concurrency` slots for `task` (always true for a model
+    /// without a limit). Held until the task ends, or, should that never be recorded, until
+    /// the run's timeout has surely passed.
+    async fn take_slot(&self, task: &Task, spec: &ModelSpec) -> PortResult<bool> {
+        let Some(limit) = spec.concurrency else {
+            return Ok(true);
+        };
+        let cfg = &self.app.config;
+        let until = Utc::now() + chrono_dur(spec.timeout + cfg.upstream_check_max + cfg.lease);
+        self.app
+            .store
+            .acquire_slot(&slot_pool(spec), limit, &task.id, until)
+            .await
+    }
+
+    /// Gives `task`'s slot back (best effort: a slot not given back frees itself in time).
+    pub(crate) async fn give_slot_back(&self, task: &Task, spec: &ModelSpec) {
+        if spec.concurrency.is_none() {
+            return;
+        }
+        if let Err(e) = self
+            .app
+            .store
+            .release_slot(&slot_pool(spec), &task.id)
+            .await
+        {
+            tracing::warn!(task_id = %task.id, error = %e, "could not give the model's slot back");
+        }
+    }
+
+    /// Every slot of the model is taken: the task stays queued and is tried again later. Its
+    /// wait starts again, so the sweeper does not take it for lost work.
+    async fn wait_for_slot(&self, task: &Task) -> PortResult<Disposition> {
+        tracing::debug!(task_id = %task.id, "all of the model's slots are taken; the task waits");
+        if task.status == TaskStatus::Queued {
+            match self
+                .app
+                .store
+                .update_task_from(task, &Transition::StillWaiting)
+                .await
+            {
+                Ok(_) | Err(PortError::Rejected(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let cfg = &self.app.config;
+        let delay = (cfg.upstream_check_first * 2).min(cfg.upstream_check_max);
+        let run = WorkMessage::Run {
+            task_id: task.id.clone(),
+        };
+        self.app.queue.enqueue(&run, delay).await?;
+        Ok(Disposition::Done)
     }
 
     /// Starts the claimed `task`'s run upstream and lets go of it.
@@ -199,7 +267,7 @@ impl Processor {
         let started = up.start(job_of(&task), &callback).await;
         let id = match started {
             Ok(id) => id,
-            Err(e) => return self.not_started(&task, e).await,
+            Err(e) => return self.not_started(&task, spec, e).await,
         };
         tracing::info!(task_id, provider = up.provider(), upstream_id = %id, "upstream run started");
         // Check 0 is enqueued before the start is recorded: a worker that stops in between
@@ -224,7 +292,12 @@ impl Processor {
     /// The upstream did not start `task`'s run: at capacity, the task waits queued (its
     /// attempt not counted) and runs again later; unreachable, it is retried like a crashed
     /// attempt and fails with `upstream_unavailable` once attempts run out; refused, it fails.
-    async fn not_started(&self, task: &Task, e: UpstreamError) -> PortResult<Disposition> {
+    async fn not_started(
+        &self,
+        task: &Task,
+        spec: &ModelSpec,
+        e: UpstreamError,
+    ) -> PortResult<Disposition> {
         let attempt = task.attempts;
         let task_id = task.id.as_str();
         let cfg = &self.app.config;
@@ -262,7 +335,7 @@ impl Processor {
             count_attempt,
         };
         match self.app.store.update_task_from(task, &back).await {
-            Ok(_) => {}
+            Ok(_) => self.give_slot_back(task, spec).await,
             Err(PortError::Rejected(e)) => {
                 tracing::info!(task_id, reason = %e, "not deferred");
                 return Ok(Disposition::Done);
@@ -307,17 +380,39 @@ impl Processor {
         let Some(callback) = self.callback_url(up.provider(), &task) else {
             return Ok(Disposition::Done);
         };
-        let state = up.check(job_of(&task), &id, &callback).await;
+        // An upstream whose callbacks carry the result, and which called back since the last
+        // check, is not asked: for Cog, asking means re-sending the start, which would run a
+        // prediction again that ended a moment ago while its callback is on its way.
+        let heard_lately = up.callback_is_authoritative()
+            && run
+                .last_callback
+                .is_some_and(|at| now - at < chrono_dur(self.check_delay(n)));
+        let state = if heard_lately {
+            Ok(UpstreamState::Running {
+                progress: None,
+                logs: None,
+            })
+        } else {
+            up.check(job_of(&task), &id, &callback).await
+        };
         let mut unreachable = false;
         let (progress, logs, restarted) = match state {
             Ok(s) if s.is_terminal() => return self.settle(&task, spec, up, &id, s).await,
             Ok(UpstreamState::Running { progress, logs }) => (progress, logs, false),
+            Ok(UpstreamState::Restarted) if self.ended_meanwhile(&task).await? => {
+                // The run had finished and its callback was on its way: the new run this
+                // check started is not wanted.
+                tracing::info!(task_id, upstream_id = %id, "the run ended while it was checked; stopping the run the check started");
+                if let Err(e) = up.cancel(&id).await {
+                    tracing::warn!(task_id, error = %e, "upstream cancel failed");
+                }
+                return Ok(Disposition::Done);
+            }
             Ok(_restarted) if run.restarts >= MAX_RESTARTS => {
-                let _ = up.cancel(&id).await;
                 let message =
                     "the model's upstream lost the run's result twice; credits were refunded";
                 let fail = failure(Some(task.attempts), "upstream_unavailable", message);
-                return self.finish(&task, &fail).await;
+                return self.fail_and_cancel(&task, up, &id, &fail).await;
             }
             Ok(_restarted) => {
                 tracing::warn!(task_id, upstream_id = %id, "the upstream lost the run and started it again");
@@ -326,13 +421,12 @@ impl Processor {
             Err(UpstreamError::Busy { .. }) => (None, None, false),
             Err(UpstreamError::Unavailable(why)) => {
                 if run.failed_checks + 1 >= MAX_FAILED_CHECKS {
-                    let _ = up.cancel(&id).await;
                     let message = format!(
                         "the model's upstream could not be reached ({}); credits were refunded",
                         bounded(&why)
                     );
                     let fail = failure(Some(task.attempts), "upstream_unavailable", message);
-                    return self.finish(&task, &fail).await;
+                    return self.fail_and_cancel(&task, up, &id, &fail).await;
                 }
                 tracing::warn!(task_id, check = n, error = %why, "upstream check failed");
                 unreachable = true;
@@ -368,6 +462,31 @@ impl Processor {
         }
     }
 
+    /// Whether `task`, found forgotten by its upstream, ended meanwhile: a run that finished
+    /// just before a check is forgotten while its callback is still on its way (Cog sends it
+    /// as the prediction ends). Waits [`RESTART_GRACE`] for that callback before answering.
+    async fn ended_meanwhile(&self, task: &Task) -> PortResult<bool> {
+        tokio::time::sleep(RESTART_GRACE).await;
+        let now = self.app.store.task(&task.id).await?;
+        Ok(now.is_none_or(|t| t.status != TaskStatus::Processing))
+    }
+
+    /// Fails `task` with `fail` first, then asks the upstream to stop run `id` (best effort):
+    /// in that order, the `canceled` callback the upstream sends finds the task ended.
+    async fn fail_and_cancel(
+        &self,
+        task: &Task,
+        up: &Arc<dyn Upstream>,
+        id: &str,
+        fail: &Transition,
+    ) -> PortResult<Disposition> {
+        let done = self.finish(task, fail).await?;
+        if let Err(e) = up.cancel(id).await {
+            tracing::warn!(task_id = %task.id, upstream_id = id, error = %e, "upstream cancel failed");
+        }
+        Ok(done)
+    }
+
     /// The run outlived the model's timeout: cancel it upstream (best effort) and fail the
     /// task with `timeout`, refunded.
     async fn time_out(
@@ -377,15 +496,12 @@ impl Processor {
         up: &Arc<dyn Upstream>,
         id: &str,
     ) -> PortResult<Disposition> {
-        if let Err(e) = up.cancel(id).await {
-            tracing::warn!(task_id = %task.id, upstream_id = id, error = %e, "upstream cancel failed");
-        }
         let message = format!(
             "the model ran longer than its timeout of {} s and was cancelled; credits were refunded",
             spec.timeout.as_secs()
         );
         let fail = failure(Some(task.attempts), "timeout", message);
-        self.finish(task, &fail).await
+        self.fail_and_cancel(task, up, id, &fail).await
     }
 
     /// Ends `task` with the terminal `state` of its run `id`: outputs copied into the blob
@@ -449,6 +565,9 @@ impl Processor {
         req: CallbackRequest<'_>,
     ) -> Result<CallbackOutcome, ApiError> {
         let store = &self.app.store;
+        if !crate::is_task_id(task_id) {
+            return Err(ApiError::NotFound("no such task"));
+        }
         let Some(task) = store.task(task_id).await? else {
             return Err(ApiError::NotFound("no such task"));
         };

@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS queue (
     receipt TEXT
 );
 CREATE INDEX IF NOT EXISTS queue_visible ON queue (visible_at, id);
+CREATE TABLE IF NOT EXISTS slots (
+    pool TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    PRIMARY KEY (pool, slot)
+);
 ";
 
 /// Indexes over columns a database from an earlier version may lack (added by [`migrate`]).
@@ -500,6 +507,59 @@ impl TaskStore for SqliteStore {
             .await
     }
 
+    async fn acquire_slot(
+        &self,
+        pool: &str,
+        slots: u32,
+        holder: &str,
+        until: DateTime<Utc>,
+    ) -> PortResult<bool> {
+        let (pool, holder) = (pool.to_string(), holder.to_string());
+        let (now, until) = (millis(Utc::now()), millis(until));
+        self.db
+            .with(move |c| {
+                // One connection, behind a mutex: the read and the write below are not
+                // interleaved with another acquire.
+                let held: Vec<(i64, String, i64)> = c
+                    .prepare("SELECT slot, holder, until FROM slots WHERE pool = ?1")
+                    .map_err(db_err)?
+                    .query_map(params![pool], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(db_err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(db_err)?;
+                let mine = held.iter().find(|(_, h, _)| *h == holder).map(|(n, ..)| *n);
+                let free = || {
+                    (0..i64::from(slots))
+                        .find(|n| held.iter().all(|(slot, _, end)| slot != n || *end <= now))
+                };
+                let Some(slot) = mine.or_else(free) else {
+                    return Ok(false);
+                };
+                c.execute(
+                    "INSERT INTO slots (pool, slot, holder, until) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (pool, slot) DO UPDATE SET holder = ?3, until = ?4",
+                    params![pool, slot, holder, until],
+                )
+                .map_err(db_err)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn release_slot(&self, pool: &str, holder: &str) -> PortResult<()> {
+        let (pool, holder) = (pool.to_string(), holder.to_string());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM slots WHERE pool = ?1 AND holder = ?2",
+                    params![pool, holder],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         let since = millis(cutoff);
         self.db
@@ -812,5 +872,28 @@ mod tests {
         let now = Connection::open(&path).unwrap();
         assert!(!has_column(&now, "tasks", "check_at").unwrap());
         assert!(has_column(&now, "tasks", "waiting_since").unwrap());
+    }
+
+    #[tokio::test]
+    async fn slots_go_to_at_most_their_number_of_holders_and_free_themselves_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::new(Db::open(&dir.path().join("t.db")).unwrap());
+        let now = Utc::now();
+        let past = now - chrono::TimeDelta::seconds(1);
+        let later = now + chrono::TimeDelta::hours(1);
+        assert!(store.acquire_slot("m", 2, "a", later).await.unwrap());
+        assert!(store.acquire_slot("m", 2, "b", past).await.unwrap());
+        // b's time has run out: c takes its slot over; d finds none; a keeps its own.
+        assert!(store.acquire_slot("m", 2, "c", later).await.unwrap());
+        assert!(!store.acquire_slot("m", 2, "d", later).await.unwrap());
+        assert!(store.acquire_slot("m", 2, "a", later).await.unwrap());
+        store.release_slot("m", "b").await.unwrap();
+        assert!(
+            !store.acquire_slot("m", 2, "d", later).await.unwrap(),
+            "b held nothing"
+        );
+        store.release_slot("m", "a").await.unwrap();
+        assert!(store.acquire_slot("m", 2, "d", later).await.unwrap());
+        assert!(store.acquire_slot("other", 1, "e", later).await.unwrap());
     }
 }
