@@ -16,12 +16,16 @@
 //!   `tests/cog/`, and what it was observed to do (the Cog provider adapter relies on it).
 //! - [`replicate`]: a fake of Replicate's predictions API on loopback (time-driven lifecycle,
 //!   signed webhooks, protected output files) with switches for throttling, 5xx and lost webhooks.
+//! - [`fal`]: a fake of fal.ai's queue API on loopback (queue, status with logs, results,
+//!   cancel, ED25519-signed webhooks with a published JWKS, a public CDN) with switches for
+//!   gateway errors, skewed or lost webhooks.
 //! - [`veo`]: a fake of Google's Gemini API for Veo (operations, key check, downloads that
 //!   redirect to storage, quota, safety and server errors) on loopback, with counters.
 //! - [`TaskBuilder`]: a task for a test, as submit would store it unless told otherwise.
 
 pub mod chaos;
 pub mod cog;
+pub mod fal;
 pub mod intercept;
 pub mod memory;
 pub mod provision;

@@ -100,6 +100,7 @@ struct RawModel {
     upstream_model: Option<String>,
     api_key_env: Option<String>,
     webhook_secret_env: Option<String>,
+    jwks_url: Option<String>,
     demo: Option<String>,
     actions: Option<Vec<String>>,
     prompt: Option<RawPrompt>,
@@ -310,6 +311,7 @@ fn build(
             ("upstream_model", raw.upstream_model.is_some()),
             ("api_key_env", raw.api_key_env.is_some()),
             ("webhook_secret_env", raw.webhook_secret_env.is_some()),
+            ("jwks_url", raw.jwks_url.is_some()),
             ("request_timeout", raw.request_timeout.is_some()),
             ("concurrency", raw.concurrency.is_some()),
             ("trusted_hosts", raw.trusted_hosts.is_some()),
@@ -475,6 +477,19 @@ fn build(
             .as_deref()
             .map(|e| endpoint(e).map_err(|m| err("endpoint", m)))
             .transpose()?;
+        let jwks_url = match raw.jwks_url.as_deref() {
+            None => None,
+            Some(_) if raw.provider != "fal" => {
+                return Err(err(
+                    "jwks_url",
+                    format!(
+                        "only for provider = \"fal\" (this model's provider is {:?})",
+                        raw.provider
+                    ),
+                ));
+            }
+            Some(u) => Some(self::endpoint(u).map_err(|m| err("jwks_url", m))?),
+        };
         // A secret named by `field`: the variable must be set (and not empty).
         let secret = |field: &str, var: Option<&str>, default: Option<&str>| match var {
             None => match default {
@@ -518,6 +533,7 @@ fn build(
             model: raw.upstream_model.clone(),
             api_key,
             webhook_secret,
+            jwks_url,
             request_timeout,
         };
         Runner::Upstream(

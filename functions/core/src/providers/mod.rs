@@ -4,6 +4,7 @@
 //! - [`demo`]: the built-in demo models (`veo3`, `demo-image`, `echo`), the default catalog.
 //! - [`cog`]: a Cog model server (the HTTP prediction API), how teams package their own models.
 //! - [`replicate`]: Replicate's hosted predictions API.
+//! - [`fal`]: fal.ai's queue API (ED25519-signed webhooks).
 //! - [`veo`]: Veo video models on Google's Gemini API (long-running operations).
 
 use std::sync::Arc;
@@ -13,13 +14,14 @@ use crate::ports::Upstream;
 
 pub mod cog;
 pub mod demo;
+pub mod fal;
 pub mod replicate;
 pub mod veo;
 
 pub use demo::builtin_registry;
 
 /// The upstream providers [`upstream`] builds.
-pub const UPSTREAM_PROVIDERS: [&str; 3] = ["cog", "replicate", "veo"];
+pub const UPSTREAM_PROVIDERS: [&str; 4] = ["cog", "fal", "replicate", "veo"];
 
 /// How to reach one upstream model, from a catalog entry ([`crate::catalog`]).
 #[derive(Clone)]
@@ -37,6 +39,9 @@ pub struct UpstreamSettings {
     /// The secret the provider signs its webhooks with (Replicate's `whsec_…`), read from the
     /// environment variable the catalog's `webhook_secret_env` names. Never logged or shown.
     pub webhook_secret: Option<String>,
+    /// Where the provider publishes the keys its webhooks are signed with (fal's JWKS), when
+    /// the catalog's `jwks_url` overrides the provider's default.
+    pub jwks_url: Option<url::Url>,
     /// Limit on each HTTP request to the provider.
     pub request_timeout: Duration,
 }
@@ -52,6 +57,7 @@ impl std::fmt::Debug for UpstreamSettings {
                 "webhook_secret",
                 &self.webhook_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("jwks_url", &self.jwks_url.as_ref().map(url::Url::as_str))
             .field("request_timeout", &self.request_timeout)
             .finish()
     }
@@ -61,6 +67,7 @@ impl std::fmt::Debug for UpstreamSettings {
 /// none in `api_key_env` (the variable the provider's own SDK reads).
 pub fn default_api_key_env(provider: &str) -> Option<&'static str> {
     match provider {
+        "fal" => Some(fal::DEFAULT_API_KEY_ENV),
         "replicate" => Some(replicate::DEFAULT_API_KEY_ENV),
         "veo" => Some(veo::DEFAULT_API_KEY_ENV),
         _ => None,
@@ -71,6 +78,7 @@ pub fn default_api_key_env(provider: &str) -> Option<&'static str> {
 pub fn upstream(settings: &UpstreamSettings) -> Result<Arc<dyn Upstream>, (String, String)> {
     match settings.provider.as_str() {
         "cog" => Ok(Arc::new(cog::Cog::new(settings)?)),
+        "fal" => Ok(Arc::new(fal::Fal::new(settings)?)),
         "replicate" => Ok(Arc::new(replicate::Replicate::new(settings)?)),
         "veo" => Ok(Arc::new(veo::Veo::new(settings)?)),
         other => Err((

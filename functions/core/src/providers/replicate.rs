@@ -604,6 +604,7 @@ mod tests {
             model: Some(model.into()),
             api_key: Some("r8_sekrit_token".into()),
             webhook_secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            jwks_url: None,
             request_timeout: Duration::from_secs(5),
         }
     }
