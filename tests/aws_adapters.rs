@@ -26,8 +26,8 @@ use tasklane_aws::{AwsBackends, AwsSettings};
 use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
 use tasklane_core::ports::{
-    BlobStore, Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError, PortResult,
-    Reservation, TaskPage, TaskStore, WorkMessage, WorkQueue,
+    BlobStore, ChunkIter, Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError,
+    PortResult, Reservation, StreamRefused, TaskPage, TaskStore, WorkMessage, WorkQueue,
 };
 use tasklane_core::task::{Output, Task, TaskFailure, TaskStatus, Transition, TransitionError};
 use tasklane_testkit::TaskBuilder;
@@ -1329,6 +1329,176 @@ async fn a_stored_blob_downloads_through_its_presigned_url() {
     assert_eq!(resp.bytes().await.unwrap(), bytes);
 }
 
+/// `len` bytes that differ from one position to the next (a misplaced part shows).
+fn streamed_body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 4099) as u8).collect()
+}
+
+/// `data` in chunks of `size` bytes, as an output's download yields them.
+fn chunks_of(
+    data: &[u8],
+    size: usize,
+) -> ChunkIter<impl Iterator<Item = Result<Bytes, String>> + Send + '_> {
+    ChunkIter(data.chunks(size).map(|c| Ok(Bytes::copy_from_slice(c))))
+}
+
+/// A client on the emulator for looking behind the adapter.
+fn s3_client(env: &Env) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&env.config)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// The object under `key` as a presigned GET serves it: content type, ETag and bytes.
+async fn served(blobs: &S3Blobs, key: &str) -> (String, String, Bytes) {
+    let signed = blobs
+        .presign_get(key, Duration::from_secs(300))
+        .await
+        .unwrap();
+    let resp = reqwest::get(&signed.url).await.unwrap();
+    assert_eq!(resp.status(), 200, "{key}");
+    let header = |n: &str| {
+        resp.headers()[n]
+            .to_str()
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    };
+    let (content_type, etag) = (header("content-type"), header("etag"));
+    (content_type, etag, resp.bytes().await.unwrap())
+}
+
+/// Multipart uploads still open in the bucket of `env`.
+async fn open_uploads(env: &Env) -> usize {
+    s3_client(env)
+        .list_multipart_uploads()
+        .bucket(&env.settings.bucket)
+        .send()
+        .await
+        .unwrap()
+        .uploads()
+        .len()
+}
+
+#[tokio::test]
+async fn a_body_streamed_in_small_chunks_arrives_byte_identical_in_parts_or_in_one_put() {
+    let env = env("s3stream").await;
+    let blobs = &env.backends.blobs;
+    // 20 MiB: two full parts and a short last one.
+    let big = streamed_body(20 * 1024 * 1024 + 5);
+    let size = blobs
+        .put_stream(
+            "tasks/t/output-0.mp4",
+            "video/mp4",
+            &mut chunks_of(&big, 65_521),
+            1 << 30,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, big.len() as u64);
+    let (content_type, etag, bytes) = served(blobs, "tasks/t/output-0.mp4").await;
+    assert_eq!(content_type, "video/mp4");
+    assert!(
+        bytes[..] == big[..],
+        "the 20 MiB object differs from the body streamed"
+    );
+    assert!(
+        etag.ends_with("-3"),
+        "a multipart upload of 3 parts: ETag {etag}"
+    );
+
+    // A body below one part is a single PutObject (its ETag has no part count).
+    let small = streamed_body(100_000);
+    let size = blobs
+        .put_stream(
+            "tasks/t/output-1.bin",
+            "application/octet-stream",
+            &mut chunks_of(&small, 999),
+            100_000,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(size, 100_000, "a body exactly at the cap is stored");
+    let (content_type, etag, bytes) = served(blobs, "tasks/t/output-1.bin").await;
+    assert_eq!(content_type, "application/octet-stream");
+    assert_eq!(bytes, small);
+    assert!(!etag.contains('-'), "one PutObject: ETag {etag}");
+    assert_eq!(open_uploads(&env).await, 0);
+}
+
+#[tokio::test]
+async fn an_over_cap_or_broken_streamed_body_stores_nothing_and_leaves_no_upload_open() {
+    let env = env("s3cap").await;
+    let blobs = &env.backends.blobs;
+    let s3 = s3_client(&env);
+    let data = streamed_body(20 * 1024 * 1024);
+    let exists = |key: &'static str| {
+        let s3 = s3.clone();
+        let bucket = env.settings.bucket.clone();
+        async move {
+            match s3.head_object().bucket(bucket).key(key).send().await {
+                Ok(_) => true,
+                Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => false,
+                Err(e) => panic!("HeadObject: {e:?}"),
+            }
+        }
+    };
+    // Over the cap after two parts were sent: the upload is aborted.
+    let cap = 17 * 1024 * 1024;
+    let res = blobs
+        .put_stream(
+            "tasks/t/big.mp4",
+            "video/mp4",
+            &mut chunks_of(&data, 65_536),
+            cap,
+        )
+        .await
+        .unwrap();
+    assert_eq!(res, Err(StreamRefused::TooBig { limit: cap }));
+    assert!(!exists("tasks/t/big.mp4").await, "nothing stored");
+    assert_eq!(
+        open_uploads(&env).await,
+        0,
+        "the multipart upload was aborted"
+    );
+
+    // Over the cap within the first part: nothing was ever sent.
+    let res = blobs
+        .put_stream(
+            "tasks/t/small.bin",
+            "video/mp4",
+            &mut chunks_of(&data[..1000], 100),
+            999,
+        )
+        .await
+        .unwrap();
+    assert_eq!(res, Err(StreamRefused::TooBig { limit: 999 }));
+    assert!(!exists("tasks/t/small.bin").await, "nothing stored");
+
+    // Broken off after a part was sent: aborted too.
+    let mut broken = ChunkIter(
+        data[..9 * 1024 * 1024]
+            .chunks(65_536)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .chain([Err("connection lost".to_string())]),
+    );
+    let res = blobs
+        .put_stream("tasks/t/broken.mp4", "video/mp4", &mut broken, 1 << 30)
+        .await
+        .unwrap();
+    assert_eq!(res, Err(StreamRefused::Broken("connection lost".into())));
+    assert!(!exists("tasks/t/broken.mp4").await, "nothing stored");
+    assert_eq!(
+        open_uploads(&env).await,
+        0,
+        "the multipart upload was aborted"
+    );
+}
+
 #[tokio::test]
 async fn the_presigned_url_carries_the_requested_lifetime() {
     let env = env("s3ttl").await;
@@ -1660,6 +1830,17 @@ async fn an_unreachable_sqs_or_s3_is_unavailable() {
         "put",
         blobs.put("k", Bytes::from_static(b"x"), "text/plain").await,
     );
+    // A streamed write's backend failure is the port's error, not a refused body: one below
+    // a part (PutObject) and one of several parts (CreateMultipartUpload).
+    for len in [10, 9 * 1024 * 1024] {
+        let data = streamed_body(len);
+        assert_unavailable(
+            "put_stream",
+            blobs
+                .put_stream("k", "text/plain", &mut chunks_of(&data, 65_536), 1 << 30)
+                .await,
+        );
+    }
 }
 
 #[tokio::test]

@@ -14,6 +14,9 @@
 //! - forged callbacks (no token, no or a wrong signature, a stale timestamp, a validly signed
 //!   body that lies) change nothing;
 //! - a hostile output URL on a link-local literal address: `output_rejected`, refunded;
+//! - a 12 MiB output (more than one S3 part) is streamed into the blob store and served
+//!   byte-identical; one over the model's cap (no Content-Length) or broken off mid-body fails
+//!   with `output_rejected`, refunded, and stores nothing;
 //! - a prediction outliving the model's timeout: cancelled on Replicate, `timeout`, refunded.
 
 mod common;
@@ -518,5 +521,180 @@ async fn a_prediction_past_the_timeout_is_cancelled_on_replicate_and_refunded() 
     assert!(fake.cancels() >= 1, "a cancel reached Replicate");
     let pid = prediction_id(&s, &task_id).await.unwrap();
     assert_eq!(fake.prediction(&pid).unwrap()["status"], "canceled");
+    s.stop().await;
+}
+
+/// A file host on loopback answering every GET with `body` as `video/mp4`, in pieces of
+/// 64 KiB: with `length` it announces the body's Content-Length (without, the body ends when
+/// the connection closes); only the first `send` bytes are sent before it closes.
+async fn file_host(body: Vec<u8>, length: bool, send: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = std::sync::Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut answer =
+                    "HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nConnection: close\r\n"
+                        .to_string();
+                if length {
+                    answer += &format!("Content-Length: {}\r\n", body.len());
+                }
+                answer += "\r\n";
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                for piece in body[..send].chunks(64 * 1024) {
+                    if conn.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/video.mp4")
+}
+
+/// `len` bytes that differ from one position to the next (a misplaced piece shows).
+fn video(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 4099) as u8).collect()
+}
+
+/// A server whose catalog has `big` (the default output cap) and `capped` (outputs of at most
+/// 9 MiB), both Replicate models on `fake`.
+async fn start_with_caps(fake: &FakeReplicate) -> Server {
+    let token = env_var("TOKEN", &fake.token);
+    let secret = env_var("SECRET", &fake.webhook_secret);
+    let model = |name: &str, cap: &str| {
+        format!(
+            r#"
+[models.{name}]
+provider = "replicate"
+upstream_model = "black-forest-labs/flux-schnell"
+endpoint = "{url}"
+api_key_env = "{token}"
+webhook_secret_env = "{secret}"
+price = {{ per_task = 5 }}
+timeout = 60
+trusted_hosts = ["127.0.0.1"]
+{cap}
+"#,
+            url = fake.url
+        )
+    };
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("caps.toml");
+    let text = model("big", "") + &model("capped", "max_output_bytes = 9437184");
+    std::fs::write(&path, text).unwrap();
+    start(fake, 60, |c| c.models = Some(path)).await
+}
+
+/// Asserts that task `task_id` stored no first output, and (on the results folder) left no
+/// temporary file behind.
+async fn assert_no_output(s: &Server, task_id: &str) {
+    let signed = s
+        .app()
+        .blobs
+        .presign_get(
+            &format!("tasks/{task_id}/output-0.mp4"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let status = s.client.get(&signed.url).send().await.unwrap().status();
+    assert_eq!(status, 404, "nothing stored for {task_id}");
+    let folder = s.dir.join("results/tasks").join(task_id);
+    if let Ok(entries) = std::fs::read_dir(&folder) {
+        let left: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", folder.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_12_mib_output_is_streamed_into_the_blob_store_and_served_byte_identical() {
+    let fake = FakeReplicate::start().await;
+    // More than one S3 part (8 MiB) on the AWS pass; the body's length is announced.
+    let body = video(12 * 1024 * 1024 + 3);
+    fake.set_output(Some(json!([
+        file_host(body.clone(), true, body.len()).await
+    ])));
+    let s = start_with_caps(&fake).await;
+    let task = s
+        .submit(json!({"model": "big", "prompt": "a long shot"}))
+        .await;
+    let done = s.wait_terminal(&id(&task), 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let out = &done["result"]["outputs"][0];
+    assert_eq!(out["content_type"], "video/mp4", "{done}");
+    assert_eq!(out["size_bytes"], body.len() as u64, "{done}");
+    let file = s
+        .client
+        .get(out["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 200);
+    let served = file.bytes().await.unwrap();
+    assert_eq!(served.len(), body.len());
+    assert!(
+        served[..] == body[..],
+        "the served output differs from the upstream's"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_over_the_cap_or_broken_off_mid_body_fails_output_rejected_and_stores_nothing() {
+    let fake = FakeReplicate::start().await;
+    let s = start_with_caps(&fake).await;
+    let before = s.credits().await;
+    let body = video(12 * 1024 * 1024);
+
+    // No Content-Length: the cap is only noticed while streaming, past one S3 part.
+    fake.set_output(Some(json!([
+        file_host(body.clone(), false, body.len()).await
+    ])));
+    let capped = id(&s
+        .submit(json!({"model": "capped", "prompt": "too long"}))
+        .await);
+    let done = s.wait_terminal(&capped, 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "output_rejected", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("larger than the model's limit of 9437184 bytes"),
+        "{message}"
+    );
+    assert_no_output(&s, &capped).await;
+
+    // The connection closes after 10 of the announced 12 MiB.
+    fake.set_output(Some(json!([file_host(
+        body.clone(),
+        true,
+        10 * 1024 * 1024
+    )
+    .await])));
+    let broken = id(&s
+        .submit(json!({"model": "big", "prompt": "cut short"}))
+        .await);
+    let done = s.wait_terminal(&broken, 60).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "output_rejected", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("broke off"), "{message}");
+    assert_no_output(&s, &broken).await;
+
+    assert_eq!(s.credits().await, before, "both refunded");
     s.stop().await;
 }

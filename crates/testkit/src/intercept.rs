@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 
 use tasklane_core::account::Account;
 use tasklane_core::ports::{
-    BlobStore, IdempotencyClaim, ListQuery, PortResult, Reservation, SignedUrl, TaskPage,
-    TaskStore, WorkMessage, WorkQueue,
+    BlobStore, ChunkSource, IdempotencyClaim, ListQuery, PortResult, Reservation, SignedUrl,
+    StreamRefused, TaskPage, TaskStore, WorkMessage, WorkQueue,
 };
 use tasklane_core::task::{Task, Transition};
 use tasklane_local::Hooks;
@@ -50,7 +50,7 @@ pub enum Op {
     ReleaseSlot,
     /// [`WorkQueue::enqueue`].
     Enqueue,
-    /// [`BlobStore::put`].
+    /// [`BlobStore::put`] and [`BlobStore::put_stream`].
     Put,
     /// [`BlobStore::presign_get`].
     PresignGet,
@@ -195,6 +195,19 @@ impl BlobStore for Intercepted<dyn BlobStore> {
     async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> PortResult<()> {
         self.hook.before(Op::Put).await?;
         self.inner.put(key, bytes, content_type).await
+    }
+    async fn put_stream(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &mut dyn ChunkSource,
+        max_bytes: u64,
+    ) -> PortResult<Result<u64, StreamRefused>> {
+        // A streamed write is a put like any other.
+        self.hook.before(Op::Put).await?;
+        self.inner
+            .put_stream(key, content_type, body, max_bytes)
+            .await
     }
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
         self.hook.before(Op::PresignGet).await?;

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tasklane_core::account::Account;
 use tasklane_core::ports::{
-    BlobStore, IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, SignedUrl,
-    TaskPage, TaskStore, WorkMessage, WorkQueue,
+    BlobStore, ChunkSource, IdempotencyClaim, ListQuery, PortError, PortResult, Reservation,
+    SignedUrl, StreamRefused, TaskPage, TaskStore, WorkMessage, WorkQueue,
 };
 use tasklane_core::task::{Task, Transition, apply};
 
@@ -273,6 +273,31 @@ impl BlobStore for MemBlobs {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.to_string(), (bytes, content_type.to_string()));
         Ok(())
+    }
+    async fn put_stream(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &mut dyn ChunkSource,
+        max_bytes: u64,
+    ) -> PortResult<Result<u64, StreamRefused>> {
+        // Gathered in memory (this whole store is), stored only once the body ended in time.
+        let mut whole = bytes::BytesMut::new();
+        loop {
+            match body.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    if (whole.len() + chunk.len()) as u64 > max_bytes {
+                        return Ok(Err(StreamRefused::TooBig { limit: max_bytes }));
+                    }
+                    whole.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(why) => return Ok(Err(StreamRefused::Broken(why))),
+            }
+        }
+        let size = whole.len() as u64;
+        self.put(key, whole.freeze(), content_type).await?;
+        Ok(Ok(size))
     }
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
         if !self

@@ -289,11 +289,61 @@ pub struct SignedUrl {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A body read one chunk at a time, for [`BlobStore::put_stream`] (an output's download).
+#[async_trait]
+pub trait ChunkSource: Send {
+    /// The next chunk, `Ok(None)` at the end of the body; `Err` with a reason when the body
+    /// broke off before its end (a connection lost mid-body).
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String>;
+}
+
+/// A [`ChunkSource`] over an iterator of chunks (bodies already at hand, and tests).
+#[derive(Debug, Clone)]
+pub struct ChunkIter<I>(pub I);
+
+#[async_trait]
+impl<I> ChunkSource for ChunkIter<I>
+where
+    I: Iterator<Item = Result<Bytes, String>> + Send,
+{
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.0.next().transpose()
+    }
+}
+
+/// Why [`BlobStore::put_stream`] stored nothing although the blob store itself worked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamRefused {
+    /// The body was longer than the `max_bytes` allowed.
+    #[error("the body is larger than {limit} bytes")]
+    TooBig {
+        /// The cap that was passed.
+        limit: u64,
+    },
+    /// The [`ChunkSource`] failed before the body's end.
+    #[error("the body broke off: {0}")]
+    Broken(String),
+}
+
 /// Storage for outputs, handed out as signed expiring URLs.
 #[async_trait]
 pub trait BlobStore: Send + Sync {
     /// Stores `bytes` under `key` (overwriting: writes are idempotent).
     async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> PortResult<()>;
+    /// Stores the body `body` yields under `key` as it arrives, holding at most a bounded part
+    /// of it in memory (outputs may be videos of hundreds of MB; a Lambda has 512 MB), and
+    /// returns its length. The blob appears whole or not at all: a body longer than
+    /// `max_bytes` ([`StreamRefused::TooBig`], noticed as soon as it goes over, without
+    /// reading further) or one that breaks off ([`StreamRefused::Broken`]) stores nothing and
+    /// leaves what `key` held before as it was, and so does a backend failure (`Err`), which
+    /// is kept apart because it is worth retrying while the other two are about the body.
+    async fn put_stream(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &mut dyn ChunkSource,
+        max_bytes: u64,
+    ) -> PortResult<Result<u64, StreamRefused>>;
     /// Signs a GET URL for `key`, valid for at most `ttl`.
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl>;
 }
@@ -315,6 +365,24 @@ pub struct Job<'a> {
     pub duration: Option<u32>,
     /// Validated params.
     pub params: &'a Map<String, Value>,
+}
+
+impl Job<'_> {
+    /// The job as named inputs, as upstream models take them: `prompt` and `duration` when
+    /// given, then every param under its own name.
+    pub fn inputs(&self) -> Map<String, Value> {
+        let mut input = Map::new();
+        if let Some(p) = self.prompt {
+            input.insert("prompt".into(), Value::from(p));
+        }
+        if let Some(d) = self.duration {
+            input.insert("duration".into(), Value::from(d));
+        }
+        for (k, v) in self.params {
+            input.insert(k.clone(), v.clone());
+        }
+        input
+    }
 }
 
 /// One generated file.

@@ -16,8 +16,9 @@
 //!   the task's. A provider that can be asked about a run ([`Upstream::callback_is_authoritative`]
 //!   false) only prompts a check; Cog's callbacks carry the result and are recorded.
 //! - **Outputs become ours**: each `data:` URI or URL is copied into the blob store under the
-//!   model's size cap; URLs must resolve to public addresses unless their host is one the
-//!   catalog trusts. The task completes with tasklane's own expiring URLs.
+//!   model's size cap (a download streamed into the store, never held whole in memory); URLs
+//!   must resolve to public addresses unless their host is one the catalog trusts. The task
+//!   completes with tasklane's own expiring URLs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +29,8 @@ use rand::RngCore;
 
 use crate::error::ApiError;
 use crate::ports::{
-    CallbackRequest, Job, PortError, PortResult, Upstream, UpstreamError, UpstreamState,
-    WorkMessage,
+    CallbackRequest, ChunkSource, Job, PortError, PortResult, StreamRefused, Upstream,
+    UpstreamError, UpstreamState, WorkMessage,
 };
 use crate::processor::{Disposition, Processor, chrono_dur, failure};
 use crate::registry::ModelSpec;
@@ -639,18 +640,22 @@ impl Processor {
     ) -> Result<Vec<Output>, Collect> {
         let mut stored = Vec::with_capacity(outputs.len());
         for (i, out) in outputs.iter().enumerate() {
-            let (bytes, content_type) = if out.starts_with("data:") {
-                decode_data_uri(out, spec.max_output_bytes)?
-            } else {
-                self.download(out, spec, up).await?
+            let key_of = |content_type: &str| {
+                format!("tasks/{task_id}/output-{i}.{}", extension(content_type))
             };
-            let key = format!("tasks/{task_id}/output-{i}.{}", extension(&content_type));
-            let size_bytes = bytes.len() as u64;
-            self.app
-                .blobs
-                .put(&key, bytes, &content_type)
-                .await
-                .map_err(Collect::Port)?;
+            let (key, content_type, size_bytes) = if out.starts_with("data:") {
+                let (bytes, content_type) = decode_data_uri(out, spec.max_output_bytes)?;
+                let key = key_of(&content_type);
+                let size_bytes = bytes.len() as u64;
+                self.app
+                    .blobs
+                    .put(&key, bytes, &content_type)
+                    .await
+                    .map_err(Collect::Port)?;
+                (key, content_type, size_bytes)
+            } else {
+                self.download(out, spec, up, &key_of).await?
+            };
             stored.push(Output {
                 key,
                 content_type,
@@ -660,23 +665,29 @@ impl Processor {
         Ok(stored)
     }
 
-    /// Downloads output `url` under the model's size cap, following at most
+    /// Downloads output `url` into the blob store under the model's size cap, following at most
     /// [`MAX_OUTPUT_REDIRECTS`] redirects (a provider's file URL may answer with a redirect to
     /// its storage, as the Gemini API's does). Every hop is judged afresh: its host must
     /// resolve to public addresses only, unless the catalog trusts it, and it carries the
     /// provider's download headers only when the provider approves that hop's URL
     /// ([`Upstream::download_headers`]), so a credential never follows a redirect elsewhere.
+    ///
+    /// The final hop's body is streamed into the blob store
+    /// ([`crate::ports::BlobStore::put_stream`]) under the key `key_of` makes from its content
+    /// type, never held whole in memory: a body over the cap, or one that breaks off, stores
+    /// nothing and refuses the output. Returns the key, the content type and the size.
     async fn download(
         &self,
         url: &str,
         spec: &ModelSpec,
         up: &Arc<dyn Upstream>,
-    ) -> Result<(bytes::Bytes, String), Collect> {
+        key_of: &(dyn Fn(&str) -> String + Sync),
+    ) -> Result<(String, String, u64), Collect> {
         let mut current = url::Url::parse(url).map_err(|_| {
             Collect::Refused("the upstream returned an output that is not a URL".into())
         })?;
         let mut redirects = 0;
-        let (host, mut resp) = loop {
+        let (host, resp) = loop {
             // The same checks on the first URL and on every redirect's target.
             let what = if redirects == 0 {
                 "the upstream returned an output URL"
@@ -768,24 +779,36 @@ impl Processor {
         if resp.content_length().is_some_and(|n| n > cap) {
             return Err(too_big(cap));
         }
-        let mut body = bytes::BytesMut::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if (body.len() + chunk.len()) as u64 > cap {
-                        return Err(too_big(cap));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    return Err(Collect::Refused(format!(
-                        "the output download from {host} broke off"
-                    )));
-                }
-            }
+        let key = key_of(&content_type);
+        let stored = self
+            .app
+            .blobs
+            .put_stream(&key, &content_type, &mut Download(resp), cap)
+            .await
+            .map_err(Collect::Port)?;
+        match stored {
+            Ok(size) => Ok((key, content_type, size)),
+            Err(StreamRefused::TooBig { .. }) => Err(too_big(cap)),
+            Err(StreamRefused::Broken(why)) => Err(Collect::Refused(format!(
+                "the output download from {host} broke off ({why})"
+            ))),
         }
-        Ok((body.freeze(), content_type))
+    }
+}
+
+/// An output download's body, chunk by chunk, for [`crate::ports::BlobStore::put_stream`].
+struct Download(reqwest::Response);
+
+#[async_trait::async_trait]
+impl ChunkSource for Download {
+    async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        self.0.chunk().await.map_err(|e| {
+            if e.is_timeout() {
+                "timed out".to_string()
+            } else {
+                "connection lost".to_string()
+            }
+        })
     }
 }
 
