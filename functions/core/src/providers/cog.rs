@@ -20,7 +20,7 @@
 
 use async_trait::async_trait;
 use base64::Engine;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::UpstreamSettings;
 use crate::ports::{CallbackRequest, Job, Upstream, UpstreamError, UpstreamReport, UpstreamState};
@@ -55,11 +55,8 @@ impl Cog {
                 "must be an http or https URL".to_string(),
             ));
         }
-        let client = reqwest::Client::builder()
-            .timeout(settings.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| ("endpoint".to_string(), e.to_string()))?;
+        let client =
+            super::api_client(settings.request_timeout).map_err(|e| ("endpoint".to_string(), e))?;
         Ok(Cog { base, client })
     }
 
@@ -69,16 +66,7 @@ impl Cog {
 
     /// The prediction request: the prompt, duration and params as Cog inputs.
     fn body(job: &Job<'_>, callback: &str) -> Value {
-        let mut input = Map::new();
-        if let Some(p) = job.prompt {
-            input.insert("prompt".into(), json!(p));
-        }
-        if let Some(d) = job.duration {
-            input.insert("duration".into(), json!(d));
-        }
-        for (k, v) in job.params {
-            input.insert(k.clone(), v.clone());
-        }
+        let input = job.inputs();
         json!({
             "id": job.task_id,
             "input": input,
@@ -118,11 +106,7 @@ impl Cog {
 }
 
 fn unreachable(e: reqwest::Error) -> UpstreamError {
-    UpstreamError::Unavailable(if e.is_timeout() {
-        "the model server did not answer in time".into()
-    } else {
-        "the model server could not be reached".into()
-    })
+    super::unreachable("the model server", &e)
 }
 
 /// The message of an error body: Cog's `error`, or its 422 `detail` list.

@@ -95,7 +95,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::Utc;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::Digest;
 
 use super::UpstreamSettings;
@@ -258,12 +258,8 @@ impl Fal {
             )
         })?;
         auth.set_sensitive(true);
-        let client = reqwest::Client::builder()
-            .timeout(settings.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tasklane/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| field("endpoint", &e.to_string()))?;
+        let client =
+            super::api_client(settings.request_timeout).map_err(|e| field("endpoint", &e))?;
         Ok(Fal {
             base,
             model,
@@ -293,16 +289,7 @@ impl Fal {
 
     /// The model input for `job`: prompt, duration, then the params by name.
     fn input(job: &Job<'_>) -> Value {
-        let mut input = Map::new();
-        if let Some(p) = job.prompt {
-            input.insert("prompt".into(), json!(p));
-        }
-        if let Some(d) = job.duration {
-            input.insert("duration".into(), json!(d));
-        }
-        for (k, v) in job.params {
-            input.insert(k.clone(), v.clone());
-        }
+        let input = job.inputs();
         Value::Object(input)
     }
 
@@ -693,11 +680,7 @@ fn verify(
 }
 
 fn unreachable(e: reqwest::Error) -> UpstreamError {
-    UpstreamError::Unavailable(if e.is_timeout() {
-        "fal did not answer in time".into()
-    } else {
-        "fal could not be reached".into()
-    })
+    super::unreachable("fal", &e)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -955,6 +938,7 @@ impl Upstream for Fal {
 mod tests {
     use super::*;
     use ed25519_dalek::Signer;
+    use serde_json::{Map, json};
 
     fn settings(model: &str) -> UpstreamSettings {
         UpstreamSettings {

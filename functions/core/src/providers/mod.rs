@@ -90,3 +90,24 @@ pub fn upstream(settings: &UpstreamSettings) -> Result<Arc<dyn Upstream>, (Strin
         )),
     }
 }
+
+/// An upstream that did not answer: `who` (e.g. "Replicate") timed out or could not be reached.
+/// Retried; never names an address or a credential.
+pub(crate) fn unreachable(who: &str, e: &reqwest::Error) -> crate::ports::UpstreamError {
+    crate::ports::UpstreamError::Unavailable(if e.is_timeout() {
+        format!("{who} did not answer in time")
+    } else {
+        format!("{who} could not be reached")
+    })
+}
+
+/// The HTTP client of a provider's API: each request bounded by `timeout`, no redirects
+/// followed (a credential never travels to where a redirect points).
+pub(crate) fn api_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tasklane/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| e.to_string())
+}

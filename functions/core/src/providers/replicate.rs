@@ -58,7 +58,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::UpstreamSettings;
 use super::cog::progress_in;
@@ -202,12 +202,8 @@ impl Replicate {
                 ));
             }
         }
-        let client = reqwest::Client::builder()
-            .timeout(settings.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tasklane/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| field("endpoint", e.to_string()))?;
+        let client =
+            super::api_client(settings.request_timeout).map_err(|e| field("endpoint", e))?;
         Ok(Replicate {
             base,
             target,
@@ -223,16 +219,7 @@ impl Replicate {
 
     /// The create route and body for `job`.
     fn create_request(&self, job: &Job<'_>, callback: &str) -> (String, Value) {
-        let mut input = Map::new();
-        if let Some(p) = job.prompt {
-            input.insert("prompt".into(), json!(p));
-        }
-        if let Some(d) = job.duration {
-            input.insert("duration".into(), json!(d));
-        }
-        for (k, v) in job.params {
-            input.insert(k.clone(), v.clone());
-        }
+        let input = job.inputs();
         let mut body = json!({
             "input": input,
             "webhook": callback,
@@ -394,11 +381,7 @@ impl Replicate {
 }
 
 fn unreachable(e: reqwest::Error) -> UpstreamError {
-    UpstreamError::Unavailable(if e.is_timeout() {
-        "Replicate did not answer in time".into()
-    } else {
-        "Replicate could not be reached".into()
-    })
+    super::unreachable("Replicate", &e)
 }
 
 /// Constant-time equality of two byte strings (the length is not secret).
@@ -596,6 +579,7 @@ fn path_segment(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     fn settings(model: &str) -> UpstreamSettings {
         UpstreamSettings {

@@ -151,11 +151,7 @@ impl Veo {
             )
         })?;
         key.set_sensitive(true);
-        let client = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| field("endpoint", &e.to_string()))?;
+        let client = super::api_client(request_timeout).map_err(|e| field("endpoint", &e))?;
         Ok(Veo {
             base,
             model: model.to_string(),
@@ -248,11 +244,7 @@ impl Veo {
 }
 
 fn unreachable(e: reqwest::Error) -> UpstreamError {
-    UpstreamError::Unavailable(if e.is_timeout() {
-        "the provider did not answer in time".into()
-    } else {
-        "the provider could not be reached".into()
-    })
+    super::unreachable("the provider", &e)
 }
 
 /// `aspect_ratio` → `aspectRatio`; a name in camelCase already is kept.
