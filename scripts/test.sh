@@ -10,13 +10,13 @@
 #
 # Extra arguments go to `cargo test --workspace` (e.g. `scripts/test.sh --test submit`, or a
 # test name filter after `--`). The AWS pass then runs only the named suites that run on AWS
-# (lifecycle submit webhooks errors races faults soak upstream_cog), and the contract check only runs
+# (lifecycle submit webhooks errors races faults soak, and the upstream_* suites), and the contract check only runs
 # in the full suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The suites that run a second time on DynamoDB, SQS and S3 in the emulator.
-aws_suites=(lifecycle submit webhooks errors races faults soak upstream_cog)
+aws_suites=(lifecycle submit webhooks errors races faults soak upstream_cog upstream_replicate upstream_fal upstream_veo)
 
 if [ -z "${TASKLANE_TEST_ISOLATED:-}" ]; then
   python=${PYTHON:-python3}

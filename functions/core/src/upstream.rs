@@ -398,7 +398,27 @@ impl Processor {
         };
         let mut unreachable = false;
         let (progress, logs, restarted) = match state {
-            Ok(s) if s.is_terminal() => return self.settle(&task, spec, up, &id, s).await,
+            Ok(s) if s.is_terminal() => {
+                // Two copies of this check (a callback prompted one) may both find the end:
+                // the one whose number is recorded first collects the outputs.
+                let claim = Transition::UpstreamReported {
+                    id: id.clone(),
+                    check: Some(n),
+                    progress: None,
+                    logs: None,
+                    restarted: false,
+                    unreachable: false,
+                    check_by: Some(now + chrono_dur(self.app.config.lease)),
+                };
+                return match self.app.store.update_task_from(&task, &claim).await {
+                    Ok(claimed) => self.settle(&claimed, spec, up, &id, s).await,
+                    Err(PortError::Rejected(e)) => {
+                        tracing::debug!(task_id, check = n, reason = %e, "another check ends the run");
+                        Ok(Disposition::Done)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
             Ok(UpstreamState::Running { progress, logs }) => (progress, logs, false),
             Ok(UpstreamState::Restarted) if self.ended_meanwhile(&task).await? => {
                 // The run had finished and its callback was on its way: the new run this
