@@ -32,6 +32,7 @@ pub mod error;
 pub mod events;
 pub mod limits;
 pub mod logging;
+pub mod media;
 pub mod ports;
 pub mod processor;
 pub mod providers;

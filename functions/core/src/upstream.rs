@@ -85,6 +85,13 @@ fn new_token() -> String {
     hex::encode(bytes)
 }
 
+/// `base` spread over `[base / 2, base * 3 / 2)`: tasks turned away together (a busy upstream,
+/// a model's slots all taken) come back at different times instead of in one wave that
+/// again finds a single free slot.
+fn jittered(base: Duration) -> Duration {
+    base.mul_f64(0.5 + rand::random::<f64>())
+}
+
 /// `message` cut to [`MAX_UPSTREAM_MESSAGE`] characters.
 fn bounded(message: &str) -> String {
     let mut m: String = message.chars().take(MAX_UPSTREAM_MESSAGE).collect();
@@ -230,7 +237,7 @@ impl Processor {
             }
         }
         let cfg = &self.app.config;
-        let delay = (cfg.upstream_check_first * 2).min(cfg.upstream_check_max);
+        let delay = jittered(cfg.upstream_check_first * 2).min(cfg.upstream_check_max);
         let run = WorkMessage::Run {
             task_id: task.id.clone(),
         };
@@ -305,7 +312,7 @@ impl Processor {
         let (count_attempt, delay) = match &e {
             UpstreamError::Busy { retry_after } => {
                 let delay = retry_after
-                    .unwrap_or(cfg.upstream_check_first * 2)
+                    .unwrap_or_else(|| jittered(cfg.upstream_check_first * 2))
                     .clamp(Duration::from_millis(100), cfg.upstream_check_max);
                 (false, delay)
             }
@@ -661,7 +668,10 @@ impl Processor {
         let mut stored = Vec::with_capacity(outputs.len());
         for (i, out) in outputs.iter().enumerate() {
             let key_of = |content_type: &str| {
-                format!("tasks/{task_id}/output-{i}.{}", extension(content_type))
+                format!(
+                    "tasks/{task_id}/output-{i}.{}",
+                    crate::media::extension_for(content_type)
+                )
             };
             let (key, content_type, size_bytes) = if out.starts_with("data:") {
                 let (bytes, content_type) = decode_data_uri(out, spec.max_output_bytes)?;
@@ -882,29 +892,6 @@ fn decode_data_uri(uri: &str, cap: u64) -> Result<(bytes::Bytes, String), Collec
     Ok((bytes.into(), mime.to_string()))
 }
 
-/// A file extension for `content_type`.
-fn extension(content_type: &str) -> &'static str {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    match essence.as_str() {
-        "image/gif" => "gif",
-        "image/png" => "png",
-        "image/jpeg" => "jpg",
-        "image/webp" => "webp",
-        "video/mp4" => "mp4",
-        "video/webm" => "webm",
-        "audio/mpeg" => "mp3",
-        "audio/wav" | "audio/x-wav" => "wav",
-        "application/json" => "json",
-        "text/plain" => "txt",
-        _ => "bin",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -916,7 +903,7 @@ mod tests {
             .unwrap();
         assert_eq!(&b[..], b"GIF89a");
         assert_eq!(t, "image/gif");
-        assert_eq!(extension(&t), "gif");
+        assert_eq!(crate::media::extension_for(&t), "gif");
         let (b, t) = decode_data_uri("data:,hello", 100).ok().unwrap();
         assert_eq!((&b[..], t.as_str()), (&b"hello"[..], "text/plain"));
         assert!(matches!(
@@ -931,6 +918,15 @@ mod tests {
             decode_data_uri("data:nocomma", 100),
             Err(Collect::Refused(_))
         ));
+    }
+
+    #[test]
+    fn retries_are_spread_around_their_base() {
+        let base = Duration::from_secs(4);
+        let delays: Vec<Duration> = (0..200).map(|_| jittered(base)).collect();
+        assert!(delays.iter().all(|d| *d >= base / 2 && *d < base * 3 / 2));
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 100, "spread, not one wave");
     }
 
     #[test]

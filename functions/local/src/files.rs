@@ -147,15 +147,9 @@ impl FileBlobs {
     }
 }
 
-/// The MIME type of a stored output, from its extension.
+/// The MIME type of a stored output, from its extension ([`tasklane_core::media`]).
 pub fn content_type_of(path: &Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("gif") => "image/gif",
-        Some("png") => "image/png",
-        Some("txt") => "text/plain; charset=utf-8",
-        Some("json") => "application/json",
-        _ => "application/octet-stream",
-    }
+    tasklane_core::media::content_type_for(path.extension().and_then(|e| e.to_str()).unwrap_or(""))
 }
 
 #[async_trait]

@@ -13,6 +13,9 @@ use tasklane_core::api::Api;
 
 use crate::files::{FILES_PREFIX, FileBlobs, content_type_of};
 
+/// Files are read and sent in chunks of this size, never whole.
+const FILE_CHUNK: usize = 64 * 1024;
+
 /// What the HTTP handler serves.
 pub(crate) struct Served {
     pub(crate) api: Api,
@@ -23,7 +26,7 @@ pub(crate) async fn serve(State(s): State<Arc<Served>>, req: Request) -> Respons
     let (parts, body) = req.into_parts();
     if let (Some(files), Some(key)) = (&s.files, parts.uri.path().strip_prefix(FILES_PREFIX)) {
         let query = parts.uri.query().unwrap_or("");
-        return to_axum(serve_file(files, key, query, &parts.method).await);
+        return serve_file(files, key, query, &parts.method).await;
     }
     let limit = s.api.body_limit(parts.uri.path());
     let bytes = match Limited::new(body, limit).collect().await {
@@ -43,35 +46,37 @@ pub(crate) async fn serve(State(s): State<Arc<Served>>, req: Request) -> Respons
     to_axum(s.api.handle(http::Request::from_parts(parts, bytes)).await)
 }
 
-async fn serve_file(
-    files: &FileBlobs,
-    key: &str,
-    query: &str,
-    method: &http::Method,
-) -> http::Response<Bytes> {
+async fn serve_file(files: &FileBlobs, key: &str, query: &str, method: &http::Method) -> Response {
     if method != http::Method::GET {
-        return ApiError::MethodNotAllowed { allow: "GET" }.into_response();
+        return to_axum(ApiError::MethodNotAllowed { allow: "GET" }.into_response());
     }
     let path = match files.verify(key, query) {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => return to_axum(e.into_response()),
     };
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => {
-            let mut resp = http::Response::new(Bytes::from(bytes));
-            let h = resp.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(content_type_of(&path)),
-            );
-            h.insert(
-                http::header::CACHE_CONTROL,
-                http::HeaderValue::from_static("private, max-age=60"),
-            );
-            resp
-        }
-        Err(_) => ApiError::NotFound("no such file").into_response(),
-    }
+    let (file, len) = match tokio::fs::File::open(&path).await {
+        Ok(f) => match f.metadata().await {
+            Ok(m) => (f, m.len()),
+            Err(_) => return to_axum(ApiError::NotFound("no such file").into_response()),
+        },
+        Err(_) => return to_axum(ApiError::NotFound("no such file").into_response()),
+    };
+    // Streamed from disk: a video of hundreds of MB is never held in memory.
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file, FILE_CHUNK,
+    ));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type_of(&path)),
+    );
+    h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("private, max-age=60"),
+    );
+    resp
 }
 
 fn to_axum(resp: http::Response<Bytes>) -> Response {
