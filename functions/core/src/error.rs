@@ -25,6 +25,9 @@ pub enum ApiError {
     /// 401: missing, malformed or unknown API key.
     #[error("missing or invalid API key")]
     Unauthorized,
+    /// 401: an upstream callback without the task's callback token.
+    #[error("missing or invalid callback token")]
+    InvalidCallbackToken,
     /// 402: too few credits.
     #[error("{}", quota_message(*.needed, *.available))]
     InsufficientQuota {
@@ -117,7 +120,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::InvalidCallbackToken => StatusCode::UNAUTHORIZED,
             ApiError::InsufficientQuota { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -140,7 +143,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest { .. } => "invalid_request",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized | ApiError::InvalidCallbackToken => "unauthorized",
             ApiError::InsufficientQuota { .. } => "insufficient_quota",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",

@@ -609,10 +609,10 @@ impl Processor {
             return Err(ApiError::NotFound("no such task"));
         }
         let Some(run) = task.upstream.clone() else {
-            return Err(ApiError::Unauthorized);
+            return Err(ApiError::InvalidCallbackToken);
         };
         if !token.is_some_and(|t| same_token(t, &run.token)) {
-            return Err(ApiError::Unauthorized);
+            return Err(ApiError::InvalidCallbackToken);
         }
         let report = up
             .read_callback(req)
