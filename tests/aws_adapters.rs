@@ -22,6 +22,7 @@ use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use tasklane_aws::dynamo::DynamoStore;
 use tasklane_aws::s3::S3Blobs;
 use tasklane_aws::sqs::SqsQueue;
+use tasklane_aws::settings::SdkTimeouts;
 use tasklane_aws::{AwsBackends, AwsSettings};
 use tasklane_core::account::{Account, hash_api_key};
 use tasklane_core::api::Api;
@@ -1841,6 +1842,63 @@ async fn an_unreachable_sqs_or_s3_is_unavailable() {
                 .await,
         );
     }
+}
+
+/// A loopback server that accepts every connection, reads what it is sent and never answers
+/// (a connection AWS lost in the middle of a request); returns its URL.
+async fn silent_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = [0u8; 8192];
+                while matches!(conn.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    url
+}
+
+/// The clients the functions build ([`AwsBackends::from_config`], with the timeouts
+/// template.yaml gives the API functions) end a call on an endpoint that accepts and never
+/// answers with `Unavailable` (a 503, or a message retried), not by hanging until Lambda
+/// kills the function. The SDK's defaults bound only the connect: without the attempt and
+/// operation timeouts each of these calls waits forever.
+#[tokio::test]
+async fn an_aws_endpoint_that_never_answers_is_unavailable_not_a_hang() {
+    let endpoint = silent_endpoint().await;
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(&endpoint)
+        .load()
+        .await;
+    let settings = AwsSettings {
+        table: "tasks".into(),
+        queue_url: format!("{endpoint}/123456789012/work"),
+        bucket: "results".into(),
+        core: tasklane_core::Config::default(),
+        models: None,
+    };
+    let timeouts = SdkTimeouts::with_operation(Duration::from_secs(5));
+    let b = AwsBackends::from_config(&settings, &config, timeouts, None);
+    let account = Account::create(10, None).account;
+    let task = queued_task(&account.id, 1, "echo");
+    let message = run(&task.id);
+    let calls = async {
+        tokio::join!(
+            b.store.account(&account.id),
+            b.store.insert_task(&task, None, u64::MAX),
+            b.queue.enqueue(&message, Duration::ZERO),
+            b.blobs.put("k", Bytes::from_static(b"x"), "text/plain"),
+        )
+    };
+    let (read, write, enqueue, put) = tokio::time::timeout(Duration::from_secs(60), calls)
+        .await
+        .expect("AWS calls on an endpoint that never answers still hang after 60 s");
+    assert_unavailable("DynamoDB GetItem", read);
+    assert_unavailable("DynamoDB transaction", write);
+    assert_unavailable("SQS SendMessage", enqueue);
+    assert_unavailable("S3 PutObject", put);
 }
 
 #[tokio::test]

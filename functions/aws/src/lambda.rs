@@ -158,7 +158,16 @@ impl Function {
                 std::process::exit(2);
             }
         };
-        let backends = crate::AwsBackends::connect(&settings).await;
+        // Every AWS call bounded below the function's timeout (TASKLANE_AWS_TIMEOUT).
+        let timeouts = match crate::settings::SdkTimeouts::from_env() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration");
+                eprintln!("tasklane: {e}");
+                std::process::exit(2);
+            }
+        };
+        let backends = crate::AwsBackends::connect_with(&settings, timeouts, None).await;
         let registry = match backends.registry(&settings).await {
             Ok(r) => r,
             Err(e) => {

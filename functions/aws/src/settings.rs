@@ -3,10 +3,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use aws_config::SdkConfig;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_smithy_runtime_api::client::interceptors::SharedInterceptor;
 use tasklane_core::catalog;
-use tasklane_core::config::{ConfigError, env_required};
+use tasklane_core::config::{ConfigError, env_required, env_secs};
 use tasklane_core::providers::builtin_registry;
 use tasklane_core::registry::Registry;
 use tasklane_core::{App, Config};
@@ -90,6 +94,98 @@ impl AwsSettings {
     }
 }
 
+/// How long the SDK clients may spend on one AWS call, so a connection that hangs ends in the
+/// port's `Unavailable` (a 503, or a retried message) well before Lambda kills the function.
+///
+/// Without these the SDK waits for an answer as long as the function lives: the default
+/// configuration bounds only the TCP connect (3.1 s). The values:
+///
+/// - `connect`: 3 s for a TCP connection (with TLS) to the regional endpoint, which takes
+///   milliseconds from Lambda.
+/// - `attempt`: one DynamoDB or SQS request, 3 s. Both answer in milliseconds (DynamoDB's
+///   documented single-digit-millisecond latency); an attempt that takes seconds is a lost
+///   connection, better retried on a fresh one. S3 attempts get the whole `operation`: one
+///   of them may upload a part of 8 MiB ([`crate::s3::PART_SIZE`]).
+/// - `operation`: one call with all its retries (`TASKLANE_AWS_TIMEOUT`, seconds). template.yaml
+///   sets it per function below the function's timeout (README, "Limits the template sets");
+///   10 s when unset (local tools and tests).
+/// - retries: the SDK's standard mode with 3 attempts (exponential backoff with full jitter
+///   from 1 s, at most 20 s, cut short by `operation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdkTimeouts {
+    /// Longest TCP (and TLS) connect.
+    pub connect: Duration,
+    /// Longest single DynamoDB or SQS attempt.
+    pub attempt: Duration,
+    /// Longest call, all attempts included (and longest single S3 attempt).
+    pub operation: Duration,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+}
+
+impl Default for SdkTimeouts {
+    fn default() -> Self {
+        SdkTimeouts::with_operation(SdkTimeouts::DEFAULT_OPERATION)
+    }
+}
+
+impl SdkTimeouts {
+    /// Longest connect.
+    pub const CONNECT: Duration = Duration::from_secs(3);
+    /// Longest DynamoDB or SQS attempt.
+    pub const ATTEMPT: Duration = Duration::from_secs(3);
+    /// Longest call when `TASKLANE_AWS_TIMEOUT` is not set.
+    pub const DEFAULT_OPERATION: Duration = Duration::from_secs(10);
+    /// Attempts per call.
+    pub const MAX_ATTEMPTS: u32 = 3;
+    /// Longest `TASKLANE_AWS_TIMEOUT`: Lambda's longest function timeout.
+    pub const MAX_OPERATION: Duration = Duration::from_secs(900);
+
+    /// Calls of at most `operation`; connects and DynamoDB/SQS attempts no longer than it.
+    pub fn with_operation(operation: Duration) -> Self {
+        SdkTimeouts {
+            connect: Self::CONNECT.min(operation),
+            attempt: Self::ATTEMPT.min(operation),
+            operation,
+            max_attempts: Self::MAX_ATTEMPTS,
+        }
+    }
+
+    /// `TASKLANE_AWS_TIMEOUT` (seconds, more than 0 and at most 900), else the default; the
+    /// error names the variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        match env_secs("TASKLANE_AWS_TIMEOUT")? {
+            None => Ok(Self::default()),
+            Some(t) if !t.is_zero() && t <= Self::MAX_OPERATION => Ok(Self::with_operation(t)),
+            Some(_) => Err(ConfigError(
+                "TASKLANE_AWS_TIMEOUT must be more than 0 and at most 900 seconds".into(),
+            )),
+        }
+    }
+
+    /// The timeouts of a DynamoDB or SQS client.
+    fn fast(&self) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .operation_attempt_timeout(self.attempt)
+            .operation_timeout(self.operation)
+            .build()
+    }
+
+    /// The timeouts of the S3 client: an attempt may carry a whole part.
+    fn bulk(&self) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .operation_attempt_timeout(self.operation)
+            .operation_timeout(self.operation)
+            .build()
+    }
+
+    fn retry(&self) -> RetryConfig {
+        RetryConfig::standard().with_max_attempts(self.max_attempts)
+    }
+}
+
 /// The three adapters, sharing one loaded AWS configuration.
 #[derive(Clone, Debug)]
 pub struct AwsBackends {
@@ -111,17 +207,51 @@ impl AwsBackends {
     }
 
     /// Like [`AwsBackends::connect`], with `interceptor` on every client: an SDK interceptor
-    /// sees each request and answer (to count, log or trace them).
+    /// sees each request and answer (to count, log or trace them). The calls' timeouts come
+    /// from `TASKLANE_AWS_TIMEOUT` ([`SdkTimeouts::from_env`]; an invalid value is logged and
+    /// the default used: the Lambda functions refuse it at cold start instead).
     pub async fn connect_intercepted(
         settings: &AwsSettings,
         interceptor: Option<SharedInterceptor>,
     ) -> Self {
+        let timeouts = SdkTimeouts::from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "using the default AWS call timeouts");
+            SdkTimeouts::default()
+        });
+        Self::connect_with(settings, timeouts, interceptor).await
+    }
+
+    /// Loads the AWS configuration and builds the clients with `timeouts` (and `interceptor`).
+    pub async fn connect_with(
+        settings: &AwsSettings,
+        timeouts: SdkTimeouts,
+        interceptor: Option<SharedInterceptor>,
+    ) -> Self {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let custom_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some()
-            || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
-        let mut ddb = aws_sdk_dynamodb::config::Builder::from(&config);
-        let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
-        let mut s3 = aws_sdk_s3::config::Builder::from(&config).force_path_style(custom_endpoint);
+        Self::from_config(settings, &config, timeouts, interceptor)
+    }
+
+    /// Builds the clients from a loaded AWS configuration, each with `timeouts` and the
+    /// standard retry mode ([`SdkTimeouts`]). With a custom endpoint (an emulator), S3 uses
+    /// path-style addressing.
+    pub fn from_config(
+        settings: &AwsSettings,
+        config: &SdkConfig,
+        timeouts: SdkTimeouts,
+        interceptor: Option<SharedInterceptor>,
+    ) -> Self {
+        let custom_endpoint =
+            config.endpoint_url().is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+        let mut ddb = aws_sdk_dynamodb::config::Builder::from(config)
+            .timeout_config(timeouts.fast())
+            .retry_config(timeouts.retry());
+        let mut sqs = aws_sdk_sqs::config::Builder::from(config)
+            .timeout_config(timeouts.fast())
+            .retry_config(timeouts.retry());
+        let mut s3 = aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(custom_endpoint)
+            .timeout_config(timeouts.bulk())
+            .retry_config(timeouts.retry());
         if let Some(i) = interceptor {
             ddb = ddb.interceptor(i.clone());
             sqs = sqs.interceptor(i.clone());
@@ -137,7 +267,7 @@ impl AwsBackends {
                 aws_sdk_sqs::Client::from_conf(sqs.build()),
                 &settings.queue_url,
             ),
-            blobs: S3Blobs::new(&config, s3.clone(), &settings.bucket),
+            blobs: S3Blobs::new(config, s3.clone(), &settings.bucket),
             s3,
         }
     }
@@ -228,5 +358,18 @@ mod tests {
         }
         let shown = ModelsSource::parse("s3://b/k.toml").unwrap().to_string();
         assert_eq!(shown, "s3://b/k.toml");
+    }
+
+    #[test]
+    fn aws_calls_are_bounded_below_the_operation_timeout() {
+        let t = SdkTimeouts::with_operation(Duration::from_secs(5));
+        assert_eq!(t.connect, Duration::from_secs(3));
+        assert_eq!(t.attempt, Duration::from_secs(3));
+        assert_eq!(t.operation, Duration::from_secs(5));
+        assert_eq!(t.bulk().operation_attempt_timeout(), Some(t.operation));
+        assert_eq!(t.fast().operation_attempt_timeout(), Some(t.attempt));
+        let short = SdkTimeouts::with_operation(Duration::from_secs(2));
+        assert!(short.connect <= short.operation && short.attempt <= short.operation);
+        assert_eq!(SdkTimeouts::default().operation, Duration::from_secs(10));
     }
 }

@@ -1,0 +1,331 @@
+//! template.yaml keeps the limits that let it deploy on a new account and protect itself
+//! (README, "Running on AWS at scale" / "Limits the template sets"):
+//!
+//! - no `ReservedConcurrentExecutions` (CloudFormation refuses it on an account whose
+//!   unreserved concurrency would fall under 100, as on new accounts);
+//! - stage throttling on the HTTP API (`DefaultRouteSettings`) from parameters whose defaults
+//!   and maxima stay within API Gateway's account-level quota (10,000 requests/s, burst 5,000);
+//! - every SQS queue that triggers a function hides a received message for at least six times
+//!   that function's timeout (AWS's recommendation for SQS event sources);
+//! - the sync-wait cap's largest value, plus the last AWS call of the wait, plus the answer,
+//!   stays well under API Gateway's 30-second integration timeout;
+//! - every function's AWS call timeout (`TASKLANE_AWS_TIMEOUT`) is below its own timeout.
+//!
+//! The template is read with a small reader of the YAML it uses (block mappings and lists,
+//! folded scalars, comments); the CloudFormation tags (`!Ref X`) stay in the values as text.
+
+use std::path::{Path, PathBuf};
+
+/// API Gateway's default account-level throttling quota per Region (requests per second).
+const ACCOUNT_RATE_QUOTA: f64 = 10_000.0;
+/// API Gateway's default account-level burst quota per Region.
+const ACCOUNT_BURST_QUOTA: f64 = 5_000.0;
+/// API Gateway's integration timeout in seconds: 30 for an HTTP API, 29 by default for a REST
+/// API; the smaller, so the template stays right behind either.
+const INTEGRATION_TIMEOUT: f64 = 29.0;
+/// Seconds a waiting request keeps spare under the integration timeout, after the cap, the
+/// last AWS call and the answer.
+const SPARE: f64 = 2.0;
+/// Time to build the answer after the last read (a view and presigned URLs): generous.
+const ANSWER: f64 = 1.0;
+
+fn template_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../template.yaml")
+}
+
+/// One `key: value` line of the template.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Column of the key (a list item's `- ` counts as indentation).
+    indent: usize,
+    key: String,
+    /// The value on the key's line, without quotes or a trailing comment; empty for a block.
+    value: String,
+    line: usize,
+}
+
+struct Template {
+    entries: Vec<Entry>,
+    text: String,
+}
+
+impl Template {
+    fn read() -> Template {
+        let path = template_path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let mut entries = Vec::new();
+        // A block scalar (`>-`, `|`) swallows every line indented deeper than its key.
+        let mut scalar_of: Option<usize> = None;
+        for (n, raw) in text.lines().enumerate() {
+            let trimmed = raw.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let mut indent = raw.len() - trimmed.len();
+            if let Some(col) = scalar_of {
+                if indent > col {
+                    continue;
+                }
+                scalar_of = None;
+            }
+            let mut body = trimmed;
+            while let Some(rest) = body.strip_prefix("- ") {
+                indent += 2;
+                body = rest.trim_start();
+            }
+            let Some((key, value)) = body.split_once(':') else {
+                continue;
+            };
+            if key.contains(' ') && !key.starts_with('"') || key.starts_with('{') {
+                continue;
+            }
+            if !(value.is_empty() || value.starts_with(' ')) {
+                continue;
+            }
+            let value = strip_comment(value.trim());
+            if matches!(value, ">" | ">-" | "|" | "|-") {
+                scalar_of = Some(indent);
+            }
+            entries.push(Entry {
+                indent,
+                key: key.trim_matches('"').to_string(),
+                value: value.trim_matches('"').to_string(),
+                line: n + 1,
+            });
+        }
+        Template { entries, text }
+    }
+
+    /// The direct children of entry `at` (`None`: the top level).
+    fn children(&self, at: Option<usize>) -> Vec<usize> {
+        let (start, floor) = match at {
+            Some(i) => (i + 1, Some(self.entries[i].indent)),
+            None => (0, None),
+        };
+        let mut out = Vec::new();
+        let mut level = None;
+        for i in start..self.entries.len() {
+            let indent = self.entries[i].indent;
+            if floor.is_some_and(|f| indent <= f) {
+                break;
+            }
+            match level {
+                None => {
+                    level = Some(indent);
+                    out.push(i);
+                }
+                Some(l) if indent == l => out.push(i),
+                Some(l) if indent < l => break,
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The entry at `path` under `at`.
+    fn find(&self, at: Option<usize>, path: &[&str]) -> Option<usize> {
+        let mut at = at;
+        for key in path {
+            at = Some(
+                self.children(at)
+                    .into_iter()
+                    .find(|&i| self.entries[i].key == *key)?,
+            );
+        }
+        at
+    }
+
+    fn value(&self, at: Option<usize>, path: &[&str]) -> Option<&str> {
+        self.find(at, path).map(|i| self.entries[i].value.as_str())
+    }
+
+    fn resource(&self, name: &str) -> usize {
+        self.find(None, &["Resources", name])
+            .unwrap_or_else(|| panic!("template.yaml has no resource {name}"))
+    }
+
+    /// The resources of `kind`, by name.
+    fn resources(&self, kind: &str) -> Vec<(String, usize)> {
+        let top = self
+            .find(None, &["Resources"])
+            .expect("a Resources section");
+        self.children(Some(top))
+            .into_iter()
+            .filter(|&i| self.value(Some(i), &["Type"]) == Some(kind))
+            .map(|i| (self.entries[i].key.clone(), i))
+            .collect()
+    }
+
+    /// A parameter's `field` (Default, MaxValue…) as a number.
+    fn parameter(&self, name: &str, field: &str) -> f64 {
+        let v = self
+            .value(None, &["Parameters", name, field])
+            .unwrap_or_else(|| panic!("parameter {name} has no {field}"));
+        v.parse()
+            .unwrap_or_else(|_| panic!("parameter {name}'s {field} is not a number: {v:?}"))
+    }
+
+    /// A number, or a `!Ref` to a parameter (its `field`: Default or MaxValue).
+    fn number(&self, value: &str, field: &str) -> f64 {
+        match value.strip_prefix("!Ref ") {
+            Some(p) => self.parameter(p.trim(), field),
+            None => value
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number or a !Ref: {value:?}")),
+        }
+    }
+
+    /// A function's property, or the Globals' one.
+    fn function_value(&self, function: usize, path: &[&str]) -> Option<String> {
+        let mut own = vec!["Properties"];
+        own.extend_from_slice(path);
+        let mut global = vec!["Globals", "Function"];
+        global.extend_from_slice(path);
+        self.value(Some(function), &own)
+            .or_else(|| self.value(None, &global))
+            .map(str::to_string)
+    }
+
+    /// A function's timeout in seconds (its own, or the Globals').
+    fn function_timeout(&self, function: usize) -> f64 {
+        let t = self
+            .function_value(function, &["Timeout"])
+            .expect("a Timeout on the function or in Globals");
+        self.number(&t, "Default")
+    }
+
+    /// A function's AWS call timeout (`TASKLANE_AWS_TIMEOUT`, its own or the Globals').
+    fn aws_call_timeout(&self, function: usize) -> f64 {
+        let t = self
+            .function_value(
+                function,
+                &["Environment", "Variables", "TASKLANE_AWS_TIMEOUT"],
+            )
+            .expect("TASKLANE_AWS_TIMEOUT on the function or in Globals");
+        t.parse()
+            .unwrap_or_else(|_| panic!("TASKLANE_AWS_TIMEOUT is not a number: {t:?}"))
+    }
+}
+
+fn strip_comment(value: &str) -> &str {
+    match value.find(" #") {
+        Some(i) if !value.starts_with('"') => value[..i].trim_end(),
+        _ => value,
+    }
+}
+
+#[test]
+fn no_function_reserves_concurrency() {
+    let t = Template::read();
+    let found: Vec<usize> = t
+        .entries
+        .iter()
+        .filter(|e| e.key == "ReservedConcurrentExecutions")
+        .map(|e| e.line)
+        .collect();
+    assert!(
+        found.is_empty(),
+        "template.yaml sets ReservedConcurrentExecutions (lines {found:?}): CloudFormation \
+         refuses it on accounts whose unreserved concurrency would fall under 100"
+    );
+    // The reader saw the functions at all (a broken reader must not pass this vacuously).
+    assert!(t.resources("AWS::Serverless::Function").len() >= 9);
+    assert!(t.text.contains("SweeperFunction:"));
+}
+
+#[test]
+fn the_api_stage_is_throttled_within_the_account_quota() {
+    let t = Template::read();
+    let api = t.resource("Api");
+    for (field, quota) in [
+        ("ThrottlingRateLimit", ACCOUNT_RATE_QUOTA),
+        ("ThrottlingBurstLimit", ACCOUNT_BURST_QUOTA),
+    ] {
+        let v = t
+            .value(Some(api), &["Properties", "DefaultRouteSettings", field])
+            .unwrap_or_else(|| panic!("the HTTP API has no DefaultRouteSettings.{field}"));
+        let default = t.number(v, "Default");
+        let max = t.number(v, "MaxValue");
+        assert!(
+            default >= 1.0 && default < quota,
+            "{field} defaults to {default}: it must throttle below the account's {quota}"
+        );
+        assert!(
+            max <= quota,
+            "{field} may be set to {max}, over the account's {quota}"
+        );
+    }
+}
+
+#[test]
+fn every_sqs_trigger_hides_a_message_six_times_its_function_timeout() {
+    let t = Template::read();
+    let mut checked = 0;
+    for (name, function) in t.resources("AWS::Serverless::Function") {
+        let Some(events) = t.find(Some(function), &["Properties", "Events"]) else {
+            continue;
+        };
+        for event in t.children(Some(events)) {
+            if t.value(Some(event), &["Type"]) != Some("SQS") {
+                continue;
+            }
+            let queue_ref = t
+                .value(Some(event), &["Properties", "Queue"])
+                .expect("an SQS event's Queue");
+            let queue = queue_ref
+                .strip_prefix("!GetAtt ")
+                .and_then(|q| q.strip_suffix(".Arn"))
+                .unwrap_or_else(|| panic!("{name}: Queue is not !GetAtt <queue>.Arn: {queue_ref}"));
+            let queue_at = t.resource(queue);
+            // SQS's default visibility timeout is 30 s.
+            let visibility = t
+                .value(Some(queue_at), &["Properties", "VisibilityTimeout"])
+                .map_or(30.0, |v| t.number(v, "Default"));
+            let timeout = t.function_timeout(function);
+            assert!(
+                visibility >= 6.0 * timeout,
+                "{queue} hides a message {visibility} s, less than 6 x {name}'s {timeout} s timeout"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "only {checked} SQS event sources found (the processor and the dead-letter function)"
+    );
+}
+
+#[test]
+fn the_sync_wait_cap_answers_well_under_the_integration_timeout() {
+    let t = Template::read();
+    let cap = t.parameter("SyncWaitCapSeconds", "MaxValue");
+    for name in ["SyncWaitFunction", "SubmitFunction"] {
+        let f = t.resource(name);
+        let last_call = t.aws_call_timeout(f);
+        let total = cap + last_call + ANSWER;
+        assert!(
+            total + SPARE <= INTEGRATION_TIMEOUT,
+            "{name}: a wait of {cap} s, a last AWS call of {last_call} s and {ANSWER} s to \
+             answer take {total} s: too close to API Gateway's {INTEGRATION_TIMEOUT} s"
+        );
+        let timeout = t.function_timeout(f);
+        assert!(
+            total < timeout,
+            "{name}: its {timeout} s timeout ends the answer ({total} s)"
+        );
+    }
+}
+
+#[test]
+fn every_aws_call_ends_before_its_function_does() {
+    let t = Template::read();
+    for (name, function) in t.resources("AWS::Serverless::Function") {
+        let call = t.aws_call_timeout(function);
+        let timeout = t.function_timeout(function);
+        assert!(
+            call > 0.0 && call <= timeout / 2.0,
+            "{name}: an AWS call may take {call} s, over half its {timeout} s timeout"
+        );
+    }
+}
