@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Server, answer};
+use common::{Server, answer, task_id};
 use serde_json::{Value, json};
 use tasklane_core::ports::{PortError, PortResult};
 use tasklane_core::task::Transition;
@@ -29,13 +29,7 @@ use tasklane_testkit::intercept::{Interceptor, Op};
 /// A catalog with one Cog model, `veo3`, served by `cog`, timing out after `timeout` seconds.
 /// Cog passes every input to the predictor, which refuses one it does not declare: the
 /// predictors in `tests/cog/` all take `prompt`, `duration` and `fps`.
-fn catalog(dir: &std::path::Path, cog: &CogServer, timeout: u64) -> std::path::PathBuf {
-    catalog_at(dir, &cog.url, timeout, "")
-}
-
-/// [`catalog`] with the Cog server at `url` and `extra` lines in the model's table.
-fn catalog_at(dir: &std::path::Path, url: &str, timeout: u64, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("models.toml");
+fn catalog(url: &str, timeout: u64, extra: &str) -> String {
     let mut text = format!(
         r#"
 [models.veo3]
@@ -59,14 +53,7 @@ max = 30
 description = "frames per second"
 "#,
     );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Fast checks, so a lost callback is noticed within a second or two.
-fn fast_checks(c: &mut LocalConfig) {
-    c.core.upstream_check_first = Duration::from_millis(200);
-    c.core.upstream_check_max = Duration::from_millis(800);
+    text
 }
 
 async fn start(cog: &CogServer, timeout: u64, f: impl FnOnce(&mut LocalConfig)) -> Server {
@@ -79,28 +66,7 @@ async fn start_hooked(
     f: impl FnOnce(&mut LocalConfig),
     hooks: Hooks,
 ) -> Server {
-    let models = tempfile::tempdir().unwrap().keep();
-    start_on_catalog(catalog(&models, cog, timeout), f, hooks).await
-}
-
-async fn start_on_catalog(
-    path: std::path::PathBuf,
-    f: impl FnOnce(&mut LocalConfig),
-    hooks: Hooks,
-) -> Server {
-    Server::start_with(
-        |c| {
-            c.models = Some(path);
-            fast_checks(c);
-            f(c);
-        },
-        hooks,
-    )
-    .await
-}
-
-fn id(task: &Value) -> String {
-    task["task_id"].as_str().unwrap().to_string()
+    Server::start_with_catalog(&catalog(&cog.url, timeout, ""), f, hooks).await
 }
 
 /// How many times the render predictor started rendering `prompt`.
@@ -118,7 +84,7 @@ async fn a_cog_model_runs_and_its_output_is_served_by_tasklane() {
             json!({"model": "veo3", "prompt": "a red fox", "duration": 4, "params": {"fps": 4}}),
         )
         .await;
-    let id = id(&task);
+    let id = task_id(&task);
     assert_eq!(task["cost"]["credits"], 40, "{task}");
     // While it renders (about 2 s), progress and the log's tail show on the task.
     let running = s
@@ -159,7 +125,7 @@ async fn a_failing_predictor_fails_the_task_with_its_message_and_a_refund() {
     let task = s
         .submit(json!({"model": "veo3", "prompt": "forbidden words"}))
         .await;
-    let done = s.wait_terminal(&id(&task), 30).await;
+    let done = s.wait_terminal(&task_id(&task), 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "generation_failed");
     let message = done["error"]["message"].as_str().unwrap();
@@ -180,7 +146,7 @@ async fn a_hanging_prediction_is_cancelled_on_cog_at_the_timeout_and_refunded() 
     let task = s
         .submit(json!({"model": "veo3", "prompt": "forever"}))
         .await;
-    let done = s.wait_terminal(&id(&task), 30).await;
+    let done = s.wait_terminal(&task_id(&task), 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "timeout", "{done}");
     assert_eq!(s.credits().await, before, "refunded");
@@ -275,7 +241,7 @@ async fn a_lost_callback_is_found_by_a_check_and_the_prediction_runs_again_once(
     let task = s
         .submit(json!({"model": "veo3", "prompt": "lost once", "duration": 1}))
         .await;
-    let done = s.wait_terminal(&id(&task), 40).await;
+    let done = s.wait_terminal(&task_id(&task), 40).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(proxy.dropped.load(Ordering::SeqCst), 1);
     assert_eq!(
@@ -295,7 +261,7 @@ async fn a_callback_lost_twice_fails_the_task_with_a_refund() {
     let task = s
         .submit(json!({"model": "veo3", "prompt": "always lost", "duration": 1}))
         .await;
-    let done = s.wait_terminal(&id(&task), 40).await;
+    let done = s.wait_terminal(&task_id(&task), 40).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "upstream_unavailable", "{done}");
     assert_eq!(s.credits().await, before, "refunded");
@@ -314,7 +280,7 @@ async fn forged_and_duplicated_callbacks_change_nothing() {
     let task = s
         .submit(json!({"model": "veo3", "prompt": "the real one", "duration": 1}))
         .await;
-    let task_id = id(&task);
+    let task_id = task_id(&task);
     let running = s
         .wait_for(&task_id, 20, "started on Cog", |t| {
             t["status"] == "processing"
@@ -431,7 +397,7 @@ async fn three_tasks_all_complete(s: &Server) -> bool {
         let t = s
             .submit(json!({"model": "veo3", "prompt": format!("slot {i}"), "duration": 1}))
             .await;
-        ids.push(id(&t));
+        ids.push(task_id(&t));
     }
     let mut saw_waiting = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -460,9 +426,8 @@ async fn three_tasks_all_complete(s: &Server) -> bool {
 async fn a_busy_cog_server_makes_tasks_wait_queued_and_none_fail() {
     let cog = CogServer::start("render");
     let proxy = busy_counter(&cog).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = start_on_catalog(
-        catalog_at(dir.path(), &proxy.url, 60, ""),
+    let s = Server::start_with_catalog(
+        &catalog(&proxy.url, 60, ""),
         |c| c.workers = 3,
         Hooks::default(),
     )
@@ -478,9 +443,8 @@ async fn a_busy_cog_server_makes_tasks_wait_queued_and_none_fail() {
 async fn the_catalogs_concurrency_keeps_tasks_queued_before_the_upstream_refuses_any() {
     let cog = CogServer::start("render");
     let proxy = busy_counter(&cog).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = start_on_catalog(
-        catalog_at(dir.path(), &proxy.url, 60, "concurrency = 1"),
+    let s = Server::start_with_catalog(
+        &catalog(&proxy.url, 60, "concurrency = 1"),
         |c| c.workers = 3,
         Hooks::default(),
     )
@@ -535,9 +499,9 @@ async fn a_start_that_was_not_recorded_is_not_run_twice() {
     let task = s
         .submit(json!({"model": "veo3", "prompt": "only once", "duration": 8}))
         .await;
-    let done = s.wait_terminal(&id(&task), 40).await;
+    let done = s.wait_terminal(&task_id(&task), 40).await;
     // The prediction (4 s) outlived the halted attempt: a second attempt sent the start again.
-    let stored = s.app().store.task(&id(&task)).await.unwrap().unwrap();
+    let stored = s.app().store.task(&task_id(&task)).await.unwrap().unwrap();
     assert_eq!(stored.attempts, 2, "{stored:?}");
     assert_eq!(done["status"], "completed", "{done}");
     assert!(!crash.armed.load(Ordering::SeqCst), "the crash happened");

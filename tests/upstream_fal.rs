@@ -24,7 +24,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Server, answer};
+use common::{Server, answer, task_id as id};
 use serde_json::{Value, json};
 use tasklane_local::{Hooks, LocalConfig};
 use tasklane_testkit::fal::{FakeFal, Lifecycle, POLICY_MESSAGE};
@@ -49,7 +49,7 @@ fn env_var(what: &str, value: &str) -> String {
 /// A catalog of fal models on `fake`, timing out after `timeout` seconds: `flux` (an app with
 /// a subpath), `no-prompt` (sends no prompt, which the fake's app requires), `clip` (a video
 /// app taking a duration) and `wrong-key` (a key the fake refuses).
-fn catalog(dir: &std::path::Path, fake: &FakeFal, timeout: u64) -> std::path::PathBuf {
+fn catalog(fake: &FakeFal, timeout: u64) -> String {
     let key = env_var("KEY", &fake.key);
     let wrong = env_var("WRONG", WRONG_KEY);
     let model = |name: &str, upstream: &str, key: &str, extra: &str| {
@@ -69,7 +69,7 @@ trusted_hosts = ["127.0.0.1"]
             jwks = fake.jwks_url,
         )
     };
-    let text = [
+    [
         model(
             "flux",
             "fal-ai/flux/dev",
@@ -96,31 +96,13 @@ trusted_hosts = ["127.0.0.1"]
             "prompt = { required = true }\nprice = { per_task = 5 }",
         ),
     ]
-    .concat();
-    let path = dir.join("models.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    .concat()
 }
 
 /// A server serving [`catalog`], with fast checks (a lost webhook is noticed within a second)
 /// unless `f` says otherwise.
 async fn start(fake: &FakeFal, timeout: u64, f: impl FnOnce(&mut LocalConfig)) -> Server {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = catalog(&dir, fake, timeout);
-    Server::start_with(
-        |c| {
-            c.models = Some(path);
-            c.core.upstream_check_first = Duration::from_millis(200);
-            c.core.upstream_check_max = Duration::from_millis(800);
-            f(c);
-        },
-        Hooks::default(),
-    )
-    .await
-}
-
-fn id(task: &Value) -> String {
-    task["task_id"].as_str().unwrap().to_string()
+    Server::start_with_catalog(&catalog(fake, timeout), f, Hooks::default()).await
 }
 
 /// The run id tasklane recorded for `task_id` (`{owner}/{app}/requests/{request_id}`).

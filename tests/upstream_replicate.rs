@@ -24,7 +24,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Server, answer};
+use common::{Server, answer, task_id as id};
 use serde_json::{Value, json};
 use tasklane_local::{Hooks, LocalConfig};
 use tasklane_testkit::replicate::{FakeReplicate, Lifecycle};
@@ -50,7 +50,7 @@ fn env_var(what: &str, value: &str) -> String {
 /// `flux` (an official model), `hello` (a version), `deployed` (a deployment),
 /// `no-prompt` (sends no prompt, which the fake's model requires), `old-version` (a version
 /// the fake does not know) and `wrong-token` (a token the fake refuses).
-fn catalog(dir: &std::path::Path, fake: &FakeReplicate, timeout: u64) -> std::path::PathBuf {
+fn catalog(fake: &FakeReplicate, timeout: u64) -> String {
     let token = env_var("TOKEN", &fake.token);
     let secret = env_var("SECRET", &fake.webhook_secret);
     let wrong = env_var("WRONG", WRONG_TOKEN);
@@ -73,7 +73,7 @@ trusted_hosts = ["127.0.0.1"]
             url = fake.url
         )
     };
-    let text = [
+    [
         model("flux", "black-forest-labs/flux-schnell", &token, true),
         model(
             "hello",
@@ -91,30 +91,12 @@ trusted_hosts = ["127.0.0.1"]
             true,
         ),
     ]
-    .concat();
-    let path = dir.join("models.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    .concat()
 }
 
 /// A server serving [`catalog`], with fast checks (a lost webhook is noticed within a second).
 async fn start(fake: &FakeReplicate, timeout: u64, f: impl FnOnce(&mut LocalConfig)) -> Server {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = catalog(&dir, fake, timeout);
-    Server::start_with(
-        |c| {
-            c.models = Some(path);
-            c.core.upstream_check_first = Duration::from_millis(200);
-            c.core.upstream_check_max = Duration::from_millis(800);
-            f(c);
-        },
-        Hooks::default(),
-    )
-    .await
-}
-
-fn id(task: &Value) -> String {
-    task["task_id"].as_str().unwrap().to_string()
+    Server::start_with_catalog(&catalog(fake, timeout), f, Hooks::default()).await
 }
 
 /// The Replicate prediction id tasklane recorded for `task_id`.
@@ -593,11 +575,8 @@ trusted_hosts = ["127.0.0.1"]
             url = fake.url
         )
     };
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("caps.toml");
     let text = model("big", "") + &model("capped", "max_output_bytes = 9437184");
-    std::fs::write(&path, text).unwrap();
-    start(fake, 60, |c| c.models = Some(path)).await
+    Server::start_with_catalog(&text, |_| {}, Hooks::default()).await
 }
 
 /// Asserts that task `task_id` stored no first output, and (on the results folder) left no

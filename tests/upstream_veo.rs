@@ -24,7 +24,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Server;
+use common::{Server, task_id as id};
 use serde_json::{Value, json};
 use tasklane_local::{Hooks, LocalConfig};
 use tasklane_testkit::veo::{self, VeoCounts, VeoFake};
@@ -74,33 +74,10 @@ description = "what not to show"
     )
 }
 
-/// A local server serving `veo3` from `endpoint`, with its catalog's folder.
-struct Veo {
-    s: Server,
-    _catalog: tempfile::TempDir,
-}
-
-async fn start(endpoint: &str, timeout: u64, f: impl FnOnce(&mut LocalConfig)) -> Veo {
+async fn start(endpoint: &str, timeout: u64, f: impl FnOnce(&mut LocalConfig)) -> Server {
     key_in_env();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("models.toml");
-    std::fs::write(&path, catalog_text(endpoint, timeout, KEY_VAR, "veo3")).unwrap();
-    let s = Server::start_with(
-        |c| {
-            c.models = Some(path);
-            // Fast checks: the fake's operations take well under a second.
-            c.core.upstream_check_first = Duration::from_millis(200);
-            c.core.upstream_check_max = Duration::from_millis(800);
-            f(c);
-        },
-        Hooks::default(),
-    )
-    .await;
-    Veo { s, _catalog: dir }
-}
-
-fn id(task: &Value) -> String {
-    task["task_id"].as_str().unwrap().to_string()
+    let text = catalog_text(endpoint, timeout, KEY_VAR, "veo3");
+    Server::start_with_catalog(&text, f, Hooks::default()).await
 }
 
 /// Waits (at most `secs`) until the fake's counts satisfy `done`.
@@ -133,7 +110,7 @@ async fn assert_failed_refunded(s: &Server, task: &Value, code: &str, before: u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn veo3_completes_with_a_video_downloaded_through_the_redirect_and_served_by_tasklane() {
     let fake = VeoFake::start(KEY).await;
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({
@@ -211,7 +188,7 @@ async fn veo3_completes_with_a_video_downloaded_through_the_redirect_and_served_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_the_safety_filters_block_fails_with_their_reason_and_a_refund() {
     let fake = VeoFake::start(KEY).await;
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "an unsafe stunt on a rooftop", "duration": 4}))
@@ -229,7 +206,7 @@ async fn a_prompt_the_safety_filters_block_fails_with_their_reason_and_a_refund(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_that_ends_in_error_fails_the_task_with_its_message_and_a_refund() {
     let fake = VeoFake::start(KEY).await;
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "this one will fail", "duration": 4}))
@@ -243,7 +220,7 @@ async fn an_operation_that_ends_in_error_fails_the_task_with_its_message_and_a_r
 async fn quota_exhausted_at_create_keeps_tasks_queued_until_they_run_and_complete() {
     let fake = VeoFake::start(KEY).await;
     fake.throttle_creates(4, Some("1s"));
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let before = s.credits().await;
     let mut ids = Vec::new();
     for i in 0..2 {
@@ -284,7 +261,7 @@ async fn quota_exhausted_at_create_keeps_tasks_queued_until_they_run_and_complet
 async fn server_errors_on_checks_for_a_while_do_not_fail_the_task() {
     let fake = VeoFake::start(KEY).await;
     fake.set_generation_time(Duration::from_secs(600));
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a storm at sea", "duration": 4}))
         .await;
@@ -305,7 +282,7 @@ async fn server_errors_on_checks_for_a_while_do_not_fail_the_task() {
 async fn a_provider_gone_after_the_start_fails_the_task_with_upstream_unavailable_and_a_refund() {
     let fake = VeoFake::start(KEY).await;
     fake.set_generation_time(Duration::from_secs(600));
-    let Veo { s, _catalog } = start(&fake.url, 120, |_| {}).await;
+    let s = start(&fake.url, 120, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a quiet forest", "duration": 4}))
@@ -324,7 +301,7 @@ async fn a_provider_unreachable_at_the_start_fails_the_task_with_upstream_unavai
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let Veo { s, _catalog } = start(&endpoint, 120, |_| {}).await;
+    let s = start(&endpoint, 120, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a quiet forest", "duration": 4}))
@@ -341,7 +318,7 @@ async fn a_download_redirected_to_a_non_public_address_is_refused_before_anythin
     fake.redirect_downloads_to(Some(
         "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
     ));
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a lighthouse", "duration": 4}))
@@ -363,7 +340,7 @@ async fn a_download_redirected_to_an_untrusted_name_of_a_loopback_address_is_ref
     // outside development (private targets not allowed) nothing may connect there.
     let port = fake.storage_url.rsplit(':').next().unwrap().to_string();
     fake.redirect_downloads_to(Some(&format!("http://localhost:{port}/videos/x.mp4")));
-    let Veo { s, _catalog } = start(&fake.url, 60, |c| c.core.callback_allow_private = false).await;
+    let s = start(&fake.url, 60, |c| c.core.callback_allow_private = false).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a lighthouse", "duration": 4}))
@@ -383,7 +360,7 @@ async fn a_download_redirected_to_an_untrusted_name_of_a_loopback_address_is_ref
 async fn a_download_redirected_more_than_three_times_is_refused() {
     let fake = VeoFake::start(KEY).await;
     fake.set_generation_time(Duration::from_secs(600));
-    let Veo { s, _catalog } = start(&fake.url, 60, |_| {}).await;
+    let s = start(&fake.url, 60, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a lighthouse", "duration": 4}))
@@ -405,7 +382,7 @@ async fn a_download_redirected_more_than_three_times_is_refused() {
 async fn a_run_past_the_timeout_fails_with_timeout_and_a_refund() {
     let fake = VeoFake::start(KEY).await;
     fake.set_generation_time(Duration::from_secs(3600));
-    let Veo { s, _catalog } = start(&fake.url, 2, |_| {}).await;
+    let s = start(&fake.url, 2, |_| {}).await;
     let before = s.credits().await;
     let task = s
         .submit(json!({"model": "veo3", "prompt": "a very long take", "duration": 8}))

@@ -45,6 +45,11 @@ impl Answer {
 }
 
 /// Sends a request (borrowing no server, so it can run on its own tokio task) and reads the answer.
+/// The id of a task object.
+pub fn task_id(task: &Value) -> String {
+    task["task_id"].as_str().unwrap().to_string()
+}
+
 pub async fn answer(req: reqwest::RequestBuilder) -> Answer {
     let resp = req.send().await.expect("request sent");
     let status = resp.status();
@@ -429,6 +434,41 @@ impl Server {
         let mut s = Self::boot(cfg, Hooks::default(), self.aws.take()).await;
         s._tmp = tmp;
         s
+    }
+
+    /// A server serving the model catalog `text` (a TOML file in its data directory), with
+    /// upstream checks fast enough that a lost callback is noticed within a second; `f` may
+    /// change more.
+    pub async fn start_with_catalog(
+        text: &str,
+        f: impl FnOnce(&mut LocalConfig),
+        hooks: Hooks,
+    ) -> Server {
+        let text = text.to_string();
+        Self::start_with(
+            move |c| {
+                let path = c.data_dir.join("models.toml");
+                std::fs::write(&path, text).unwrap();
+                c.models = Some(path);
+                c.core.upstream_check_first = Duration::from_millis(200);
+                c.core.upstream_check_max = Duration::from_millis(800);
+                f(c);
+            },
+            hooks,
+        )
+        .await
+    }
+
+    /// The upstream's id of `task_id`'s run, once tasklane recorded one.
+    pub async fn upstream_run_id(&self, task_id: &str) -> Option<String> {
+        self.app()
+            .store
+            .task(task_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .upstream
+            .and_then(|u| u.id)
     }
 
     pub fn url(&self, path: &str) -> String {
