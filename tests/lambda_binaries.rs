@@ -44,7 +44,7 @@ const FUNCTIONS: [(&str, &str, u32); 9] = [
     ("cancel", "CancelFunction", 256),
     ("sync-wait", "SyncWaitFunction", 256),
     ("account", "AccountFunction", 256),
-    ("processor", "ProcessorFunction", 512),
+    ("processor", "ProcessorFunction", 256),
     ("dead-letter", "DeadLetterFunction", 256),
     ("sweeper", "SweeperFunction", 256),
     ("upstream", "UpstreamFunction", 512),
