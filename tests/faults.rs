@@ -17,6 +17,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +26,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use common::{Answer, Server, answer};
 use serde_json::{Value, json};
-use tasklane_core::ports::{PortError, PortResult, WorkMessage};
+use tasklane_core::ports::{PortError, PortResult, WorkMessage, WorkQueue};
 use tasklane_core::processor::Processor;
 use tasklane_core::task::{Task, TaskStatus, Transition};
 use tasklane_local::{Hooks, LocalConfig};
@@ -441,6 +442,94 @@ async fn a_finished_tasks_first_webhook_that_was_never_enqueued_is_delivered_by_
     assert!(hook_off.received().is_empty());
     assert_due(&off, &done_off.id).await;
     tokio::join!(on.stop(), off.stop());
+}
+
+/// Counts the `Run` messages enqueued per task, passing every message on.
+struct CountRuns {
+    inner: Arc<dyn WorkQueue>,
+    runs: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+#[async_trait]
+impl WorkQueue for CountRuns {
+    async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
+        if let WorkMessage::Run { task_id } = message {
+            *self
+                .runs
+                .lock()
+                .unwrap()
+                .entry(task_id.clone())
+                .or_default() += 1;
+        }
+        self.inner.enqueue(message, delay).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_waiting_many_sweeps_gets_logarithmically_few_duplicate_runs_and_a_lost_run_is_still_found()
+ {
+    let runs = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let counted = runs.clone();
+    let hooks = Hooks {
+        store: None,
+        queue: Some(Box::new(move |inner| {
+            Arc::new(CountRuns {
+                inner,
+                runs: counted,
+            })
+        })),
+    };
+    // No workers: every Run stays in the queue, a backlog that never drains.
+    let s = Server::start_with(
+        |c| {
+            fast(c);
+            c.workers = 0;
+            c.core.sweep_after = Duration::from_millis(100);
+            c.core.sweep_interval = Duration::from_millis(50);
+        },
+        hooks,
+    )
+    .await;
+    let after = s.app().config.sweep_after;
+    let began = Instant::now();
+    let mut backlog = Vec::new();
+    for i in 0..4 {
+        let t = s
+            .submit(json!({"model": "echo", "prompt": format!("backlog {i}")}))
+            .await;
+        backlog.push(id(&t));
+    }
+    // One whose Run was lost: only the sweeper can send it.
+    let lost = store_without_message(&s, "lost in the backlog", None).await;
+    tokio::time::sleep(after * 30).await;
+    let counts = runs.lock().unwrap().clone();
+    let waited = began.elapsed();
+
+    // The k-th re-enqueue of a task comes no earlier than 2^(k-1) sweep_after after its
+    // wait began: in `waited`, at most 1 + log2(waited / sweep_after) of them. Re-enqueuing
+    // once per sweep_after (about 30 here) would be far more.
+    let sweeps = waited.as_secs_f64() / after.as_secs_f64();
+    let max_requeues = 1 + sweeps.log2().floor() as u32;
+    for t in &backlog {
+        let n = counts.get(t).copied().unwrap_or(0);
+        assert!(
+            n >= 2,
+            "task {t}, queued {sweeps:.0} sweep_after ago, was never re-enqueued: {counts:?}"
+        );
+        assert!(
+            n <= 1 + max_requeues,
+            "task {t} waiting in the backlog got {n} Run messages in {waited:?} \
+             (at most 1 + {max_requeues} expected): {counts:?}"
+        );
+    }
+    let n = counts.get(&lost.id).copied().unwrap_or(0);
+    assert!(n >= 1, "the lost Run was never sent again: {counts:?}");
+    assert!(
+        n <= max_requeues,
+        "the lost task got {n} Run messages (at most {max_requeues} expected): {counts:?}"
+    );
+    assert_eq!(view(&s, &lost.id).await["status"], "queued");
+    s.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,8 +11,13 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use common::{Answer, Server};
 use serde_json::{Value, json};
-use tasklane_core::ports::PortResult;
+use tasklane_aws::dynamo::DynamoStore;
+use tasklane_core::account::Account;
+use tasklane_core::api::{LIST_READS_PER_TASK, list_read_budget};
+use tasklane_core::ports::{ListQuery, PortResult, TaskStore};
+use tasklane_core::task::{Task, TaskStatus};
 use tasklane_local::Hooks;
+use tasklane_testkit::TaskBuilder;
 use tasklane_testkit::intercept::{Interceptor, Op};
 use tokio::sync::watch;
 
@@ -569,6 +574,167 @@ async fn lists_page_newest_first_filter_and_show_only_the_callers_tasks() {
         "each account lists only its own tasks"
     );
     s.stop().await;
+}
+
+/// A history of `finished` completed `echo` tasks of `account`, stored directly (no runs, no
+/// credits), after one queued task that is older than all of them. Returns the queued task.
+async fn queued_task_behind_a_long_history(
+    store: &dyn TaskStore,
+    account: &str,
+    finished: usize,
+) -> Task {
+    let queued = TaskBuilder::echo(account).credits(0).build();
+    store.insert_task(&queued, None, u64::MAX).await.unwrap();
+    for _ in 0..finished {
+        let done = TaskBuilder::echo(account)
+            .credits(0)
+            .status(TaskStatus::Completed)
+            .attempts(1)
+            .completed_at(chrono::Utc::now())
+            .waiting_since(None)
+            .build();
+        store.insert_task(&done, None, u64::MAX).await.unwrap();
+    }
+    queued
+}
+
+#[tokio::test]
+async fn a_filtered_list_reads_a_bounded_slice_of_a_long_history_and_its_cursors_reach_the_match() {
+    const FINISHED: usize = 120;
+    let s = Server::start_with(|c| c.workers = 0, Hooks::default()).await;
+    let account = s.running.as_ref().unwrap().dev_account_id.clone();
+    let queued =
+        queued_task_behind_a_long_history(s.app().store.as_ref(), &account, FINISHED).await;
+
+    // A page of 5 reads at most 50 tasks: the first pages hold no task but a cursor, and
+    // following the cursors reaches the queued task at the end of the history.
+    let budget = list_read_budget(&ListQuery {
+        status: Some(TaskStatus::Queued),
+        limit: 5,
+        ..ListQuery::default()
+    });
+    assert_eq!(budget, 5 * LIST_READS_PER_TASK);
+    let mut pages = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (ids, next) = list_ids(&s, &format!("?status=queued&limit=5&cursor={cursor}")).await;
+        pages.push(ids);
+        match next {
+            Value::String(c) => cursor = c,
+            Value::Null => break,
+            other => panic!("next_cursor is {other}"),
+        }
+        assert!(pages.len() <= FINISHED, "the cursors do not end: {pages:?}");
+    }
+    let expected_pages = (FINISHED + 1).div_ceil(budget);
+    assert_eq!(
+        pages.len(),
+        expected_pages,
+        "one page per {budget} tasks read: {pages:?}"
+    );
+    assert!(
+        pages[..expected_pages - 1].iter().all(Vec::is_empty),
+        "only finished tasks before the last page: {pages:?}"
+    );
+    assert_eq!(pages[expected_pages - 1], vec![queued.id.clone()]);
+    // Unfiltered pages are full, as before.
+    let (ids, next) = list_ids(&s, "?limit=5").await;
+    assert_eq!(ids.len(), 5);
+    assert!(next.is_string());
+    s.stop().await;
+
+    if common::on_aws() {
+        dynamodb_reads_at_most_the_budget_per_list_request(FINISHED).await;
+    }
+}
+
+/// On DynamoDB: the items each list request read (`ScannedCount` of its Query pages, counted
+/// by an SDK interceptor) stay within [`list_read_budget`].
+async fn dynamodb_reads_at_most_the_budget_per_list_request(finished: usize) {
+    use aws_sdk_dynamodb::config::interceptors::AfterDeserializationInterceptorContextRef;
+    use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+    use aws_sdk_dynamodb::operation::query::QueryOutput;
+
+    #[derive(Debug, Clone, Default)]
+    struct Scanned(Arc<std::sync::Mutex<Vec<i32>>>);
+    impl Intercept for Scanned {
+        fn name(&self) -> &'static str {
+            "Scanned"
+        }
+        fn read_after_deserialization(
+            &self,
+            context: &AfterDeserializationInterceptorContextRef<'_>,
+            _: &RuntimeComponents,
+            _: &mut ConfigBag,
+        ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
+            if let Ok(out) = context.output_or_error()
+                && let Some(q) = out.downcast_ref::<QueryOutput>()
+            {
+                self.0.lock().unwrap().push(q.scanned_count());
+            }
+            Ok(())
+        }
+    }
+    impl Scanned {
+        fn take(&self) -> Vec<i32> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let prefix = format!("tlist{}", std::process::id());
+    let settings = tasklane_testkit::provision::provision(&config, &prefix)
+        .await
+        .expect("provisioning on the AWS emulator");
+    let scanned = Scanned::default();
+    let ddb = aws_sdk_dynamodb::config::Builder::from(&config)
+        .interceptor(scanned.clone())
+        .build();
+    let store = DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(ddb), &settings.table);
+    let account = Account::create(0, None).account;
+    store.create_account(&account).await.unwrap();
+    let queued = queued_task_behind_a_long_history(&store, &account.id, finished).await;
+    scanned.take();
+
+    let query = ListQuery {
+        status: Some(TaskStatus::Queued),
+        limit: 5,
+        ..ListQuery::default()
+    };
+    let budget = list_read_budget(&query);
+    let mut found = Vec::new();
+    let mut q = query.clone();
+    let mut requests = 0;
+    loop {
+        let page = store.list_tasks(&account.id, &q).await.unwrap();
+        requests += 1;
+        let read: i32 = scanned.take().iter().sum();
+        assert!(
+            usize::try_from(read).unwrap() <= budget,
+            "one list request read {read} items (at most {budget})"
+        );
+        found.extend(page.tasks.into_iter().map(|t| t.id));
+        match page.next_before {
+            Some(b) => q.before = Some(b),
+            None => break,
+        }
+        assert!(requests <= finished, "the cursors do not end");
+    }
+    assert_eq!(found, vec![queued.id]);
+    assert_eq!(requests, (finished + 1).div_ceil(budget));
+
+    // Without a filter a page reads the page and one more item.
+    store
+        .list_tasks(
+            &account.id,
+            &ListQuery {
+                limit: 5,
+                ..ListQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(scanned.take().iter().sum::<i32>(), 6);
 }
 
 #[tokio::test]

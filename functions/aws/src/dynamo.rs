@@ -33,6 +33,7 @@ use aws_sdk_dynamodb::types::{
 };
 use chrono::{DateTime, Utc};
 use tasklane_core::account::Account;
+use tasklane_core::api::list_read_budget;
 use tasklane_core::ports::{
     IdempotencyClaim, ListQuery, PortError, PortResult, Reservation, TaskPage, TaskStore,
 };
@@ -720,9 +721,18 @@ impl TaskStore for DynamoStore {
             None => "GSI1PK = :a",
         };
         let want = query.limit + 1;
+        // At most `budget` items of the account's index partition are read, newest first
+        // (tasklane_core::api::list_read_budget): a filter expression is applied after the
+        // read, and a Query is charged for every item it read, so an unbounded filtered list
+        // would read (and pay for) the whole history to fill one page. `Limit` caps the items
+        // a Query page evaluates before filtering; `ScannedCount` says how many it did.
+        let budget = list_read_budget(query);
+        let mut read = 0usize;
         let mut tasks = Vec::with_capacity(want);
         let mut start: Option<Item> = None;
+        let mut stopped_at: Option<Item> = None;
         loop {
+            let page = budget.saturating_sub(read).max(1);
             let mut q = self
                 .client
                 .query()
@@ -731,7 +741,7 @@ impl TaskStore for DynamoStore {
                 .key_condition_expression(key_cond)
                 .set_expression_attribute_values(Some(values.clone()))
                 .scan_index_forward(false)
-                .limit(i32::try_from(want.max(25)).unwrap_or(100))
+                .limit(i32::try_from(page).unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start.take());
             if !filters.is_empty() {
                 q = q
@@ -739,13 +749,22 @@ impl TaskStore for DynamoStore {
                     .set_expression_attribute_names(Some(names.clone()));
             }
             let out = q.send().await.map_err(sdk_error)?;
+            // A page that reports no count read as much as it was allowed to (always ends).
+            read += match usize::try_from(out.scanned_count()) {
+                Ok(n) if n > 0 => n,
+                _ => page,
+            };
             for item in out.items() {
                 if tasks.len() < want {
                     tasks.push(task_from(item)?);
                 }
             }
             match out.last_evaluated_key {
-                Some(k) if tasks.len() < want => start = Some(k),
+                Some(k) if tasks.len() < want && read < budget => start = Some(k),
+                Some(k) if tasks.len() < want => {
+                    stopped_at = Some(k);
+                    break;
+                }
                 _ => break,
             }
         }
@@ -754,7 +773,13 @@ impl TaskStore for DynamoStore {
         let next_before = if more {
             tasks.last().map(|t| t.id.clone())
         } else {
-            None
+            // Stopped at the budget: more may follow the last item read (its index sort key
+            // is its task id).
+            match stopped_at.as_ref().and_then(|k| k.get("GSI1SK")) {
+                Some(AttributeValue::S(id)) => Some(id.clone()),
+                Some(_) => return Err(PortError::internal("GSI1SK is not a string")),
+                None => None,
+            }
         };
         Ok(TaskPage { tasks, next_before })
     }

@@ -576,6 +576,28 @@ impl Api {
     }
 }
 
+/// How many tasks a filtered list request reads at most per task it may return: a page of
+/// `limit` tasks filtered by status or model reads at most `limit * LIST_READS_PER_TASK` of the
+/// account's tasks (1,000 for the largest page), newest first, and hands back a cursor after
+/// the last one read when it stopped there, so a page may hold fewer than `limit` tasks (even
+/// none) while `next_cursor` is set. Without the bound `?status=queued` on an account with
+/// millions of finished tasks would read all of them to fill one page: on DynamoDB a filter is
+/// applied after the read (a Query page reads up to 1 MB and is charged for what it read,
+/// matching or not), so the cost and time of such a request grew with the account's history.
+pub const LIST_READS_PER_TASK: usize = 10;
+
+/// The most tasks one list request for `query` reads: `limit + 1` without a filter (the page
+/// and whether more follow), `limit * LIST_READS_PER_TASK` with one ([`LIST_READS_PER_TASK`]).
+/// The stores stop there and answer the id of the last task read as the next cursor.
+pub fn list_read_budget(query: &ListQuery) -> usize {
+    let want = query.limit.saturating_add(1);
+    if query.status.is_none() && query.model.is_none() {
+        want
+    } else {
+        query.limit.saturating_mul(LIST_READS_PER_TASK).max(want)
+    }
+}
+
 /// The body of `GET /v1/tasks`.
 #[derive(Serialize)]
 struct TaskList {

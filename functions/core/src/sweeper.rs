@@ -8,6 +8,15 @@
 //! wait with a conditional write, and enqueues their work again. Duplicate messages are no-ops
 //! for the processor, so sweeping a task whose message was only slow is harmless.
 //!
+//! It must not multiply a healthy backlog, though: a task queued behind thousands of others
+//! waits longer than `sweep_after` with its message still in the queue, and re-enqueuing it on
+//! every sweep would add one message per task per `sweep_after`, lengthening the very queue it
+//! waits in. So each requeue doubles the wait before the next one ([`Transition::Requeue`],
+//! [`Task::requeues`], up to [`crate::task::MAX_REQUEUE_DOUBLINGS`]): the k-th comes
+//! `2^(k-1) * sweep_after` into the wait, a few duplicates per task (logarithmic in its wait)
+//! instead of one per sweep, while a task whose message was really lost is still sent one
+//! `sweep_after` after its wait began. Any other change to the task starts the count over.
+//!
 //! Locally the server runs [`sweep`] every [`crate::Config::sweep_interval`]; on AWS an
 //! EventBridge schedule invokes the `sweeper` function.
 

@@ -223,11 +223,30 @@ pub struct Task {
     /// as `check_at`.
     #[serde(default, alias = "check_at", skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTime<Utc>>,
+    /// Times the sweeper re-enqueued the task's work since the task last moved
+    /// ([`Transition::Requeue`]); each one doubles the wait before the next (up to
+    /// [`MAX_REQUEUE_DOUBLINGS`]), so a task that is only waiting its turn in a long queue gets
+    /// a few duplicate messages, not one per sweep. Any other change sets it back to 0. Never
+    /// shown to clients.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requeues: u32,
     /// The run on the model's upstream, for models served by one; `None` before it is
     /// prepared and for models run in the worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamRun>,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The most times the wait between two sweeps of a task doubles. The first re-enqueue since
+/// the task last moved comes `sweep_after` after its wait began, the (k+1)-th
+/// `sweep_after * 2^min(k - 1, MAX_REQUEUE_DOUBLINGS)` after the k-th: the k-th comes
+/// `2^(k-1) * sweep_after` into the wait, so a wait of `w` gets at most
+/// `1 + log2(w / sweep_after)` of them (with the default 120 s, at most one every 64 minutes
+/// once the cap is reached).
+pub const MAX_REQUEUE_DOUBLINGS: u32 = 5;
 
 /// How many bytes of an upstream run's log a task keeps (the end of it).
 pub const MAX_LOG_TAIL: usize = 4096;
@@ -316,6 +335,7 @@ impl Task {
             lease_until: None,
             version: 1,
             waiting_since: Some(now),
+            requeues: 0,
             upstream: None,
         }
     }
@@ -508,8 +528,11 @@ pub enum Transition {
     /// again): its wait restarts now, so the sweeper does not take it for lost work. Refused
     /// unless the task is queued.
     StillWaiting,
-    /// The sweeper re-enqueued the work a task waits on: restarts its wait at `now`. Refused
-    /// with [`TransitionError::NotDue`] unless the task has waited since `cutoff` or earlier.
+    /// The sweeper re-enqueued the work a task waits on: restarts its wait, at `now` the first
+    /// time, and the next time later by as much again as the sweep allowed (`now - cutoff`,
+    /// the sweep's `sweep_after`) for each requeue before ([`Task::requeues`], doubling up to
+    /// [`MAX_REQUEUE_DOUBLINGS`]). Refused with [`TransitionError::NotDue`] unless the task has
+    /// waited since `cutoff` or earlier.
     Requeue {
         /// Only a task waiting since this time or earlier is due.
         cutoff: DateTime<Utc>,
@@ -598,6 +621,7 @@ pub fn apply(
             task.version += 1;
             if !matches!(t, Transition::Requeue { .. }) {
                 task.waiting_since = next_waiting_since(task, now);
+                task.requeues = 0;
             }
             Ok(Applied::Changed {
                 refund,
@@ -861,7 +885,18 @@ fn apply_inner(
         Transition::Requeue { cutoff } => match task.waiting_since {
             Some(since) if since <= *cutoff => {
                 let owes_work = task.is_open() || task.first_callback_owed();
-                task.waiting_since = owes_work.then_some(now);
+                // The wait the sweep allowed (`sweep_after`), doubled per earlier requeue: the
+                // next sweep finds the task `allowed * 2^requeues` from now. Kept in
+                // `waiting_since` (a wait that begins in the future) so the store's index
+                // answers `due_tasks` exactly, without reading tasks that are not due yet.
+                let allowed = (now - *cutoff).max(chrono::TimeDelta::zero());
+                let doublings = task.requeues.min(MAX_REQUEUE_DOUBLINGS);
+                let next = allowed
+                    .checked_mul((1i32 << doublings) - 1)
+                    .and_then(|extra| now.checked_add_signed(extra))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                task.waiting_since = owes_work.then_some(next);
+                task.requeues = task.requeues.saturating_add(1);
                 Ok(Inner::Changed { refund: 0 })
             }
             _ => Err(TransitionError::NotDue),
@@ -935,6 +970,7 @@ pub(crate) mod tests {
             lease_until: None,
             version: 1,
             waiting_since: None,
+            requeues: 0,
             upstream: None,
         }
     }
@@ -1257,6 +1293,56 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn each_requeue_doubles_the_wait_before_the_next_up_to_the_cap_and_any_move_resets_it() {
+        let after = Duration::seconds(120);
+        let t0 = Utc::now();
+        let mut task = sample(TaskStatus::Queued);
+        task.waiting_since = Some(t0);
+        // Swept as soon as it is due, each time: the k-th requeue comes 2^(k-1) sweep_after
+        // after the task began waiting, until the gap reaches 2^MAX_REQUEUE_DOUBLINGS.
+        let mut now = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..9 {
+            let due_at = task.waiting_since.unwrap() + after;
+            gaps.push((due_at - now).num_seconds() / after.num_seconds());
+            now = due_at;
+            let early = Transition::Requeue {
+                cutoff: now - after - Duration::milliseconds(1),
+            };
+            assert_eq!(
+                apply(&mut task, &early, now - Duration::milliseconds(1)),
+                Err(TransitionError::NotDue)
+            );
+            apply(
+                &mut task,
+                &Transition::Requeue {
+                    cutoff: now - after,
+                },
+                now,
+            )
+            .unwrap();
+        }
+        assert_eq!(gaps, vec![1, 1, 2, 4, 8, 16, 32, 32, 32]);
+        assert_eq!(task.requeues, 9);
+        assert_eq!(task.status, TaskStatus::Queued);
+        // Stored and read back, the count stays; a task never requeued writes none.
+        let read: Task = serde_json::from_value(serde_json::to_value(&task).unwrap()).unwrap();
+        assert_eq!(read.requeues, 9);
+        let fresh = serde_json::to_value(sample(TaskStatus::Queued)).unwrap();
+        assert!(fresh.get("requeues").is_none());
+        // The task moves (a worker takes it): the count starts over.
+        apply(
+            &mut task,
+            &Transition::Start {
+                lease_until: now + after,
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(task.requeues, 0);
+    }
+
+    #[test]
     fn requeue_restarts_a_due_tasks_wait_and_is_not_due_once_the_task_moved_on() {
         let t0 = Utc::now();
         let sweep = t0 + Duration::seconds(120);
@@ -1289,10 +1375,12 @@ pub(crate) mod tests {
             Task {
                 waiting_since: before.waiting_since,
                 version: before.version,
+                requeues: 0,
                 ..task.clone()
             },
             before
         );
+        assert_eq!(task.requeues, 1);
         // A second sweeper that read the same version finds it not due any more.
         assert_eq!(apply(&mut task, &due, sweep), Err(TransitionError::NotDue));
 

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tasklane_core::account::Account;
+use tasklane_core::api::list_read_budget;
 use tasklane_core::ports::{
     Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError, PortResult, Reservation,
     TaskPage, TaskStore, WorkMessage, WorkQueue,
@@ -468,29 +469,42 @@ impl TaskStore for SqliteStore {
 
     async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
         let (acct, q) = (account_id.to_string(), query.clone());
+        // At most `budget` of the account's tasks are read, newest first; the filters are
+        // applied to them (tasklane_core::api::list_read_budget).
+        let budget = list_read_budget(&q);
         self.db
             .with(move |c| {
-                let mut sql = String::from("SELECT doc FROM tasks WHERE account_id = ?1");
+                let mut sql =
+                    String::from("SELECT id, status, model, doc FROM tasks WHERE account_id = ?1");
                 let mut args: Vec<String> = vec![acct];
-                if let Some(s) = q.status {
-                    args.push(s.as_str().to_string());
-                    sql.push_str(&format!(" AND status = ?{}", args.len()));
-                }
-                if let Some(m) = &q.model {
-                    args.push(m.clone());
-                    sql.push_str(&format!(" AND model = ?{}", args.len()));
-                }
                 if let Some(b) = &q.before {
                     args.push(b.clone());
                     sql.push_str(&format!(" AND id < ?{}", args.len()));
                 }
-                sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", q.limit + 1));
+                sql.push_str(&format!(" ORDER BY id DESC LIMIT {budget}"));
                 let mut st = c.prepare(&sql).map_err(db_err)?;
-                let docs: Vec<String> = st
-                    .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
-                    .map_err(db_err)?
-                    .collect::<Result<_, _>>()
+                let mut rows = st
+                    .query(rusqlite::params_from_iter(args.iter()))
                     .map_err(db_err)?;
+                let (mut read, mut last_read) = (0usize, None::<String>);
+                let mut docs: Vec<String> = Vec::new();
+                while let Some(r) = rows.next().map_err(db_err)? {
+                    let (id, status, model): (String, String, String) = (
+                        r.get(0).map_err(db_err)?,
+                        r.get(1).map_err(db_err)?,
+                        r.get(2).map_err(db_err)?,
+                    );
+                    read += 1;
+                    let wanted = q.status.is_none_or(|s| s.as_str() == status)
+                        && q.model.as_ref().is_none_or(|m| *m == model);
+                    if wanted {
+                        docs.push(r.get(3).map_err(db_err)?);
+                        if docs.len() > q.limit {
+                            break;
+                        }
+                    }
+                    last_read = Some(id);
+                }
                 let more = docs.len() > q.limit;
                 let tasks: Vec<Task> = docs
                     .iter()
@@ -499,6 +513,9 @@ impl TaskStore for SqliteStore {
                     .collect::<Result<_, _>>()?;
                 let next_before = if more {
                     tasks.last().map(|t| t.id.clone())
+                } else if read == budget {
+                    // Stopped at the budget: more may follow the last task read.
+                    last_read
                 } else {
                     None
                 };
@@ -790,6 +807,7 @@ mod tests {
             lease_until: None,
             version: 1,
             waiting_since: Some(Utc::now()),
+            requeues: 0,
             upstream: None,
         }
     }
