@@ -121,7 +121,8 @@ pub struct ListQuery {
 pub struct TaskPage {
     /// Tasks, newest first.
     pub tasks: Vec<Task>,
-    /// The last id of this page when more tasks may follow.
+    /// Where the next page starts when more tasks may follow: the last id this page read,
+    /// which on a filtered page may be a task that did not match (the page may even be empty).
     pub next_before: Option<String>,
 }
 
