@@ -191,6 +191,10 @@ impl Processor {
                 .await;
         };
         let generator = match &spec.runner {
+            // The catalog changed under a task started upstream: its run cannot be reached.
+            Runner::Local(_) if task.upstream.as_ref().is_some_and(|u| u.id.is_some()) => {
+                return self.upstream_gone(&task).await;
+            }
             Runner::Local(g) => g.clone(),
             // The catalog changed under the task: its model is now served upstream.
             Runner::Upstream(up) => return self.run_upstream(task, spec, up).await,
@@ -218,8 +222,20 @@ impl Processor {
         let app = self.app.clone();
         match app.registry.get(&task.model).map(|s| (s, &s.runner)) {
             Some((spec, Runner::Upstream(up))) => self.check(task, spec, up, check).await,
+            _ if task.is_open() => self.upstream_gone(&task).await,
             _ => Ok(Disposition::Done),
         }
+    }
+
+    /// A task whose run was started on an upstream that the catalog no longer serves its model
+    /// from: the run cannot be checked or cancelled from here, and the task fails, refunded.
+    async fn upstream_gone(&self, task: &Task) -> PortResult<Disposition> {
+        let message = format!(
+            "model {} is no longer served by the upstream that ran this task; credits were refunded",
+            task.model
+        );
+        let fail = failure(Some(task.attempts), "model_unavailable", message);
+        self.finish(task, &fail).await
     }
 
     /// What to do instead of starting `task`, if anything: an ended task's leftover work, a

@@ -230,6 +230,11 @@ pub struct Task {
     /// shown to clients.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub requeues: u32,
+    /// When a message last found every slot of the task's model taken and renewed its wait
+    /// ([`Transition::StillWaiting`]); another message for the task that finds this recent
+    /// ends instead of waiting alongside. Never shown to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_wait_at: Option<DateTime<Utc>>,
     /// The run on the model's upstream, for models served by one; `None` before it is
     /// prepared and for models run in the worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -272,6 +277,9 @@ pub struct UpstreamRun {
     /// When the upstream's last callback about the run was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_callback: Option<DateTime<Utc>>,
+    /// While a check collects the ended run's outputs: until when no other check may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collecting_until: Option<DateTime<Utc>>,
     /// The end of the run's log (at most [`MAX_LOG_TAIL`] bytes).
     pub logs: String,
 }
@@ -287,6 +295,7 @@ impl UpstreamRun {
             restarts: 0,
             failed_checks: 0,
             last_callback: None,
+            collecting_until: None,
             logs: String::new(),
         }
     }
@@ -336,6 +345,7 @@ impl Task {
             version: 1,
             waiting_since: Some(now),
             requeues: 0,
+            slot_wait_at: None,
             upstream: None,
         }
     }
@@ -515,6 +525,18 @@ pub enum Transition {
         /// The run's final log, if given (its tail is kept).
         logs: Option<String>,
     },
+    /// Check `check` found run `id` ended and collects its outputs, holding the task until
+    /// `until` (kept in [`UpstreamRun::collecting_until`] and [`Task::lease_until`]): of two
+    /// copies of the check only one collects. Refused like a check's
+    /// [`Transition::UpstreamReported`].
+    UpstreamCollecting {
+        /// The run.
+        id: String,
+        /// The check that found the end.
+        check: u32,
+        /// Until when the collection holds the task.
+        until: DateTime<Utc>,
+    },
     /// The upstream could not start the current attempt's run (at capacity, unavailable):
     /// `processing -> queued`, nothing started. A capacity refusal gives the attempt back
     /// (`count_attempt: false`), so waiting for a slot never exhausts a task's attempts.
@@ -527,7 +549,12 @@ pub enum Transition {
     /// A queued task waits for a slot of its model's upstream (and was re-enqueued to try
     /// again): its wait restarts now, so the sweeper does not take it for lost work. Refused
     /// unless the task is queued.
-    StillWaiting,
+    StillWaiting {
+        /// Refused with [`TransitionError::NotDue`] when another message for the task renewed
+        /// the wait after this ([`Task::slot_wait_at`]). A wait the sweeper moved into the
+        /// future (its backoff) is kept as it is.
+        not_since: DateTime<Utc>,
+    },
     /// The sweeper re-enqueued the work a task waits on: restarts its wait, at `now` the first
     /// time, and the next time later by as much again as the sweep allowed (`now - cutoff`,
     /// the sweep's `sweep_after`) for each requeue before ([`Task::requeues`], doubling up to
@@ -826,6 +853,22 @@ fn apply_inner(
             }
             Ok(Inner::Changed { refund: 0 })
         }
+        Transition::UpstreamCollecting { id, check, until } => {
+            if task.status != Processing {
+                return Err(TransitionError::WrongState(task.status));
+            }
+            let run = task.upstream.as_mut().ok_or(TransitionError::NotStarted)?;
+            if run.id.as_deref() != Some(id.as_str()) || run.checks != *check {
+                return Err(TransitionError::StaleAttempt);
+            }
+            if run.collecting_until.is_some_and(|u| u > now) {
+                return Err(TransitionError::LeaseHeld);
+            }
+            run.checks += 1;
+            run.collecting_until = Some(*until);
+            task.lease_until = Some(*until);
+            Ok(Inner::Changed { refund: 0 })
+        }
         Transition::UpstreamEnded { id, outcome, logs } => {
             if task.status != Processing {
                 return Err(TransitionError::WrongState(task.status));
@@ -870,16 +913,26 @@ fn apply_inner(
             }
             task.lease_until = None;
             task.progress = 0;
-            task.upstream = None;
+            // Nothing started, but the token stays: an upstream that did accept the start
+            // (its answer lost) reports to the URL it was given.
+            task.upstream = task.upstream.take().map(|u| UpstreamRun::prepared(u.token));
             // Waiting anew: `next_waiting_since` restarts the clock of a queued task.
             task.waiting_since = None;
             Ok(Inner::Changed { refund: 0 })
         }
-        Transition::StillWaiting => {
+        Transition::StillWaiting { not_since } => {
             if task.status != Queued {
                 return Err(TransitionError::WrongState(task.status));
             }
-            task.waiting_since = None;
+            // Another message renewed the wait since `not_since`: it goes on, this one ends.
+            if task.slot_wait_at.is_some_and(|w| w > *not_since) {
+                return Err(TransitionError::NotDue);
+            }
+            task.slot_wait_at = Some(now);
+            // A wait the sweeper moved into the future (its backoff) is kept; else it restarts.
+            if task.waiting_since.is_none_or(|w| w <= now) {
+                task.waiting_since = None;
+            }
             Ok(Inner::Changed { refund: 0 })
         }
         Transition::Requeue { cutoff } => match task.waiting_since {
@@ -971,6 +1024,7 @@ pub(crate) mod tests {
             version: 1,
             waiting_since: None,
             requeues: 0,
+            slot_wait_at: None,
             upstream: None,
         }
     }
@@ -1376,6 +1430,7 @@ pub(crate) mod tests {
                 waiting_since: before.waiting_since,
                 version: before.version,
                 requeues: 0,
+                slot_wait_at: None,
                 ..task.clone()
             },
             before
@@ -1781,6 +1836,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn one_check_collects_an_ended_runs_outputs_at_a_time() {
+        let now = Utc::now();
+        let mut t = started_upstream(now);
+        let until = now + Duration::minutes(15);
+        let collect = |check| Transition::UpstreamCollecting {
+            id: "up_1".into(),
+            check,
+            until,
+        };
+        apply(&mut t, &collect(0), now).unwrap();
+        assert_eq!(t.lease_until, Some(until), "the sweeper waits for it");
+        // A copy of the same check, and the next check while the collection runs, are refused.
+        assert_eq!(
+            apply(&mut t, &collect(0), now),
+            Err(TransitionError::StaleAttempt)
+        );
+        assert_eq!(
+            apply(&mut t, &collect(1), now),
+            Err(TransitionError::LeaseHeld)
+        );
+        // Once it has run out (its worker died), the next check may collect.
+        apply(&mut t, &collect(1), until + Duration::seconds(1)).unwrap();
+        assert_eq!(t.upstream.as_ref().unwrap().checks, 2);
+    }
+
+    #[test]
     fn an_upstream_run_ends_once_and_refunds_once() {
         let now = Utc::now();
         let mut t = started_upstream(now);
@@ -1848,8 +1929,35 @@ pub(crate) mod tests {
             (t.status, t.attempts, t.lease_until),
             (TaskStatus::Queued, 0, None)
         );
-        assert_eq!(t.upstream, None);
+        // Nothing started, but the callback token is kept for an upstream that did accept it.
+        let kept = t.upstream.clone().unwrap();
+        assert_eq!((kept.token.as_str(), kept.id, kept.checks), ("t", None, 0));
         assert_eq!(t.waiting_since, Some(later), "its wait starts again");
+        // A slot wait renews the wait, unless another message just did (that copy ends).
+        let renew = |not_since| Transition::StillWaiting { not_since };
+        let much_later = later + Duration::seconds(10);
+        apply(
+            &mut t,
+            &renew(much_later - Duration::seconds(2)),
+            much_later,
+        )
+        .unwrap();
+        assert_eq!(t.waiting_since, Some(much_later));
+        assert_eq!(
+            apply(
+                &mut t,
+                &renew(much_later - Duration::seconds(2)),
+                much_later + Duration::seconds(1)
+            ),
+            Err(TransitionError::NotDue)
+        );
+        // A wait the sweeper moved into the future is kept.
+        let mut backed_off = t.clone();
+        let future = much_later + Duration::minutes(30);
+        backed_off.waiting_since = Some(future);
+        let after = much_later + Duration::seconds(5);
+        apply(&mut backed_off, &renew(after - Duration::seconds(2)), after).unwrap();
+        assert_eq!(backed_off.waiting_since, Some(future));
         // Still cancellable, as any queued task.
         apply(&mut t, &Transition::Cancel, later).unwrap();
         // A started run cannot be deferred.

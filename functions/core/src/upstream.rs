@@ -44,6 +44,8 @@ pub const MAX_FAILED_CHECKS: u32 = 5;
 /// How long a check that found its run forgotten (and so started it again) waits for the
 /// callback of the run's end before it takes the callback for lost.
 pub const RESTART_GRACE: Duration = Duration::from_secs(2);
+/// How long collecting a run's outputs may take before another check may try again.
+pub const OUTPUT_COLLECT_TIME: Duration = Duration::from_secs(900);
 /// Largest upstream callback body: Cog sends a finished prediction's outputs inline, as
 /// `data:` URIs. (On AWS, API Gateway caps request bodies lower, at 10 MB.)
 pub const MAX_CALLBACK_BYTES: usize = 64 * 1024 * 1024;
@@ -131,14 +133,15 @@ impl Processor {
             .min(cfg.upstream_check_max)
     }
 
-    /// Schedules check `n` of `task`'s run: after its delay, but not after the model's
-    /// deadline (so a silent run is still cancelled on time). Returns when it is due.
-    async fn schedule_check(
+    /// When check `n` of `task`'s run is due: after its delay, but not after the model's
+    /// deadline (so a silent run is still cancelled on time). Returns the delay and the time by
+    /// which the check must have run (after which the sweeper resumes checking).
+    fn next_check(
         &self,
         task: &Task,
         spec: &ModelSpec,
         n: u32,
-    ) -> PortResult<chrono::DateTime<Utc>> {
+    ) -> (Duration, chrono::DateTime<Utc>) {
         let now = Utc::now();
         let mut delay = self.check_delay(n);
         if let Some(started) = task.upstream.as_ref().and_then(|u| u.started_at) {
@@ -146,16 +149,19 @@ impl Processor {
             let left = (deadline - now).to_std().unwrap_or_default();
             delay = delay.min(left + Duration::from_millis(100));
         }
+        let delay = delay.min(self.app.config.max_queue_delay);
+        (delay, now + chrono_dur(delay + self.app.config.lease))
+    }
+
+    /// Enqueues check `n` of task `task_id` after `delay`. Called only after the write that
+    /// makes `n` the task's next check: of two copies of a check, only the one whose write
+    /// won schedules the next, so copies die out instead of multiplying.
+    async fn enqueue_check(&self, task_id: &str, n: u32, delay: Duration) -> PortResult<()> {
         let msg = WorkMessage::Check {
-            task_id: task.id.clone(),
+            task_id: task_id.to_string(),
             check: n,
         };
-        self.app
-            .queue
-            .enqueue(&msg, delay.min(self.app.config.max_queue_delay))
-            .await?;
-        // A check lost before it ran is resumed by the sweeper once this has passed.
-        Ok(now + chrono_dur(delay + self.app.config.lease))
+        self.app.queue.enqueue(&msg, delay).await
     }
 
     /// A `Run` of a task whose model is served by `up`: starts the run, or, when it runs
@@ -184,7 +190,11 @@ impl Processor {
         let task = match self.claim(&task).await? {
             Ok(claimed) => claimed,
             Err(done) => {
-                self.give_slot_back(&task, spec).await;
+                // Refused because the task ended (give the slot back), or because another
+                // worker holds it (the slot, held under the task's id, is that worker's now).
+                if done == Disposition::Done {
+                    self.give_slot_back(&task, spec).await;
+                }
                 return Ok(done);
             }
         };
@@ -225,19 +235,22 @@ impl Processor {
     /// wait starts again, so the sweeper does not take it for lost work.
     async fn wait_for_slot(&self, task: &Task) -> PortResult<Disposition> {
         tracing::debug!(task_id = %task.id, "all of the model's slots are taken; the task waits");
+        let cfg = &self.app.config;
+        let base = (cfg.upstream_check_first * 2).min(cfg.upstream_check_max);
         if task.status == TaskStatus::Queued {
-            match self
-                .app
-                .store
-                .update_task_from(task, &Transition::StillWaiting)
-                .await
-            {
-                Ok(_) | Err(PortError::Rejected(_)) => {}
+            // Refused when another message for this task renewed the wait within half a
+            // retry: that message goes on, and this one ends, so a sweep that re-enqueued a
+            // waiting task does not leave it two messages for good.
+            let wait = Transition::StillWaiting {
+                not_since: Utc::now() - chrono_dur(base / 2),
+            };
+            match self.app.store.update_task_from(task, &wait).await {
+                Ok(_) => {}
+                Err(PortError::Rejected(_)) => return Ok(Disposition::Done),
                 Err(e) => return Err(e),
             }
         }
-        let cfg = &self.app.config;
-        let delay = jittered(cfg.upstream_check_first * 2).min(cfg.upstream_check_max);
+        let delay = jittered(base).min(cfg.upstream_check_max);
         let run = WorkMessage::Run {
             task_id: task.id.clone(),
         };
@@ -278,23 +291,28 @@ impl Processor {
             Err(e) => return self.not_started(&task, spec, e).await,
         };
         tracing::info!(task_id, provider = up.provider(), upstream_id = %id, "upstream run started");
-        // Check 0 is enqueued before the start is recorded: a worker that stops in between
-        // leaves a check that finds the run (its id is the task's, or it re-sends the start).
-        let check_by = self.schedule_check(&task, spec, 0).await?;
+        // Recorded first, then check 0 enqueued: a check always finds its run's id.
+        let (delay, check_by) = self.next_check(&task, spec, 0);
         let record = Transition::UpstreamStarted {
             attempt,
-            id,
+            id: id.clone(),
             check_by,
         };
         match self.app.store.update_task_from(&task, &record).await {
-            Ok(_) => Ok(Disposition::Done),
+            Ok(_) => {}
             Err(PortError::Rejected(e)) => {
                 // A callback ended it first (a fast run), or another worker took over.
                 tracing::info!(task_id, reason = %e, "upstream start not recorded");
-                Ok(Disposition::Done)
+                return Ok(Disposition::Done);
             }
-            Err(e) => Err(e),
+            // The message comes back and a later attempt sends the start again: Cog answers
+            // with the prediction it runs; providers without an idempotent start may run the
+            // model a second time (their modules say so).
+            Err(e) => return Err(e),
         }
+        // Lost here, the check is resumed by the sweeper once `check_by` has passed.
+        self.enqueue_check(&task_id, 0, delay).await?;
+        Ok(Disposition::Done)
     }
 
     /// The upstream did not start `task`'s run: at capacity, the task waits queued (its
@@ -379,6 +397,14 @@ impl Processor {
             return Ok(Disposition::Done);
         }
         let now = Utc::now();
+        if run.collecting_until.is_some_and(|u| u > now) {
+            tracing::debug!(
+                task_id,
+                check = n,
+                "another check is collecting the outputs"
+            );
+            return Ok(Disposition::Done);
+        }
         if run
             .started_at
             .is_some_and(|s| s + chrono_dur(spec.timeout) <= now)
@@ -408,14 +434,12 @@ impl Processor {
             Ok(s) if s.is_terminal() => {
                 // Two copies of this check (a callback prompted one) may both find the end:
                 // the one whose number is recorded first collects the outputs.
-                let claim = Transition::UpstreamReported {
+                // Held for as long as downloads may take: until then no check collects again
+                // (a crash here is resumed by the sweeper once it has passed).
+                let claim = Transition::UpstreamCollecting {
                     id: id.clone(),
-                    check: Some(n),
-                    progress: None,
-                    logs: None,
-                    restarted: false,
-                    unreachable: false,
-                    check_by: Some(now + chrono_dur(self.app.config.lease)),
+                    check: n,
+                    until: now + chrono_dur(OUTPUT_COLLECT_TIME + self.app.config.lease),
                 };
                 return match self.app.store.update_task_from(&task, &claim).await {
                     Ok(claimed) => self.settle(&claimed, spec, up, &id, s).await,
@@ -470,7 +494,7 @@ impl Processor {
                 return self.finish(&task, &fail).await;
             }
         };
-        let check_by = self.schedule_check(&task, spec, n + 1).await?;
+        let (delay, check_by) = self.next_check(&task, spec, n + 1);
         let report = Transition::UpstreamReported {
             id,
             check: Some(n),
@@ -481,8 +505,12 @@ impl Processor {
             check_by: Some(check_by),
         };
         match self.app.store.update_task_from(&task, &report).await {
-            Ok(_) => Ok(Disposition::Done),
+            Ok(_) => {
+                self.enqueue_check(task_id, n + 1, delay).await?;
+                Ok(Disposition::Done)
+            }
             Err(PortError::Rejected(e)) => {
+                // Another copy of this check recorded it and scheduled the next.
                 tracing::debug!(task_id, check = n, reason = %e, "check not recorded");
                 Ok(Disposition::Done)
             }

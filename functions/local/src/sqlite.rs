@@ -808,6 +808,7 @@ mod tests {
             version: 1,
             waiting_since: Some(Utc::now()),
             requeues: 0,
+            slot_wait_at: None,
             upstream: None,
         }
     }

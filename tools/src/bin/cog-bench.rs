@@ -283,7 +283,7 @@ impl Interceptor for WaitCounter {
                 self.unreachable.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Transition::StillWaiting => &self.slot,
+            Transition::StillWaiting { .. } => &self.slot,
             _ => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
