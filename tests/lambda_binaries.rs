@@ -340,6 +340,42 @@ impl Function {
         }
     }
 
+    /// Waits for the CloudWatch embedded-metric-format line (functions/core/src/metrics.rs)
+    /// that carries metric `metric` for task `task_id` on stdout, and checks its directive
+    /// names that metric in the `tasklane` namespace.
+    async fn metric_line(&self, metric: &str, task_id: &str) -> Value {
+        let deadline = Instant::now() + LOG_DEADLINE;
+        loop {
+            let found = self
+                .json_logs()
+                .into_iter()
+                .find(|v| v["_aws"].is_object() && v["task_id"] == task_id && !v[metric].is_null());
+            if let Some(v) = found {
+                let directive = &v["_aws"]["CloudWatchMetrics"][0];
+                assert_eq!(directive["Namespace"], "tasklane", "{v}");
+                assert!(
+                    directive["Metrics"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().any(|m| m["Name"] == metric)),
+                    "{v}"
+                );
+                assert!(v["_aws"]["Timestamp"].is_i64(), "{v}");
+                let dims = directive["Dimensions"].to_string();
+                assert!(
+                    !dims.contains("task_id"),
+                    "a task id is never a dimension: {v}"
+                );
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {metric} metric line for {task_id} on stdout\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Panics if the function made requests the Runtime API does not have, or reported an
     /// init error.
     fn assert_clean_runtime_use(&self) {
@@ -924,6 +960,25 @@ async fn submit_binary_answers_submit_json_with_202_and_the_queued_veo3_task_cos
         .unwrap();
     assert_eq!(span["name"], "Lambda runtime invoke");
     assert_eq!(span["xrayTraceId"], invoked.trace_id.as_str());
+    // The request's span carries the task id once the submit has made it.
+    assert!(
+        log["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "request" && s["task_id"] == id.as_str()),
+        "{log}"
+    );
+
+    // The metric: one EMF line on stdout, by model, the task id a property.
+    let metric = submit.metric_line("Submitted", &id).await;
+    println!("the EMF line of the submit: {metric}");
+    assert_eq!(metric["Submitted"], json!(1.0));
+    assert_eq!(metric["Model"], "veo3");
+    assert_eq!(
+        metric["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+        json!([["Model"], []])
+    );
     submit.assert_clean_runtime_use();
 }
 
@@ -1196,6 +1251,23 @@ async fn processor_binary_runs_processor_json_and_stores_the_task_output_in_s3()
     assert_eq!(log["level"], "INFO");
     assert_eq!(log["fields"]["task_id"], EXAMPLE_TASK);
     assert_eq!(log["fields"]["status"], "completed");
+
+    // Its metrics on stdout: the wait before the start, then the completion.
+    let queued = processor.metric_line("QueueAge", EXAMPLE_TASK).await;
+    assert_eq!(queued["Model"], "veo3");
+    assert!(
+        queued["QueueAge"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{queued}"
+    );
+    let completed = processor.metric_line("Completed", EXAMPLE_TASK).await;
+    println!("the EMF line of the completion: {completed}");
+    assert_eq!(completed["Completed"], json!(1.0));
+    assert_eq!(completed["Model"], "veo3");
+    assert!(completed["RunDuration"].is_f64(), "{completed}");
+    assert!(
+        processor.json_logs().iter().all(|v| v["Failed"].is_null()),
+        "no failure counted"
+    );
     processor.assert_clean_runtime_use();
 }
 

@@ -329,3 +329,201 @@ fn every_aws_call_ends_before_its_function_does() {
         );
     }
 }
+
+impl Template {
+    /// Every entry inside entry `at` (its whole block), in order.
+    fn subtree(&self, at: usize) -> impl Iterator<Item = &Entry> {
+        let floor = self.entries[at].indent;
+        self.entries[at + 1..]
+            .iter()
+            .take_while(move |e| e.indent > floor)
+    }
+
+    /// Whether some entry inside `at` is `key: value`.
+    fn has(&self, at: usize, key: &str, value: &str) -> bool {
+        self.subtree(at).any(|e| e.key == key && e.value == value)
+    }
+
+    /// The alarms on `metric` of `namespace` (a plain alarm or one of a metric-math alarm's
+    /// metrics) that name `dimension_value`, when given.
+    fn alarms_on(
+        &self,
+        namespace: &str,
+        metric: &str,
+        dimension_value: Option<&str>,
+    ) -> Vec<String> {
+        self.resources("AWS::CloudWatch::Alarm")
+            .into_iter()
+            .filter(|&(_, i)| {
+                self.has(i, "Namespace", namespace)
+                    && self.has(i, "MetricName", metric)
+                    && dimension_value.is_none_or(|v| self.has(i, "Value", v))
+            })
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+/// The alarms notify the operator's topic when one is given (README, "Metrics and alarms").
+fn assert_notifies_the_alarm_topic(t: &Template, alarm: &str) {
+    let at = t.resource(alarm);
+    let actions = t
+        .value(Some(at), &["Properties", "AlarmActions"])
+        .unwrap_or_else(|| panic!("{alarm} has no AlarmActions"));
+    assert!(
+        actions.contains("HasAlarmTopic") && actions.contains("!Ref AlarmTopicArn"),
+        "{alarm} does not notify AlarmTopicArn when it is set: {actions}"
+    );
+}
+
+#[test]
+fn every_function_has_an_errors_and_a_throttles_alarm_that_notifies_the_alarm_topic() {
+    let t = Template::read();
+    let functions = t.resources("AWS::Serverless::Function");
+    assert!(functions.len() >= 9, "the reader found the functions");
+    for (name, _) in &functions {
+        for metric in ["Errors", "Throttles"] {
+            let alarms = t.alarms_on("AWS/Lambda", metric, Some(&format!("!Ref {name}")));
+            assert!(
+                !alarms.is_empty(),
+                "{name} has no alarm on its {metric} (AWS/Lambda, FunctionName: !Ref {name})"
+            );
+            for alarm in alarms {
+                assert_notifies_the_alarm_topic(&t, &alarm);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_queue_age_dead_letters_5xx_and_task_failures_raise_alarms() {
+    let t = Template::read();
+    let wanted = [
+        (
+            "AWS/SQS",
+            "ApproximateAgeOfOldestMessage",
+            Some("!GetAtt WorkQueue.QueueName"),
+        ),
+        (
+            "AWS/SQS",
+            "ApproximateNumberOfMessagesVisible",
+            Some("!GetAtt WorkDeadLetterQueue.QueueName"),
+        ),
+        ("AWS/ApiGateway", "5xx", Some("!Ref Api")),
+        // The EMF metrics, in the namespace the functions are told to write to.
+        ("!Sub tasklane/${AWS::StackName}", "Failed", None),
+    ];
+    for (namespace, metric, dimension) in wanted {
+        let alarms = t.alarms_on(namespace, metric, dimension);
+        assert!(
+            !alarms.is_empty(),
+            "no alarm on {namespace} {metric} {dimension:?}"
+        );
+        for alarm in alarms {
+            assert_notifies_the_alarm_topic(&t, &alarm);
+        }
+    }
+    assert_eq!(
+        t.value(
+            None,
+            &[
+                "Globals",
+                "Function",
+                "Environment",
+                "Variables",
+                "TASKLANE_METRICS_NAMESPACE"
+            ]
+        ),
+        Some("!Sub tasklane/${AWS::StackName}"),
+        "the functions write their metrics where the alarms read them"
+    );
+    assert_eq!(
+        t.value(
+            None,
+            &[
+                "Globals",
+                "Function",
+                "Environment",
+                "Variables",
+                "TASKLANE_METRICS"
+            ]
+        ),
+        Some("emf")
+    );
+}
+
+#[test]
+fn the_dashboard_shows_the_task_metrics_and_every_function() {
+    let t = Template::read();
+    let dashboards = t.resources("AWS::CloudWatch::Dashboard");
+    assert_eq!(dashboards.len(), 1, "one dashboard");
+    let (name, at) = &dashboards[0];
+    let key = &t.entries[t
+        .find(Some(*at), &["Properties", "DashboardBody"])
+        .unwrap_or_else(|| panic!("{name} has no DashboardBody"))];
+    assert_eq!(key.value, "!Sub |", "the body is a !Sub block");
+    // The block: every line after the key indented deeper than it.
+    let body: Vec<&str> = t
+        .text
+        .lines()
+        .skip(key.line)
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key.indent)
+        .collect();
+    // CloudFormation substitutes ${...}; what is left must be JSON.
+    let mut json = String::new();
+    let mut rest = body.join("\n");
+    while let Some(i) = rest.find("${") {
+        json.push_str(&rest[..i]);
+        let end = rest[i..].find('}').expect("a closed ${...}") + i;
+        json.push_str("SUB");
+        rest = rest[end + 1..].to_string();
+    }
+    json.push_str(&rest);
+    let body: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("the dashboard body is not JSON ({e}):\n{json}"));
+    let widgets = body["widgets"].as_array().expect("widgets");
+    let text = body.to_string();
+    for metric in [
+        "Submitted",
+        "Completed",
+        "Failed",
+        "Refunded",
+        "QueueAge",
+        "RunDuration",
+        "UpstreamLatency",
+        "WebhookDelivered",
+        "WebhookFailed",
+        "WebhookRetried",
+        "ApproximateAgeOfOldestMessage",
+        "5xx",
+    ] {
+        assert!(
+            text.contains(&format!("\"{metric}\"")) || text.contains(&format!("\\\"{metric}\\\"")),
+            "the dashboard does not show {metric}"
+        );
+    }
+    for (function, _) in t.resources("AWS::Serverless::Function") {
+        let reference = format!("\"${{{function}}}\"");
+        let shown = t
+            .text
+            .lines()
+            .skip(key.line)
+            .take(body_len(&t, key))
+            .filter(|l| l.contains(&reference))
+            .count();
+        assert!(
+            shown >= 2,
+            "the dashboard shows {function}'s errors and throttles ({shown} lines name it)"
+        );
+    }
+    assert!(widgets.len() >= 6, "{} widgets", widgets.len());
+}
+
+/// Lines of the block scalar under `key`.
+fn body_len(t: &Template, key: &Entry) -> usize {
+    t.text
+        .lines()
+        .skip(key.line)
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key.indent)
+        .count()
+}

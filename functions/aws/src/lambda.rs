@@ -158,6 +158,13 @@ impl Function {
                 std::process::exit(2);
             }
         };
+        // Metrics as EMF lines on stdout, which Lambda ships to CloudWatch Logs (on unless
+        // TASKLANE_METRICS=off).
+        if let Err(e) = tasklane_core::metrics::init(tasklane_core::metrics::MetricsMode::Emf) {
+            tracing::error!(error = %e, "invalid configuration");
+            eprintln!("tasklane: {e}");
+            std::process::exit(2);
+        }
         // Every AWS call bounded below the function's timeout (TASKLANE_AWS_TIMEOUT).
         let timeouts = match crate::settings::SdkTimeouts::from_env() {
             Ok(t) => t,

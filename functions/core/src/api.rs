@@ -71,6 +71,14 @@ impl Route {
         })
     }
 
+    /// The task the route is about, if any (as the path gives it: not checked to be an id).
+    pub fn task_id(&self) -> Option<&str> {
+        match self {
+            Route::Task(id) | Route::Cancel(id) | Route::Upstream { task_id: id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
     /// The methods the route answers, as an `Allow` header value: the one table of them, which
     /// [`Route::accepts`] reads too.
     pub fn allow(&self) -> &'static str {
@@ -130,8 +138,17 @@ impl Api {
     pub async fn handle(&self, req: Request<Bytes>) -> Response<Bytes> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        // Every log line of a request about a task carries its id: known from the path
+        // (status, cancel, upstream callbacks) or recorded once a submit has made it.
+        let span = tracing::info_span!("request", task_id = tracing::field::Empty);
+        if let Some(route) = Route::parse(&path)
+            && let Some(id) = route.task_id().filter(|id| is_task_id(id))
+        {
+            span.record("task_id", id);
+        }
         let resp = self
             .dispatch(req)
+            .instrument(span)
             .await
             .unwrap_or_else(ApiError::into_response);
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
@@ -284,6 +301,7 @@ impl Api {
         let (task, replayed) = tokio::spawn(commit.in_current_span())
             .await
             .map_err(|e| ApiError::Internal(format!("submit task ended: {e}").into()))??;
+        tracing::Span::current().record("task_id", task.id.as_str());
         let task = match wait {
             Some(w) => self.wait_terminal(task, w).await?,
             None => task,
@@ -429,7 +447,9 @@ impl Api {
             // again; the client keeps its 202 and its task.
             tracing::error!(task_id = %task.id, error = %e, "enqueue failed; the sweeper will queue the task");
         }
+        tracing::Span::current().record("task_id", task.id.as_str());
         tracing::info!(task_id = %task.id, model = %task.model, credits = cost, "task submitted");
+        crate::metrics::submitted(&task);
         Ok(task)
     }
 
@@ -489,6 +509,7 @@ impl Api {
             .await?;
         if before.status == TaskStatus::Queued {
             tracing::info!(task_id = %id, refunded = task.cost.credits, "task cancelled");
+            crate::metrics::cancelled(&task);
             self.app.events.notify(id);
             if task.first_callback_owed() {
                 let msg = WorkMessage::first_delivery(&task.id);

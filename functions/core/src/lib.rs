@@ -21,7 +21,7 @@
 //!   itself): the worker scope ([`processor::in_worker`]) and [`ports::PortError::Halted`].
 //! - [`sweeper`]: re-enqueues work a task waits on when its message was lost.
 //! - [`limits`]: per-account rate limiting; [`logging`]: log output (text or JSON, colour only
-//!   on a terminal).
+//!   on a terminal); [`metrics`]: CloudWatch embedded-metric-format lines at each decision.
 //! - [`view`], [`events`], [`config`]: the task object, in-process wake-ups, settings.
 
 pub mod account;
@@ -33,6 +33,7 @@ pub mod events;
 pub mod limits;
 pub mod logging;
 pub mod media;
+pub mod metrics;
 pub mod ports;
 pub mod processor;
 pub mod providers;

@@ -287,7 +287,10 @@ impl Processor {
             lease_until: Utc::now() + chrono_dur(cfg.lease),
         };
         match self.app.store.update_task_from(task, &start).await {
-            Ok(t) => Ok(Ok(t)),
+            Ok(t) => {
+                crate::metrics::started(task, &t);
+                Ok(Ok(t))
+            }
             Err(PortError::Rejected(TransitionError::LeaseHeld)) => {
                 Ok(Err(Disposition::RetryAfter(cfg.lease)))
             }
@@ -356,6 +359,7 @@ impl Processor {
         match self.app.store.update_task_from(current, t).await {
             Ok(task) => {
                 tracing::info!(task_id, status = %task.status, refunded = task.cost.refunded, "task finished");
+                crate::metrics::finished(&task);
                 if task.upstream.is_some()
                     && let Some(spec) = self.app.registry.get(&task.model)
                 {
@@ -512,6 +516,7 @@ impl Processor {
                 .await?;
         }
         tracing::info!(task_id, attempt, result = ?result, next = ?next, "webhook attempt");
+        crate::metrics::webhook(task_id, attempt, status_code, &next);
         let record = Transition::DeliveryAttempted {
             attempt,
             at: now,

@@ -285,7 +285,13 @@ impl Processor {
             let fail = failure(Some(attempt), "model_unavailable", message);
             return self.finish(&task, &fail).await;
         };
-        let started = up.start(job_of(&task), &callback).await;
+        let started = crate::metrics::upstream(
+            up.provider(),
+            "start",
+            &task_id,
+            up.start(job_of(&task), &callback),
+        )
+        .await;
         let id = match started {
             Ok(id) => id,
             Err(e) => return self.not_started(&task, spec, e).await,
@@ -427,7 +433,13 @@ impl Processor {
                 logs: None,
             })
         } else {
-            up.check(job_of(&task), &id, &callback).await
+            crate::metrics::upstream(
+                up.provider(),
+                "check",
+                task_id,
+                up.check(job_of(&task), &id, &callback),
+            )
+            .await
         };
         let mut unreachable = false;
         let (progress, logs, restarted) = match state {
