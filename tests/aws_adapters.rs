@@ -2689,3 +2689,92 @@ async fn a_models_slots_go_to_at_most_their_number_of_holders_and_free_themselve
             .unwrap()
     );
 }
+
+#[tokio::test]
+async fn a_tasklane_signed_result_url_outlives_the_credentials_and_redirects_to_a_short_presigned_get()
+ {
+    use tasklane_core::result_urls::{SignedFiles, UrlSigner};
+    let env = env("s3signed").await;
+    env.backends
+        .blobs
+        .put(
+            "tasks/t/out.txt",
+            Bytes::from_static(b"hello"),
+            "text/plain",
+        )
+        .await
+        .unwrap();
+    // A role session with ten minutes left, and URLs promised for a week.
+    let creds_expire = SystemTime::now() + Duration::from_secs(600);
+    let blobs = blobs_with_credentials_expiring_at(&env, creds_expire).with_signed_urls(
+        UrlSigner::new(b"0123456789abcdef0123456789abcdef".to_vec()),
+        Some("https://api.example/".into()),
+    );
+    let creds_expire: DateTime<Utc> = creds_expire.into();
+    let week = Duration::from_secs(7 * 86_400);
+    let before = Utc::now();
+    let signed = blobs.presign_get("tasks/t/out.txt", week).await.unwrap();
+    let (path, query) = signed.url.split_once('?').unwrap();
+    assert_eq!(path, "https://api.example/v1/files/tasks/t/out.txt");
+    let expires: i64 = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("expires="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Its life is the one asked for, not the credentials': the URL says when it ends.
+    assert_eq!(expires, signed.expires_at.timestamp());
+    assert!(
+        signed.expires_at >= before + TimeDelta::days(7) - TimeDelta::seconds(1),
+        "{signed:?}"
+    );
+
+    // Following it: a 302 to an S3 presigned GET of minutes, inside the credentials' life.
+    let resp = blobs.answer("tasks/t/out.txt", query).await;
+    assert_eq!(resp.status(), 302);
+    assert_eq!(resp.headers()["cache-control"], "private, no-store");
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let q = query_of(&location);
+    assert_eq!(x_amz_expires(&q), 300, "{location}");
+    assert!(x_amz_date(&q) + TimeDelta::seconds(300) < creds_expire);
+    let got = reqwest::get(&location).await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"hello");
+
+    // Another key, a pushed-out expiry, an expired URL: 403 forbidden, no redirect.
+    let past = UrlSigner::new(b"0123456789abcdef0123456789abcdef".to_vec()).url(
+        "https://api.example",
+        "tasks/t/out.txt",
+        Utc::now() - TimeDelta::seconds(1),
+    );
+    for (key, q) in [
+        ("tasks/t/other.txt", query.to_string()),
+        (
+            "tasks/t/out.txt",
+            query.replace("expires=", &format!("expires={}", 1)),
+        ),
+        (
+            "tasks/t/out.txt",
+            past.split_once('?').unwrap().1.to_string(),
+        ),
+    ] {
+        let resp = blobs.answer(key, &q).await;
+        assert_eq!(resp.status(), 403, "{key}?{q}");
+        let body: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(body["error"]["code"], "forbidden");
+        assert!(resp.headers().get("location").is_none());
+    }
+
+    // Once the object is gone (the bucket's retention): 410 expired, not S3's 403.
+    s3_client(&env)
+        .delete_object()
+        .bucket(&env.settings.bucket)
+        .key("tasks/t/out.txt")
+        .send()
+        .await
+        .unwrap();
+    let resp = blobs.answer("tasks/t/out.txt", query).await;
+    assert_eq!(resp.status(), 410);
+    let body: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+    assert_eq!(body["error"]["code"], "expired");
+}

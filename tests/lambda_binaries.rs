@@ -1,5 +1,5 @@
 //! The compiled Lambda binaries (`submit`, `status`, `cancel`, `sync-wait`, `account`,
-//! `processor`, `dead-letter`, `sweeper`, `upstream`), each run as a real process behind a minimal Lambda Runtime API emulator
+//! `processor`, `dead-letter`, `sweeper`, `upstream`, `files`), each run as a real process behind a minimal Lambda Runtime API emulator
 //! (`tasklane_testkit::runtime_api`), and fed the events in `events/` as Lambda would: the function asks
 //! `GET /2018-06-01/runtime/invocation/next`, gets the event with the invocation headers, and
 //! posts its answer to `.../invocation/{id}/response` (or `.../error`). The functions talk to
@@ -38,7 +38,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
-const FUNCTIONS: [(&str, &str, u32); 9] = [
+const FUNCTIONS: [(&str, &str, u32); 10] = [
     ("submit", "SubmitFunction", 256),
     ("status", "StatusFunction", 256),
     ("cancel", "CancelFunction", 256),
@@ -48,7 +48,11 @@ const FUNCTIONS: [(&str, &str, u32); 9] = [
     ("dead-letter", "DeadLetterFunction", 256),
     ("sweeper", "SweeperFunction", 256),
     ("upstream", "UpstreamFunction", 512),
+    ("files", "FilesFunction", 256),
 ];
+
+/// The result-URL signing key of the tests (template.yaml's `ResultUrlSigningKey`).
+const RESULT_URL_KEY: &str = "result-url-key-of-the-lambda-binary-tests-0123456789";
 
 /// The API's URL as template.yaml gives it to the processor (`TASKLANE_PUBLIC_URL`, from
 /// `Api.ApiEndpoint`), with the fake API id of the events. Nothing calls it: the built-in
@@ -81,6 +85,7 @@ fn binary(name: &str) -> &'static str {
         "dead-letter" => env!("CARGO_BIN_EXE_dead-letter"),
         "sweeper" => env!("CARGO_BIN_EXE_sweeper"),
         "upstream" => env!("CARGO_BIN_EXE_upstream"),
+        "files" => env!("CARGO_BIN_EXE_files"),
         other => panic!("no function binary named {other}"),
     }
 }
@@ -441,11 +446,15 @@ impl Stack {
     }
 
     /// The configuration template.yaml gives the function of `binary`: [`Stack::vars`], and
-    /// for the processor the API's URL upstreams call back on.
+    /// for the processor the API's URL upstreams call back on; for the files function the
+    /// key result URLs are signed with ([`RESULT_URL_KEY`]).
     fn vars_for(&self, binary: &str) -> Vec<(&'static str, String)> {
         let mut vars = self.vars();
         if binary == "processor" {
             vars.push(("TASKLANE_PUBLIC_URL", EXAMPLE_API_URL.into()));
+        }
+        if binary == "files" {
+            vars.push(("TASKLANE_RESULT_URL_SIGNING_KEY", RESULT_URL_KEY.into()));
         }
         vars
     }
@@ -1315,16 +1324,21 @@ async fn an_event_a_function_cannot_read_goes_to_the_error_endpoint_and_the_next
 async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_the_variable() {
     let stack = Stack::new("noqueue").await;
     for (binary, _, _) in FUNCTIONS {
+        // The files function uses no queue: it needs its signing key instead.
+        let missing = match binary {
+            "files" => "TASKLANE_RESULT_URL_SIGNING_KEY",
+            _ => "TASKLANE_QUEUE_URL",
+        };
         let vars: Vec<_> = stack
             .vars_for(binary)
             .into_iter()
-            .filter(|(k, _)| *k != "TASKLANE_QUEUE_URL")
+            .filter(|(k, _)| *k != missing)
             .collect();
         let mut f = Function::start(binary, &vars).await;
         let status = f.exit_status().await;
         let init_errors = f.runtime.init_errors();
         println!(
-            "`{binary}` without TASKLANE_QUEUE_URL: {status}; init errors reported: {}; stderr: {:?}",
+            "`{binary}` without {missing}: {status}; init errors reported: {}; stderr: {:?}",
             init_errors.len(),
             f.stderr.lock().unwrap().join(" | ")
         );
@@ -1350,8 +1364,8 @@ async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_t
             f.stderr.lock().unwrap().join("\n")
         );
         assert!(
-            reported.contains("TASKLANE_QUEUE_URL"),
-            "`{binary}`: no message names TASKLANE_QUEUE_URL\n{}",
+            reported.contains(missing),
+            "`{binary}`: no message names {missing}\n{}",
             f.output()
         );
         // The JSON log line says it too, at ERROR, for Lambda's log filter.
@@ -1360,10 +1374,7 @@ async fn every_function_binary_started_without_tasklane_queue_url_fails_naming_t
             .iter()
             .find(|v| v["level"] == "ERROR")
             .unwrap_or_else(|| panic!("`{binary}`: no ERROR log line\n{}", f.output()));
-        assert!(
-            error.to_string().contains("TASKLANE_QUEUE_URL"),
-            "`{binary}`: {error}"
-        );
+        assert!(error.to_string().contains(missing), "`{binary}`: {error}");
     }
 }
 
@@ -1655,4 +1666,104 @@ async fn upstream_binary_answers_a_forged_callback_401_in_the_api_error_shape_an
     assert!(!logs.contains(&token), "{logs}");
     upstream.json_logs();
     upstream.assert_clean_runtime_use();
+}
+
+/// The HTTP API event of `GET {target}` on the files route (`GET /v1/files/{key+}`), as API
+/// Gateway builds it from the status event's shape.
+fn files_event(target: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut event: Value = serde_json::from_str(STATUS).expect("the status event");
+    let route = "GET /v1/files/{key+}";
+    event["routeKey"] = json!(route);
+    event["rawPath"] = json!(path);
+    event["rawQueryString"] = json!(query);
+    event["headers"]
+        .as_object_mut()
+        .unwrap()
+        .remove("authorization");
+    let mut params = Map::new();
+    let parsed = reqwest::Url::parse(&format!("https://example/?{query}")).unwrap();
+    for (k, v) in parsed.query_pairs() {
+        params.insert(k.into_owned(), json!(v.into_owned()));
+    }
+    event["queryStringParameters"] = Value::Object(params);
+    event["pathParameters"] = json!({"key": path.trim_start_matches("/v1/files/")});
+    event["requestContext"]["routeKey"] = json!(route);
+    event["requestContext"]["http"]["path"] = json!(path);
+    event.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_url_from_the_status_binary_outlives_its_session_through_the_files_binary() {
+    let stack = Stack::new("files").await;
+    stack
+        .insert(&stack.completed_echo(EXAMPLE_TASK).await)
+        .await;
+    // The status function as template.yaml configures it: result URLs signed with the key.
+    let mut vars = stack.vars();
+    vars.push(("TASKLANE_RESULT_URL_SIGNING_KEY", RESULT_URL_KEY.into()));
+    vars.retain(|(k, _)| *k != "TASKLANE_RESULT_URL_TTL");
+    vars.push(("TASKLANE_RESULT_URL_TTL", "604800".into()));
+    let mut status = Function::ready("status", &vars).await;
+    let a = status.invoke(STATUS).await.gateway();
+    assert_eq!(a.status, 200, "{}", a.body);
+    let out = &a.body["result"]["outputs"][0];
+    let url = out["url"].as_str().expect("a URL").to_string();
+    // On the address the request came in on, for the whole week configured.
+    let prefix = format!("{EXAMPLE_API_URL}/v1/files/tasks/{EXAMPLE_TASK}/output-0.txt?");
+    assert!(url.starts_with(&prefix), "{url}");
+    let expires: i64 = url
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("expires="))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no expires in {url}"));
+    let told: chrono::DateTime<Utc> = out["expires_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(expires, told.timestamp(), "{out}");
+    assert!(told > Utc::now() + chrono::Duration::days(6), "{out}");
+
+    let mut files = Function::ready("files", &stack.vars_for("files")).await;
+    let target = url.strip_prefix(EXAMPLE_API_URL).unwrap();
+    let wire = files.invoke(&files_event(target)).await.response().clone();
+    assert_eq!(wire["statusCode"], 302, "{wire}");
+    assert_eq!(
+        wire["headers"]["cache-control"], "private, no-store",
+        "{wire}"
+    );
+    let location = wire["headers"]["location"]
+        .as_str()
+        .expect("a Location")
+        .to_string();
+    let q: std::collections::HashMap<String, String> = reqwest::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    assert_eq!(
+        q["X-Amz-Expires"], "300",
+        "a presigned GET of minutes: {location}"
+    );
+    assert_eq!(download(&location).await, b"hello");
+
+    // Tampered (another expiry): 403 forbidden in the API's shape.
+    let tampered = target.replace("expires=", "expires=1");
+    let a = files.invoke(&files_event(&tampered)).await.gateway();
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "forbidden");
+
+    // After the bucket's lifecycle rule removed the object: 410 expired.
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&stack.config)
+            .force_path_style(true)
+            .build(),
+    );
+    s3.delete_object()
+        .bucket(&stack.settings.bucket)
+        .key(format!("tasks/{EXAMPLE_TASK}/output-0.txt"))
+        .send()
+        .await
+        .expect("deleting the output");
+    let a = files.invoke(&files_event(target)).await.gateway();
+    assert_eq!(a.status, 410, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "expired");
+    files.assert_clean_runtime_use();
 }

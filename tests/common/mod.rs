@@ -250,6 +250,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{s} is not UTF-8"))
 }
 
+/// The key result URLs are signed with on the AWS backend in the suites.
+pub const TEST_RESULT_URL_KEY: &str = "test-result-url-signing-key-0123456789abcdef";
+
 /// Creates a fresh table, queue and bucket on the emulator and connects adapters to them.
 pub async fn aws_backends(
     settings: Option<tasklane_aws::AwsSettings>,
@@ -274,11 +277,18 @@ pub async fn aws_backends(
         aws_sdk_dynamodb::Client::from_conf(ddb),
         &settings.table,
     );
+    // Result URLs signed by tasklane and redirected to short S3 presigned GETs, as the
+    // template deploys them (ResultUrlSigningKey), built on the server's own address.
+    let blobs = b.blobs.clone().with_signed_urls(
+        tasklane_core::result_urls::UrlSigner::new(TEST_RESULT_URL_KEY.as_bytes().to_vec()),
+        None,
+    );
     let backends = tasklane_local::Backends {
         store: std::sync::Arc::new(store),
         queue: std::sync::Arc::new(b.queue.clone()),
         source: std::sync::Arc::new(b.queue.clone()),
-        blobs: std::sync::Arc::new(b.blobs.clone()),
+        blobs: std::sync::Arc::new(blobs.clone()),
+        files: Some(std::sync::Arc::new(blobs)),
     };
     (backends, settings)
 }
@@ -605,6 +615,29 @@ impl Server {
                 let queue = tasklane_local::sqlite::SqliteQueue::new(db);
                 queue.next_visible_at().await.unwrap().is_none()
             }
+        }
+    }
+
+    /// Deletes the stored result `key` (as the results bucket's retention rule does on AWS;
+    /// from the results folder on the embedded backends).
+    pub async fn delete_result(&self, key: &str) {
+        match &self.aws {
+            Some(aws) => {
+                let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                let s3 = aws_sdk_s3::Client::from_conf(
+                    aws_sdk_s3::config::Builder::from(&config)
+                        .force_path_style(true)
+                        .build(),
+                );
+                s3.delete_object()
+                    .bucket(&aws.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .expect("deleting a result on the AWS emulator");
+            }
+            None => std::fs::remove_file(self.dir.join("results").join(key))
+                .expect("deleting a result from the results folder"),
         }
     }
 

@@ -19,7 +19,16 @@ pub use tasklane_core::logging::init_or_exit as init_tracing;
 
 /// Turns an API Gateway request into the core's request type, answers it, and turns the
 /// answer back. REST (v1) events carry the stage in the path; the raw path is routed.
+///
+/// Result URLs in the answer are built on the API's own public URL: `TASKLANE_PUBLIC_URL`
+/// when set (a custom domain), else the one the request came in on ([`public_url_of`]).
 pub async fn handle_http(api: &Api, req: Request) -> Result<Response<Body>, lambda_http::Error> {
+    let base = api
+        .app()
+        .config
+        .public_url
+        .clone()
+        .or_else(|| public_url_of(&req));
     let path = req.raw_http_path().to_string();
     let (mut parts, body) = req.into_parts();
     let pq = match parts.uri.query() {
@@ -35,7 +44,56 @@ pub async fn handle_http(api: &Api, req: Request) -> Result<Response<Body>, lamb
         Body::Binary(b) => Bytes::from(b),
         _ => Bytes::new(),
     };
-    let resp = api.handle(http::Request::from_parts(parts, bytes)).await;
+    let resp = match base {
+        Some(base) => {
+            let handled = api.handle(http::Request::from_parts(parts, bytes));
+            tasklane_core::result_urls::with_base_url(base, handled).await
+        }
+        None => api.handle(http::Request::from_parts(parts, bytes)).await,
+    };
+    let (parts, body) = resp.into_parts();
+    let text = String::from_utf8(body.to_vec()).unwrap_or_default();
+    Ok(Response::from_parts(parts, Body::Text(text)))
+}
+
+/// The public URL an API Gateway request came in on: `https://{domainName}`, followed by
+/// `/{stage}` for a named stage on an `execute-api` domain (the `$default` stage of an HTTP
+/// API has no path prefix; a custom domain maps its stage without one). API Gateway routes a
+/// request by its domain to this API, so the domain is one of the API's own, not whatever a
+/// client wrote in `Host`. `None` outside API Gateway (no request context).
+pub fn public_url_of(req: &Request) -> Option<String> {
+    use lambda_http::request::RequestContext;
+    let (domain, stage) = match req.request_context_ref()? {
+        RequestContext::ApiGatewayV2(c) => (c.domain_name.clone()?, c.stage.clone()),
+        RequestContext::ApiGatewayV1(c) => (c.domain_name.clone()?, c.stage.clone()),
+        _ => return None,
+    };
+    let domain = domain.trim_end_matches('/');
+    match stage {
+        Some(stage)
+            if stage != "$default" && !stage.is_empty() && domain.contains(".execute-api.") =>
+        {
+            Some(format!("https://{domain}/{stage}"))
+        }
+        _ => Some(format!("https://{domain}")),
+    }
+}
+
+/// Answers a signed result URL (`GET /v1/files/{key+}`, the `files` function): the key is
+/// what follows `/v1/files/` in the raw path ([`tasklane_core::result_urls::answer`]).
+pub async fn handle_files(
+    files: &dyn tasklane_core::result_urls::SignedFiles,
+    req: Request,
+) -> Result<Response<Body>, lambda_http::Error> {
+    use tasklane_core::result_urls::FILES_PREFIX;
+    let path = req.raw_http_path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let resp = match path.strip_prefix(FILES_PREFIX) {
+        Some(key) if !key.is_empty() => {
+            tasklane_core::result_urls::answer(files, req.method(), key, &query).await
+        }
+        _ => tasklane_core::ApiError::NotFound("no such file").into_response(),
+    };
     let (parts, body) = resp.into_parts();
     let text = String::from_utf8(body.to_vec()).unwrap_or_default();
     Ok(Response::from_parts(parts, Body::Text(text)))
@@ -142,6 +200,8 @@ pub struct Function {
     pub processor: Processor,
     /// The work queue (for visibility changes).
     pub queue: SqsQueue,
+    /// The results bucket (signed result URLs are answered on it).
+    pub blobs: crate::s3::S3Blobs,
 }
 
 impl Function {
@@ -174,7 +234,20 @@ impl Function {
                 std::process::exit(2);
             }
         };
-        let backends = crate::AwsBackends::connect_with(&settings, timeouts, None).await;
+        let signer = match crate::settings::result_url_signer_from_env() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration");
+                eprintln!("tasklane: {e}");
+                std::process::exit(2);
+            }
+        };
+        let mut backends = crate::AwsBackends::connect_with(&settings, timeouts, None).await;
+        if let Some(signer) = signer {
+            backends.blobs = backends
+                .blobs
+                .with_signed_urls(signer, settings.core.public_url.clone());
+        }
         let registry = match backends.registry(&settings).await {
             Ok(r) => r,
             Err(e) => {
@@ -189,6 +262,7 @@ impl Function {
             api: Api::new(app.clone()),
             processor: Processor::new(app),
             queue: backends.queue,
+            blobs: backends.blobs,
         })
     }
 }

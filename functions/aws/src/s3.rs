@@ -1,6 +1,18 @@
 //! The blob store on S3: outputs under a per-task prefix (a streamed one sent in parts, so a
-//! large output never sits whole in a Lambda's memory), presigned GET URLs made on every read,
-//! never outliving the credentials that signed them.
+//! large output never sits whole in a Lambda's memory), handed out as result URLs signed by
+//! tasklane ([`tasklane_core::result_urls`]) once a signing key is configured
+//! ([`S3Blobs::with_signed_urls`]): `{public URL}/v1/files/{key}?expires=…&signature=…`, which
+//! the `files` function ([`S3Blobs::answer`]) checks and redirects to an S3 presigned GET of
+//! [`REDIRECT_TTL`]. So a URL lives exactly until the `expires_at` the API reports, whatever
+//! the credentials that sign S3 requests: an S3 presigned URL stops working when the
+//! temporary credentials that signed it expire
+//! (<https://docs.aws.amazon.com/AmazonS3/latest/userguide/using-presigned-url.html>, "If you
+//! created a presigned URL by using a temporary token, then the URL expires when the token
+//! expires, even if you created the URL with a later expiration time"), and a Lambda
+//! function's credentials are a role session of hours
+//! (<https://docs.aws.amazon.com/lambda/latest/dg/lambda-intro-execution-role.html>).
+//! Without a signing key (local tools, older deployments) the URL is an S3 presigned GET made
+//! on every read, never outliving the credentials that sign it.
 
 use std::time::Duration;
 
@@ -12,9 +24,12 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use chrono::Utc;
+use tasklane_core::ApiError;
 use tasklane_core::ports::{
     BlobStore, ChunkSource, PortError, PortResult, SignedUrl, StreamRefused,
 };
+pub use tasklane_core::result_urls::REDIRECT_TTL;
+use tasklane_core::result_urls::{self, SignedFiles, UrlSigner};
 
 use crate::dynamo::sdk_error;
 
@@ -34,6 +49,16 @@ pub struct S3Blobs {
     client: Client,
     bucket: String,
     credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+    signed: Option<SignedUrls>,
+}
+
+/// How [`S3Blobs`] signs result URLs itself.
+#[derive(Clone, Debug)]
+struct SignedUrls {
+    signer: UrlSigner,
+    /// The public URL when no request sets one ([`result_urls::base_url`]): the processor's
+    /// `TASKLANE_PUBLIC_URL`.
+    base_url: Option<String>,
 }
 
 /// Signed URLs end this long before the signing credentials do.
@@ -46,7 +71,83 @@ impl S3Blobs {
             client,
             bucket: bucket.into(),
             credentials: config.credentials_provider(),
+            signed: None,
         }
+    }
+
+    /// Hands out result URLs signed by `signer` under the public URL of the request being
+    /// answered ([`result_urls::with_base_url`]), else `base_url`; where neither is known, an
+    /// S3 presigned URL as without a signer.
+    pub fn with_signed_urls(mut self, signer: UrlSigner, base_url: Option<String>) -> Self {
+        self.signed = Some(SignedUrls {
+            signer,
+            base_url: base_url.map(|u| u.trim_end_matches('/').to_string()),
+        });
+        self
+    }
+
+    /// An S3 presigned GET of `key` for at most `ttl`, never outliving the signing credentials
+    /// when they say when they expire.
+    pub async fn presign_s3(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
+        let ttl = match self.credentials_left().await? {
+            Some(left) => ttl.min(left),
+            None => ttl,
+        }
+        .max(Duration::from_secs(1));
+        // Whole seconds: X-Amz-Date and X-Amz-Expires carry no fractions, so neither may the
+        // expiry the client is told.
+        let ttl = Duration::from_secs(ttl.as_secs());
+        let now = chrono::DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0)
+            .ok_or_else(|| PortError::internal("clock out of range"))?;
+        let cfg = PresigningConfig::builder()
+            .start_time(now.into())
+            .expires_in(ttl)
+            .build()
+            .map_err(PortError::internal)?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .map_err(sdk_error)?;
+        Ok(SignedUrl {
+            url: req.uri().to_string(),
+            expires_at: now + chrono::Duration::from_std(ttl).map_err(PortError::internal)?,
+        })
+    }
+
+    /// Whether `key` is stored (`HeadObject`; a 404 is `false`).
+    async fn exists(&self, key: &str) -> PortResult<bool> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) => Ok(false),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    /// The answer to a signed result URL: `403 forbidden` when it is expired, tampered or
+    /// unsigned (or no signing key is configured), `410 expired` when its object is gone (the
+    /// bucket's retention rule removed it), else a `302` to an S3 presigned GET of
+    /// [`REDIRECT_TTL`] with `Cache-Control: private, no-store`.
+    async fn redirect(&self, key: &str, query: &str) -> Result<http::Response<Bytes>, ApiError> {
+        let Some(signed) = &self.signed else {
+            return Err(ApiError::Forbidden);
+        };
+        signed.signer.verify(key, query)?;
+        if !self.exists(key).await? {
+            return Ok(result_urls::expired_response());
+        }
+        let target = self.presign_s3(key, REDIRECT_TTL).await?;
+        result_urls::redirect_response(&target.url)
     }
 
     /// Seconds left on the signing credentials, when they expire at all.
@@ -320,32 +421,30 @@ impl BlobStore for S3Blobs {
     }
 
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
-        let ttl = match self.credentials_left().await? {
-            Some(left) => ttl.min(left),
-            None => ttl,
-        }
-        .max(Duration::from_secs(1));
-        // Whole seconds: X-Amz-Date and X-Amz-Expires carry no fractions, so neither may the
-        // expiry the client is told.
-        let ttl = Duration::from_secs(ttl.as_secs());
-        let now = chrono::DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0)
-            .ok_or_else(|| PortError::internal("clock out of range"))?;
-        let cfg = PresigningConfig::builder()
-            .start_time(now.into())
-            .expires_in(ttl)
-            .build()
-            .map_err(PortError::internal)?;
-        let req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .presigned(cfg)
-            .await
-            .map_err(sdk_error)?;
+        let Some(signed) = &self.signed else {
+            return self.presign_s3(key, ttl).await;
+        };
+        let Some(base) = result_urls::base_url().or_else(|| signed.base_url.clone()) else {
+            tracing::warn!("no public URL to sign a result URL under; handing out S3's");
+            return self.presign_s3(key, ttl).await;
+        };
+        let now = Utc::now().timestamp();
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2).max(1);
+        let expires_at = chrono::DateTime::<Utc>::from_timestamp(now.saturating_add(ttl), 0)
+            .ok_or_else(|| PortError::internal("result URL lifetime out of range"))?;
         Ok(SignedUrl {
-            url: req.uri().to_string(),
-            expires_at: now + chrono::Duration::from_std(ttl).map_err(PortError::internal)?,
+            url: signed.signer.url(&base, key, expires_at),
+            expires_at,
         })
+    }
+}
+
+#[async_trait]
+impl SignedFiles for S3Blobs {
+    async fn answer(&self, key: &str, query: &str) -> http::Response<Bytes> {
+        match self.redirect(key, query).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        }
     }
 }

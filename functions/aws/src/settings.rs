@@ -13,6 +13,7 @@ use tasklane_core::catalog;
 use tasklane_core::config::{ConfigError, env_required, env_secs};
 use tasklane_core::providers::builtin_registry;
 use tasklane_core::registry::Registry;
+use tasklane_core::result_urls;
 use tasklane_core::{App, Config};
 
 use crate::dynamo::DynamoStore;
@@ -92,6 +93,43 @@ impl AwsSettings {
             },
         })
     }
+}
+
+/// The key result URLs are signed with (`TASKLANE_RESULT_URL_SIGNING_KEY`, at least
+/// [`result_urls::MIN_KEY_LEN`] bytes: template.yaml's `NoEcho` parameter
+/// `ResultUrlSigningKey`), or `None` when unset (result URLs are then S3 presigned URLs). The
+/// error names the variable, never the value.
+pub fn result_url_signer_from_env() -> Result<Option<result_urls::UrlSigner>, ConfigError> {
+    match std::env::var("TASKLANE_RESULT_URL_SIGNING_KEY") {
+        Ok(k) if k.trim().is_empty() => Ok(None),
+        Ok(k) if k.len() < result_urls::MIN_KEY_LEN => Err(ConfigError(format!(
+            "TASKLANE_RESULT_URL_SIGNING_KEY must be at least {} characters",
+            result_urls::MIN_KEY_LEN
+        ))),
+        Ok(k) => Ok(Some(result_urls::UrlSigner::new(k.into_bytes()))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The results bucket of the `files` function (`TASKLANE_BUCKET`), answering the result URLs
+/// signed with `TASKLANE_RESULT_URL_SIGNING_KEY` (required here), its S3 calls bounded by
+/// `TASKLANE_AWS_TIMEOUT`. The error names the variable at fault.
+pub async fn files_from_env() -> Result<S3Blobs, ConfigError> {
+    let bucket = env_required("TASKLANE_BUCKET")?;
+    let signer = result_url_signer_from_env()?.ok_or_else(|| {
+        ConfigError("TASKLANE_RESULT_URL_SIGNING_KEY is required by the files function".into())
+    })?;
+    let timeouts = SdkTimeouts::from_env()?;
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let custom_endpoint =
+        config.endpoint_url().is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+    let s3 = aws_sdk_s3::config::Builder::from(&config)
+        .force_path_style(custom_endpoint)
+        .timeout_config(timeouts.bulk())
+        .retry_config(timeouts.retry())
+        .build();
+    let client = aws_sdk_s3::Client::from_conf(s3);
+    Ok(S3Blobs::new(&config, client, bucket).with_signed_urls(signer, None))
 }
 
 /// How long the SDK clients may spend on one AWS call, so a connection that hangs ends in the

@@ -38,6 +38,7 @@ pub mod ports;
 pub mod processor;
 pub mod providers;
 pub mod registry;
+pub mod result_urls;
 pub mod sweeper;
 pub mod task;
 pub mod upstream;

@@ -91,15 +91,62 @@ pub struct ResultView {
 /// One output with a signed URL.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputView {
-    /// Signed, expiring URL.
-    pub url: String,
+    /// Signed, expiring URL; `None` once the output is no longer stored (`expired`).
+    pub url: Option<String>,
+    /// The deployment's result retention has passed: the output is (or may any moment be)
+    /// deleted, so no URL is handed out ([`crate::result_urls::retention`]).
+    pub expired: bool,
     /// MIME type.
     pub content_type: String,
     /// Size.
     pub size_bytes: u64,
-    /// When `url` stops working.
+    /// When `url` stops working (never after the output's retention ends); when `expired`,
+    /// when the retention ended.
     #[serde(serialize_with = "rfc3339_req")]
     pub expires_at: DateTime<Utc>,
+}
+
+/// The first moment `task`'s outputs may be deleted under a retention of `retention`: S3's
+/// lifecycle rule expires an object `retention` after its creation (rounded up to the next
+/// midnight UTC, <https://docs.aws.amazon.com/AmazonS3/latest/userguide/lifecycle-expire-general-considerations.html>),
+/// and outputs are created after the task started (its creation when it never started).
+pub fn outputs_kept_until(task: &Task, retention: Duration) -> Option<DateTime<Utc>> {
+    let from = task.started_at.unwrap_or(task.created_at);
+    Some(from + chrono::Duration::from_std(retention).ok()?)
+}
+
+/// The view of output `o` of `task` at `now`: a URL for at most `ttl`, ending no later than
+/// the retention ([`outputs_kept_until`]); none, `expired`, once that has passed.
+async fn output_view(
+    task: &Task,
+    o: &crate::task::Output,
+    blobs: &dyn BlobStore,
+    ttl: Duration,
+    retention: Option<Duration>,
+    now: DateTime<Utc>,
+) -> PortResult<OutputView> {
+    let kept_until = retention.and_then(|r| outputs_kept_until(task, r));
+    let ttl = match kept_until {
+        Some(end) if end <= now => {
+            return Ok(OutputView {
+                url: None,
+                expired: true,
+                content_type: o.content_type.clone(),
+                size_bytes: o.size_bytes,
+                expires_at: end,
+            });
+        }
+        Some(end) => ttl.min((end - now).to_std().unwrap_or_default()),
+        None => ttl,
+    };
+    let signed = blobs.presign_get(&o.key, ttl).await?;
+    Ok(OutputView {
+        url: Some(signed.url),
+        expired: false,
+        content_type: o.content_type.clone(),
+        size_bytes: o.size_bytes,
+        expires_at: signed.expires_at,
+    })
 }
 
 /// `callback` of the task object.
@@ -149,18 +196,14 @@ impl From<&Callback> for CallbackView {
     }
 }
 
-/// Builds the client view of `task`, signing each output URL for `ttl`.
+/// Builds the client view of `task`, signing each output URL for `ttl` (at most until the
+/// deployment's result retention ends, after which an output is `expired`, without URL).
 pub async fn task_view(task: &Task, blobs: &dyn BlobStore, ttl: Duration) -> PortResult<TaskView> {
     let result = if task.status == TaskStatus::Completed {
         let mut outputs = Vec::with_capacity(task.outputs.len());
+        let (retention, now) = (crate::result_urls::retention(), Utc::now());
         for o in &task.outputs {
-            let signed = blobs.presign_get(&o.key, ttl).await?;
-            outputs.push(OutputView {
-                url: signed.url,
-                content_type: o.content_type.clone(),
-                size_bytes: o.size_bytes,
-                expires_at: signed.expires_at,
-            });
+            outputs.push(output_view(task, o, blobs, ttl, retention, now).await?);
         }
         Some(ResultView { outputs })
     } else {
@@ -192,4 +235,77 @@ pub async fn task_view(task: &Task, blobs: &dyn BlobStore, ttl: Duration) -> Por
             .map(|u| u.logs.clone())
             .filter(|l| !l.is_empty()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::{ChunkSource, SignedUrl, StreamRefused};
+    use crate::task::Output;
+    use bytes::Bytes;
+
+    /// Signs `https://files/{key}` for exactly the TTL asked.
+    struct Urls;
+
+    #[async_trait::async_trait]
+    impl BlobStore for Urls {
+        async fn put(&self, _: &str, _: Bytes, _: &str) -> PortResult<()> {
+            Ok(())
+        }
+        async fn put_stream(
+            &self,
+            _: &str,
+            _: &str,
+            _: &mut dyn ChunkSource,
+            _: u64,
+        ) -> PortResult<Result<u64, StreamRefused>> {
+            Ok(Ok(0))
+        }
+        async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
+            Ok(SignedUrl {
+                url: format!("https://files/{key}"),
+                expires_at: Utc::now() + chrono::Duration::from_std(ttl).unwrap(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_output_past_its_retention_is_expired_without_url_and_urls_end_with_it() {
+        let mut task = crate::task::tests::sample(TaskStatus::Completed);
+        let now = Utc::now();
+        task.started_at = Some(now - chrono::Duration::days(7) + chrono::Duration::minutes(10));
+        let o = Output {
+            key: "tasks/t/output-0.gif".into(),
+            content_type: "image/gif".into(),
+            size_bytes: 3,
+        };
+        let retention = Duration::from_secs(7 * 86_400);
+        let week = Some(retention);
+        let hour = Duration::from_secs(3600);
+        // Ten minutes of retention left: the URL ends with it, not an hour from now.
+        let v = output_view(&task, &o, &Urls, hour, week, now)
+            .await
+            .unwrap();
+        assert!(!v.expired);
+        assert_eq!(v.url.as_deref(), Some("https://files/tasks/t/output-0.gif"));
+        assert!(v.expires_at <= now + chrono::Duration::minutes(11), "{v:?}");
+        assert!(v.expires_at >= now + chrono::Duration::minutes(9), "{v:?}");
+        // Past it: expired, no URL, and when it ended.
+        let later = now + chrono::Duration::minutes(10);
+        let v = output_view(&task, &o, &Urls, hour, week, later)
+            .await
+            .unwrap();
+        assert!(v.expired);
+        assert_eq!(v.url, None);
+        assert_eq!(v.expires_at, outputs_kept_until(&task, retention).unwrap());
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["url"], serde_json::Value::Null);
+        assert_eq!(json["expired"], true);
+        // No retention configured: URLs for the whole TTL, never expired.
+        let v = output_view(&task, &o, &Urls, hour, None, later)
+            .await
+            .unwrap();
+        assert!(!v.expired && v.url.is_some());
+        assert!(v.expires_at >= Utc::now() + chrono::Duration::minutes(59));
+    }
 }

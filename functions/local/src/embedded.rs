@@ -54,6 +54,7 @@ pub(crate) async fn embedded(
         queue: Arc::new(queue.clone()),
         source: Arc::new(queue),
         blobs: Arc::new(files.clone()),
+        files: None,
     };
     Ok((backends, files))
 }

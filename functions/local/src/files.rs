@@ -1,5 +1,6 @@
 //! The results folder: a blob store on local files, handed out as URLs signed by this server
-//! (HMAC-SHA256 over key and expiry) and served by it under `/v1/files/`.
+//! (HMAC-SHA256 over key and expiry, [`tasklane_core::result_urls`], the scheme the AWS
+//! runtime shares) and served by it under `/v1/files/`.
 
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -7,15 +8,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use tasklane_core::ApiError;
 use tasklane_core::ports::{
     BlobStore, ChunkSource, PortError, PortResult, SignedUrl, StreamRefused,
 };
-
-/// Path prefix under which signed files are served.
-pub const FILES_PREFIX: &str = "/v1/files/";
+pub use tasklane_core::result_urls::FILES_PREFIX;
+use tasklane_core::result_urls::UrlSigner;
 
 /// A streamed body is written to its file in batches of this many bytes (the most of it held
 /// in memory at once, besides the chunk being read).
@@ -76,7 +74,7 @@ async fn write_batch(
 pub struct FileBlobs {
     root: PathBuf,
     base_url: String,
-    key: Vec<u8>,
+    signer: UrlSigner,
 }
 
 impl FileBlobs {
@@ -85,7 +83,7 @@ impl FileBlobs {
         FileBlobs {
             root,
             base_url: base_url.trim_end_matches('/').to_string(),
-            key,
+            signer: UrlSigner::new(key),
         }
     }
 
@@ -110,39 +108,11 @@ impl FileBlobs {
         Ok((dir, path))
     }
 
-    fn signature(&self, key: &str, expires: i64) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(key.as_bytes());
-        mac.update(b"\n");
-        mac.update(expires.to_string().as_bytes());
-        hex::encode(mac.finalize().into_bytes())
-    }
-
-    /// Checks a signed URL's key, `expires` and `signature` query values, returning the file.
-    /// Expired, tampered and unsigned URLs are [`ApiError::Forbidden`].
+    /// Checks a signed URL's key, `expires` and `signature` query values
+    /// ([`UrlSigner::verify`]), returning the file. Expired, tampered and unsigned URLs are
+    /// [`ApiError::Forbidden`].
     pub fn verify(&self, key: &str, query: &str) -> Result<PathBuf, ApiError> {
-        let mut expires = None;
-        let mut sig = None;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match k.as_ref() {
-                "expires" => expires = v.parse::<i64>().ok(),
-                "signature" => sig = Some(v.into_owned()),
-                _ => {}
-            }
-        }
-        let (Some(expires), Some(sig)) = (expires, sig) else {
-            return Err(ApiError::Forbidden);
-        };
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(key.as_bytes());
-        mac.update(b"\n");
-        mac.update(expires.to_string().as_bytes());
-        let given = hex::decode(&sig).map_err(|_| ApiError::Forbidden)?;
-        // Constant-time comparison.
-        mac.verify_slice(&given).map_err(|_| ApiError::Forbidden)?;
-        if Utc::now().timestamp() >= expires {
-            return Err(ApiError::Forbidden);
-        }
+        self.signer.verify(key, query)?;
         self.path_of(key).ok_or(ApiError::NotFound("no such file"))
     }
 }
@@ -207,15 +177,10 @@ impl BlobStore for FileBlobs {
     async fn presign_get(&self, key: &str, ttl: Duration) -> PortResult<SignedUrl> {
         let expires_at: DateTime<Utc> =
             Utc::now() + chrono::Duration::from_std(ttl).map_err(PortError::internal)?;
-        let expires = expires_at.timestamp();
-        let url = format!(
-            "{}{FILES_PREFIX}{key}?expires={expires}&signature={}",
-            self.base_url,
-            self.signature(key, expires)
-        );
+        let url = self.signer.url(&self.base_url, key, expires_at);
         Ok(SignedUrl {
             url,
-            expires_at: DateTime::from_timestamp(expires, 0).unwrap_or(expires_at),
+            expires_at: DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap_or(expires_at),
         })
     }
 }
@@ -257,7 +222,7 @@ mod tests {
     fn expired_urls_are_refused() {
         let b = blobs();
         let past = Utc::now().timestamp() - 1;
-        let q = format!("expires={past}&signature={}", b.signature("k", past));
+        let q = format!("expires={past}&signature={}", b.signer.signature("k", past));
         assert!(matches!(b.verify("k", &q), Err(ApiError::Forbidden)));
     }
 

@@ -87,6 +87,9 @@ pub struct Backends {
     pub source: Arc<dyn MessageSource>,
     /// Blob store; its URLs are served by whatever backs it.
     pub blobs: Arc<dyn BlobStore>,
+    /// What answers the blob store's signed result URLs under `/v1/files/` (S3: a redirect);
+    /// `None`: the embedded results folder's, or none.
+    pub files: Option<Arc<dyn tasklane_core::result_urls::SignedFiles>>,
 }
 
 /// Starts the server on `backends`, or on the embedded ones (SQLite, results folder) when
@@ -116,12 +119,17 @@ pub async fn start_on(
         .public_url
         .get_or_insert_with(|| public.unwrap_or_else(|| format!("http://{addr}")));
     let (backends, files) = match backends {
-        Some(b) => (b, None),
+        Some(b) => {
+            let files = b.files.clone().map(crate::http::Files::Signed);
+            (b, files)
+        }
         None => {
             let (b, files) = crate::embedded::embedded(&cfg, addr).await?;
-            (b, Some(files))
+            (b, Some(crate::http::Files::Local(files)))
         }
     };
+    // Result URLs are built on the public URL, in requests and in the workers alike.
+    let public_url = cfg.core.public_url.clone().unwrap_or_default();
     let (dev_account_id, dev_api_key) =
         crate::dev_account::dev_account(backends.store.as_ref(), &cfg).await?;
     let source = backends.source.clone();
@@ -131,11 +139,18 @@ pub async fn start_on(
     let mut tasks = JoinSet::new();
     let processor = Processor::new(app.clone());
     for n in 0..cfg.workers {
-        let worker = run_worker(n, source.clone(), processor.clone(), stop_rx.clone());
+        let worker = tasklane_core::result_urls::with_base_url(
+            public_url.clone(),
+            run_worker(n, source.clone(), processor.clone(), stop_rx.clone()),
+        );
         tasks.spawn(worker);
     }
-    tasks.spawn(run_sweeper(app.clone(), stop_rx.clone()));
+    tasks.spawn(tasklane_core::result_urls::with_base_url(
+        public_url.clone(),
+        run_sweeper(app.clone(), stop_rx.clone()),
+    ));
     let served = Served {
+        public_url,
         api: Api::new(app.clone()),
         files,
     };
