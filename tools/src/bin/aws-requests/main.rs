@@ -6,6 +6,9 @@
 //! ```text
 //! AWS_ENDPOINT_URL=http://127.0.0.1:5000 cargo run -p tasklane-tools --bin aws-requests
 //! ```
+//!
+//! With `--cost` it runs an `echo` and a `veo3` 5 s lifecycle instead and prices them in
+//! dollars per million tasks (`cost.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use tasklane_testkit::provision;
 
 use crate::metrics::RequestCounter;
 
+mod cost;
 mod metrics;
 
 /// Prints how many AWS requests each API operation makes.
@@ -33,7 +37,12 @@ mod metrics;
 /// provisions its own table, queues and bucket there.
 #[derive(Debug, Parser)]
 #[command(name = "aws-requests")]
-struct Args {}
+struct Args {
+    /// Instead of the per-operation table, run an `echo` and a `veo3` 5 s lifecycle and print
+    /// their cost in dollars per million tasks at AWS list prices (us-east-1).
+    #[arg(long)]
+    cost: bool,
+}
 
 struct Bench {
     api: Api,
@@ -43,6 +52,9 @@ struct Bench {
     source: tasklane_aws::sqs::SqsQueue,
     key: String,
     rows: Vec<(String, BTreeMap<String, u64>)>,
+    /// Milliseconds spent in `Processor::handle` by [`Bench::drain`] (the processor's Lambda
+    /// duration, without the uncounted receives).
+    processor_ms: f64,
 }
 
 impl Bench {
@@ -90,7 +102,9 @@ impl Bench {
             for d in batch {
                 let msg = d.message.clone().expect("a work message");
                 self.counter.take();
+                let start = std::time::Instant::now();
                 self.processor.handle(&msg).await.expect("processed");
+                self.processor_ms += start.elapsed().as_secs_f64() * 1000.0;
                 for (k, v) in self.counter.take() {
                     *total.entry(k).or_insert(0) += v;
                 }
@@ -123,7 +137,7 @@ async fn receiver() -> String {
 
 #[tokio::main]
 async fn main() {
-    Args::parse();
+    let args = Args::parse();
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let prefix = format!("req{}", std::process::id());
     let mut settings = provision::provision(&config, &prefix)
@@ -150,7 +164,12 @@ async fn main() {
         source: plain.queue.clone(),
         key: new.api_key,
         rows: Vec::new(),
+        processor_ms: 0.0,
     };
+    if args.cost {
+        cost::run(&mut b).await;
+        return;
+    }
 
     b.call("GET /v1/account", Method::GET, "/v1/account", None, &[])
         .await;
