@@ -26,6 +26,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tasklane_tools::{Latency, latency};
 
 use clap::Parser;
 use reqwest::{Client, StatusCode};
@@ -127,35 +128,6 @@ async fn send(req: reqwest::RequestBuilder) -> Result<(StatusCode, bytes::Bytes)
     let status = resp.status();
     let body = resp.bytes().await.map_err(|e| transport_kind(&e))?;
     Ok((status, body))
-}
-
-/// Latency figures in milliseconds.
-#[derive(Debug, Clone, Copy, Default)]
-struct Latency {
-    p50: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-fn latency(samples: &mut [Duration]) -> Option<Latency> {
-    if samples.is_empty() {
-        return None;
-    }
-    samples.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    // Nearest rank.
-    let rank = |p: f64| {
-        let i = (p * samples.len() as f64).ceil() as usize;
-        samples[i.clamp(1, samples.len()) - 1]
-    };
-    let total: Duration = samples.iter().sum();
-    Some(Latency {
-        p50: ms(rank(0.50)),
-        p99: ms(rank(0.99)),
-        max: ms(samples[samples.len() - 1]),
-        mean: ms(total) / samples.len() as f64,
-    })
 }
 
 /// What one phase measured.

@@ -57,6 +57,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tasklane_tools::{Latency, cells, latency};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -181,42 +182,6 @@ async fn send(req: reqwest::RequestBuilder) -> Result<(StatusCode, Value), Strin
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     ))
-}
-
-/// Latency figures in milliseconds.
-#[derive(Debug, Clone, Copy, Default)]
-struct Latency {
-    p50: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-fn latency(samples: &mut [Duration]) -> Option<Latency> {
-    if samples.is_empty() {
-        return None;
-    }
-    samples.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    // Nearest rank.
-    let rank = |p: f64| {
-        let i = (p * samples.len() as f64).ceil() as usize;
-        samples[i.clamp(1, samples.len()) - 1]
-    };
-    let total: Duration = samples.iter().sum();
-    Some(Latency {
-        p50: ms(rank(0.50)),
-        p99: ms(rank(0.99)),
-        max: ms(samples[samples.len() - 1]),
-        mean: ms(total) / samples.len() as f64,
-    })
-}
-
-fn cells(l: Option<Latency>) -> [String; 4] {
-    match l {
-        Some(l) => [l.p50, l.p99, l.max, l.mean].map(|v| format!("{v:.2}")),
-        None => ["-", "-", "-", "-"].map(String::from),
-    }
 }
 
 /// Counts, from the task store's side, the waits of tasks whose upstream was busy.
