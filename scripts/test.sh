@@ -4,7 +4,8 @@
 #      fetches the crates;
 #   2. then, inside a network namespace that has only loopback when it can (root and
 #      `unshare`), so no test can reach anything beyond this machine: checks formatting and
-#      lints (template.yaml too), starts an AWS emulator (moto) on a free loopback port, runs
+#      lints (template.yaml too), starts an AWS emulator (moto) on a free loopback port behind a
+#      proxy that gives its DynamoDB the real service's transaction conflicts, runs
 #      every test on the embedded backends, runs the end-to-end suites again on DynamoDB, SQS
 #      and S3 in the emulator, checks the HTTP contract with schemathesis, and stops the emulator.
 #
@@ -75,9 +76,33 @@ if [ -z "$ready" ]; then
   cat .venv/moto.log >&2
   exit 1
 fi
+
+# moto runs a transaction's actions one by one on a thread per request, so concurrent
+# transactions on one item are neither atomic nor refused; DynamoDB isolates them and cancels
+# overlapping ones with TransactionConflict. The suites talk to moto through a proxy that does
+# what DynamoDB does (crates/testkit/src/dynamo_proxy.rs), built with the tests.
+echo "==> building the tests"
+cargo test --workspace --locked --no-run
+echo "==> starting the DynamoDB transaction proxy in front of the emulator"
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+"$target_dir/debug/tasklane-dynamo-proxy" --upstream "http://127.0.0.1:$port" > .venv/proxy.out 2> .venv/proxy.log &
+proxy_pid=$!
+trap 'kill "$proxy_pid" "$moto_pid" 2>/dev/null || true; wait "$proxy_pid" "$moto_pid" 2>/dev/null || true' EXIT
+endpoint=
+for _ in $(seq 1 100); do
+  endpoint=$(head -n 1 .venv/proxy.out 2> /dev/null || true)
+  if [ -n "$endpoint" ] || ! kill -0 "$proxy_pid" 2> /dev/null; then break; fi
+  sleep 0.1
+done
+if [ -z "$endpoint" ]; then
+  echo "the DynamoDB transaction proxy did not start; its log (.venv/proxy.log):" >&2
+  cat .venv/proxy.log >&2
+  exit 1
+fi
+
 # Dummy credentials for the emulator only; nothing here talks to AWS.
 unset AWS_PROFILE AWS_SESSION_TOKEN AWS_DEFAULT_PROFILE
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 \
+export AWS_ENDPOINT_URL="$endpoint" AWS_REGION=us-east-1 \
   AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true
 
 echo "==> cargo test (embedded backends; AWS adapter tests on the emulator)"

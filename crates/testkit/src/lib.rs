@@ -9,6 +9,9 @@
 //!   messages, workers halted between two steps) on the core's seams.
 //! - [`soak`]: the soak run (many clients, injected faults, every answer recorded) and its
 //!   history check, one function per property.
+//! - [`dynamo_proxy`]: a proxy that gives the emulator's DynamoDB the real service's atomic
+//!   transactions and its `TransactionConflict` for overlapping ones (binary
+//!   `tasklane-dynamo-proxy`, which the test command puts in front of moto).
 //! - [`memory`]: small in-memory adapters (store, queue, blobs) for volume, e.g. the API fuzzer.
 //! - [`provision`]: creates the resources `template.yaml` declares on an AWS emulator.
 //! - [`runtime_api`]: a Lambda Runtime API emulator that runs a function binary as Lambda does.
@@ -25,6 +28,7 @@
 
 pub mod chaos;
 pub mod cog;
+pub mod dynamo_proxy;
 pub mod fal;
 pub mod intercept;
 pub mod memory;

@@ -2,27 +2,37 @@
 //!
 //! | item | `PK` | `SK` | `GSI1PK` | `GSI1SK` |
 //! |---|---|---|---|---|
-//! | account | `ACCT#<id>` | `ACCOUNT` | `KEY#<sha256 of the API key>` | `ACCOUNT` |
+//! | account (and shard 0 of its balance) | `ACCT#<id>` | `ACCOUNT` | – | – |
+//! | shard `k` ≥ 1 of a spread balance | `ACCT#<id>#<k>` | `SHARD` | – | – |
 //! | task | `TASK#<id>` | `TASK` | `ACCT#<account id>` | `<task id>` |
 //! | idempotency record | `IDEM#<account id>#<key>` | `IDEM` | – | – |
 //! | key claim | `KEY#<sha256 of the API key>` | `KEY` | – | – |
 //! | upstream slot | `SLOTS#<pool>` | `SLOT#<n>` | – | – |
 //!
-//! `GSI1` answers both "which account has this key" (one query) and "this account's tasks,
-//! newest first" (task ids are ULIDs). `GSI2` is sparse: only a task waiting on possibly
+//! A request's key is looked up by its key claim item, which names the account (two strongly
+//! consistent reads, no index, so a rotated or revoked key stops working at once). `GSI1`
+//! answers "this account's tasks, newest first" (task ids are ULIDs). `GSI2` is sparse: only a task waiting on possibly
 //! lost work carries `GSI2PK = WAITING#<shard 0..7>` and `GSI2SK = <waiting_since>#<task id>`,
 //! so the sweeper reads just those (one query per shard, spreading the index's writes; and as
 //! many for the `DUE#<shard>` partitions that items written before the rename still carry).
 //! A key claim item makes each key hash unique: it is written with its account (and swapped on
 //! rotation) in one transaction, conditioned on not existing.
 //! The account item counts its open tasks (`open_tasks`): submit increments it under the
-//! cap in the same transaction as the debit, and the write that ends a task decrements it. Idempotency records carry `expires_at` (epoch seconds),
+//! cap in the same transaction as the debit, and the write that ends a task decrements it.
+//! A busy account spreads both over several items ([`ledger`]). Idempotency records carry `expires_at` (epoch seconds),
 //! the table's TTL attribute. Submit is one `TransactWriteItems` (debit, task, idempotency
 //! record); every task change is a write conditioned on the version read, and a refund
 //! travels in the same transaction.
 
 use std::collections::HashMap;
 use std::time::Duration;
+
+mod ledger;
+pub use ledger::MAX_SHARDS;
+use ledger::{
+    CONFLICT_ATTEMPTS, Share, backoff, is_conflict, is_transaction_conflict, retry_while,
+    shard_cap, shard_key, shard_of, shards_of, totals,
+};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -274,6 +284,8 @@ fn task_item(task: &Task) -> PortResult<Item> {
 pub struct DynamoStore {
     client: Client,
     table: String,
+    /// Accounts' shard counts read recently ([`ledger`]).
+    shards: ledger::ShardCache,
 }
 
 impl DynamoStore {
@@ -282,6 +294,7 @@ impl DynamoStore {
         DynamoStore {
             client,
             table: table.into(),
+            shards: ledger::ShardCache::default(),
         }
     }
 
@@ -304,6 +317,20 @@ impl DynamoStore {
         Ok(out.item)
     }
 
+    /// The account an account item (shard 0) belongs to, with its balance and open-task
+    /// count summed over all its shards.
+    async fn whole_account(&self, item: &Item) -> PortResult<Account> {
+        let mut account = account_from(item)?;
+        let count = shards_of(item);
+        self.remember_shards(&account.id, count);
+        if count > 1 {
+            let mut shares = vec![Share::of(Some(item))];
+            shares.extend(self.shares(&account.id, 1, count, false).await?);
+            (account.credits, account.open_tasks) = totals(&shares);
+        }
+        Ok(account)
+    }
+
     /// An `UpdateItem` on an existing account (the caller adds the update).
     fn update_account(
         &self,
@@ -323,10 +350,11 @@ impl DynamoStore {
     fn account_settle(
         &self,
         account_id: &str,
+        shard: u32,
         refund: u64,
         closed: bool,
     ) -> PortResult<TransactWriteItem> {
-        let (pk, sk) = account_key(account_id);
+        let (pk, sk) = shard_key(account_id, shard);
         let update = Update::builder()
             .table_name(&self.table)
             .key("PK", pk)
@@ -393,11 +421,12 @@ impl DynamoStore {
             .expression_attribute_values(":expected", n(expected))
             .build()
             .map_err(build_err)?;
+        let shard = shard_of(&task.id, self.account_shards(&task.account_id).await?);
         let res = self
             .client
             .transact_write_items()
             .transact_items(TransactWriteItem::builder().put(put).build())
-            .transact_items(self.account_settle(&task.account_id, refund, closed)?)
+            .transact_items(self.account_settle(&task.account_id, shard, refund, closed)?)
             .send()
             .await;
         match res {
@@ -418,6 +447,117 @@ impl DynamoStore {
     }
 }
 
+/// How one attempt to store a submitted task ended.
+enum Insert {
+    /// Debited, stored (and the idempotency record completed).
+    Stored,
+    /// Another transaction held one of the items.
+    Conflict,
+    /// The shard could not take the task (credits or open-task room): its share as it was,
+    /// `None` when the shard's item does not exist.
+    Refused(Option<Share>),
+}
+
+/// Why an account that cannot take a task of `cost` with `credits` left refuses it.
+fn refusal(credits: u64, cost: u64, max_open: u64) -> PortError {
+    if credits >= cost {
+        PortError::TooManyOpenTasks { limit: max_open }
+    } else {
+        PortError::InsufficientCredits { available: credits }
+    }
+}
+
+impl DynamoStore {
+    /// One attempt to store `task` debiting shard `shard` of `count`: the debit (under the
+    /// shard's share of the open-task cap), the task and the idempotency record in one
+    /// transaction.
+    async fn insert_on(
+        &self,
+        task: &Task,
+        claim: Option<&IdempotencyClaim>,
+        max_open: u64,
+        count: u32,
+        shard: u32,
+    ) -> PortResult<Insert> {
+        let (apk, ask) = shard_key(&task.account_id, shard);
+        let debit = Update::builder()
+            .table_name(&self.table)
+            .key("PK", apk)
+            .key("SK", ask)
+            // The REMOVE drops the index keys account items carried when accounts were found
+            // through GSI1 (a no-op on items without them), so no debit rewrites an index.
+            .update_expression(
+                "SET credits = credits - :c, open_tasks = if_not_exists(open_tasks, :zero) + :one \
+                 REMOVE GSI1PK, GSI1SK",
+            )
+            .condition_expression(
+                "attribute_exists(PK) AND credits >= :c \
+                 AND (attribute_not_exists(open_tasks) OR open_tasks < :cap)",
+            )
+            .expression_attribute_values(":c", n(task.cost.credits))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":cap", n(shard_cap(max_open, count, shard)))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(build_err)?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(task_item(task)?))
+            .condition_expression("attribute_not_exists(PK)")
+            .build()
+            .map_err(build_err)?;
+        let mut req = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(debit).build())
+            .transact_items(TransactWriteItem::builder().put(put).build());
+        if let Some(claim) = claim {
+            let (ipk, isk) = idem_key(&task.account_id, &claim.key);
+            let finish = Update::builder()
+                .table_name(&self.table)
+                .key("PK", ipk)
+                .key("SK", isk)
+                .update_expression("SET task_id = :id")
+                .condition_expression("#t = :t AND attribute_not_exists(task_id)")
+                .expression_attribute_names("#t", "token")
+                .expression_attribute_values(":id", s(task.id.clone()))
+                .expression_attribute_values(":t", s(claim.token.clone()))
+                .build()
+                .map_err(build_err)?;
+            req = req.transact_items(TransactWriteItem::builder().update(finish).build());
+        }
+        let Err(e) = req.send().await else {
+            return Ok(Insert::Stored);
+        };
+        let Some(reasons) = cancellation_reasons(&e) else {
+            return Err(sdk_error(e));
+        };
+        let code = |i: usize| reasons.get(i).and_then(|r| r.code());
+        if code(0) == Some("ConditionalCheckFailed") {
+            return Ok(Insert::Refused(
+                reasons[0].item().map(|old| Share::of(Some(old))),
+            ));
+        }
+        if code(2) == Some("ConditionalCheckFailed") {
+            return Err(PortError::ReservationLost);
+        }
+        if code(1) == Some("ConditionalCheckFailed") {
+            return Err(PortError::internal(format!(
+                "task {} exists already",
+                task.id
+            )));
+        }
+        if reasons
+            .iter()
+            .any(|r| r.code() == Some("TransactionConflict"))
+        {
+            return Ok(Insert::Conflict);
+        }
+        Err(cancelled("submit", &reasons))
+    }
+}
+
 #[async_trait]
 impl TaskStore for DynamoStore {
     async fn create_account(&self, account: &Account) -> PortResult<()> {
@@ -426,8 +566,6 @@ impl TaskStore for DynamoStore {
             .table_name(&self.table)
             .item("PK", pk)
             .item("SK", sk)
-            .item("GSI1PK", s(format!("KEY#{}", account.key_hash)))
-            .item("GSI1SK", s("ACCOUNT"))
             .item("account_id", s(account.id.clone()))
             .item("key_hash", s(account.key_hash.clone()))
             .item("credits", n(account.credits))
@@ -449,37 +587,36 @@ impl TaskStore for DynamoStore {
     }
 
     async fn account_by_key_hash(&self, key_hash: &str) -> PortResult<Option<Account>> {
-        let out = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name(GSI1)
-            .key_condition_expression("GSI1PK = :k")
-            .expression_attribute_values(":k", s(format!("KEY#{key_hash}")))
-            .limit(1)
-            .send()
-            .await
-            .map_err(sdk_error)?;
-        out.items().first().map(account_from).transpose()
+        // The key claim item names the key's account; it is written and swapped in the same
+        // transactions as the account's key, so this read (strongly consistent, no index)
+        // sees a rotation or revocation as soon as it is done.
+        let Some(claim) = self.get(key_claim(key_hash)).await? else {
+            return Ok(None);
+        };
+        let account_id = get_s(&claim, "account_id")?;
+        match self.account(account_id).await? {
+            Some(account) if account.key_hash == key_hash => Ok(Some(account)),
+            _ => Ok(None),
+        }
     }
 
     async fn account(&self, account_id: &str) -> PortResult<Option<Account>> {
-        self.get(account_key(account_id))
-            .await?
-            .as_ref()
-            .map(account_from)
-            .transpose()
+        match self.get(account_key(account_id)).await? {
+            Some(item) => self.whole_account(&item).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn grant_credits(&self, account_id: &str, credits: u64) -> PortResult<Account> {
-        let out = self
+        // Granted credits go to shard 0 (the account item); a rebalance spreads them.
+        let grant = self
             .update_account(account_id)
             .update_expression("SET credits = credits + :c, granted = granted + :c")
             .expression_attribute_values(":c", n(credits))
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await;
-        account_from(existing(out)?.attributes().ok_or(PortError::NotFound)?)
+            .return_values(ReturnValue::AllNew);
+        let out = retry_while(is_conflict, || grant.clone().send()).await;
+        self.whole_account(existing(out)?.attributes().ok_or(PortError::NotFound)?)
+            .await
     }
 
     async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
@@ -496,10 +633,9 @@ impl TaskStore for DynamoStore {
             .table_name(&self.table)
             .key("PK", pk)
             .key("SK", sk)
-            .update_expression("SET key_hash = :h, GSI1PK = :g")
+            .update_expression("SET key_hash = :h REMOVE GSI1PK, GSI1SK")
             .condition_expression("attribute_exists(PK) AND key_hash = :old")
             .expression_attribute_values(":h", s(key_hash))
-            .expression_attribute_values(":g", s(format!("KEY#{key_hash}")))
             .expression_attribute_values(":old", s(old.clone()))
             .build()
             .map_err(build_err)?;
@@ -510,14 +646,13 @@ impl TaskStore for DynamoStore {
             .key("SK", osk)
             .build()
             .map_err(build_err)?;
-        let res = self
+        let swap = self
             .client
             .transact_write_items()
             .transact_items(TransactWriteItem::builder().update(update).build())
             .transact_items(TransactWriteItem::builder().delete(release).build())
-            .transact_items(self.claim_key(key_hash, account_id)?)
-            .send()
-            .await;
+            .transact_items(self.claim_key(key_hash, account_id)?);
+        let res = retry_while(is_transaction_conflict, || swap.clone().send()).await;
         keyed_transaction(res, "key")
     }
 
@@ -615,80 +750,58 @@ impl TaskStore for DynamoStore {
         claim: Option<&IdempotencyClaim>,
         max_open: u64,
     ) -> PortResult<()> {
-        let (apk, ask) = account_key(&task.account_id);
-        let debit = Update::builder()
-            .table_name(&self.table)
-            .key("PK", apk)
-            .key("SK", ask)
-            .update_expression(
-                "SET credits = credits - :c, open_tasks = if_not_exists(open_tasks, :zero) + :one",
-            )
-            .condition_expression(
-                "attribute_exists(PK) AND credits >= :c \
-                 AND (attribute_not_exists(open_tasks) OR open_tasks < :cap)",
-            )
-            .expression_attribute_values(":c", n(task.cost.credits))
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":cap", n(max_open))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .map_err(build_err)?;
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(task_item(task)?))
-            .condition_expression("attribute_not_exists(PK)")
-            .build()
-            .map_err(build_err)?;
-        let mut req = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().update(debit).build())
-            .transact_items(TransactWriteItem::builder().put(put).build());
-        if let Some(claim) = claim {
-            let (ipk, isk) = idem_key(&task.account_id, &claim.key);
-            let finish = Update::builder()
-                .table_name(&self.table)
-                .key("PK", ipk)
-                .key("SK", isk)
-                .update_expression("SET task_id = :id")
-                .condition_expression("#t = :t AND attribute_not_exists(task_id)")
-                .expression_attribute_names("#t", "token")
-                .expression_attribute_values(":id", s(task.id.clone()))
-                .expression_attribute_values(":t", s(claim.token.clone()))
-                .build()
-                .map_err(build_err)?;
-            req = req.transact_items(TransactWriteItem::builder().update(finish).build());
-        }
-        let Err(e) = req.send().await else {
-            return Ok(());
-        };
-        let reasons = cancellation_reasons(&e);
-        let Some(reasons) = reasons else {
-            return Err(sdk_error(e));
-        };
-        let failed =
-            |i: usize| reasons.get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
-        if failed(0) {
-            let Some(old) = reasons[0].item() else {
-                return Err(PortError::NotFound);
+        let count = self.account_shards(&task.account_id).await?;
+        let cost = task.cost.credits;
+        let mut shard = shard_of(&task.id, count);
+        let mut conflicts = 0;
+        for _ in 0..2 * CONFLICT_ATTEMPTS {
+            let refused = match self.insert_on(task, claim, max_open, count, shard).await? {
+                Insert::Stored => return Ok(()),
+                Insert::Conflict => {
+                    // Another transaction holds the shard (or the idempotency record): wait
+                    // a little, and take the next shard.
+                    if conflicts + 1 >= CONFLICT_ATTEMPTS {
+                        break;
+                    }
+                    backoff(conflicts).await;
+                    conflicts += 1;
+                    shard = (shard + 1) % count;
+                    continue;
+                }
+                Insert::Refused(share) => share,
             };
-            let available = get_n(old, "credits")?;
-            if available >= task.cost.credits {
-                return Err(PortError::TooManyOpenTasks { limit: max_open });
+            let share = match refused {
+                Some(share) => share,
+                None if shard == 0 => return Err(PortError::NotFound),
+                None => Share::default(),
+            };
+            if count == 1 {
+                return Err(refusal(share.credits, cost, max_open));
             }
-            return Err(PortError::InsufficientCredits { available });
+            // This shard is short; judge the account as a whole.
+            let shares = self.shares(&task.account_id, 0, count, true).await?;
+            let (credits, open) = totals(&shares);
+            if credits < cost || open >= max_open {
+                return Err(refusal(credits, cost, max_open));
+            }
+            let fits = |k: u32| {
+                let s = shares[k as usize];
+                s.credits >= cost && s.open < shard_cap(max_open, count, k) as i64
+            };
+            match (0..count).map(|k| (shard + k) % count).find(|k| fits(*k)) {
+                Some(k) => shard = k,
+                // The room is there, split over shards none of which has enough.
+                None => {
+                    if !self.rebalance(&task.account_id, &shares).await? {
+                        backoff(conflicts).await;
+                        conflicts += 1;
+                    }
+                }
+            }
         }
-        if failed(2) {
-            return Err(PortError::ReservationLost);
-        }
-        if failed(1) {
-            return Err(PortError::internal(format!(
-                "task {} exists already",
-                task.id
-            )));
-        }
-        Err(cancelled("submit", &reasons))
+        Err(PortError::unavailable(format!(
+            "submit: the account's items stayed busy after {CONFLICT_ATTEMPTS} tries"
+        )))
     }
 
     async fn task(&self, task_id: &str) -> PortResult<Option<Task>> {
@@ -935,7 +1048,12 @@ impl TaskStore for DynamoStore {
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {
         // Optimistic concurrency: read, apply the state machine, write conditioned on the
         // version read; on a lost race read again. State rules never depend on this loop.
-        for _ in 0..8 {
+        for attempt in 0..8 {
+            if attempt > 0 {
+                // Lost to another writer (a newer version, or an ongoing transaction on the
+                // task or its account shard): spread the retries out.
+                backoff(attempt - 1).await;
+            }
             let mut task = self.task(task_id).await?.ok_or(PortError::NotFound)?;
             let expected = task.version;
             let applied = apply(&mut task, transition, Utc::now())?;
