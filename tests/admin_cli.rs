@@ -557,6 +557,12 @@ async fn an_unknown_account_exits_1() {
         1,
         &[missing],
     );
+    // The local store has no items to spread an account over.
+    fails(
+        &admin(&["shard", "--account", missing, "--shards", "4", "--local", d]).await,
+        1,
+        &["DynamoDB table only"],
+    );
     let o = admin(&["show", "--account", missing, "--local", d, "--json"]).await;
     fails(&o, 1, &[]);
     let err: Value = serde_json::from_slice(&o.stderr).expect("a JSON error");
@@ -753,6 +759,93 @@ async fn dynamodb_accounts_keys_and_credits() {
         .await,
         1,
         &["already uses this key"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shard_spreads_a_dynamodb_account_and_only_grows() {
+    require_emulator();
+    let (store, table) = dynamo_table().await;
+    let t = table.as_str();
+    let created = ok_json(
+        &admin(&[
+            "create-account",
+            "--credits",
+            "90",
+            "--dynamodb",
+            "--table",
+            t,
+            "--json",
+        ])
+        .await,
+    );
+    let id = s(&created, "account_id");
+    let spread = ok_json(
+        &admin(&[
+            "shard",
+            "--account",
+            id,
+            "--shards",
+            "3",
+            "--dynamodb",
+            "--table",
+            t,
+            "--json",
+        ])
+        .await,
+    );
+    assert_eq!((u(&spread, "shards"), u(&spread, "credits")), (3, 90));
+    // The balance is the account's wherever it lies; the key still finds it.
+    let acct = store
+        .account_by_key_hash(&hash_api_key(s(&created, "api_key")))
+        .await
+        .unwrap()
+        .expect("the key finds the account");
+    assert_eq!((acct.credits, acct.granted), (90, 90));
+    fails(
+        &admin(&[
+            "shard",
+            "--account",
+            id,
+            "--shards",
+            "2",
+            "--dynamodb",
+            "--table",
+            t,
+        ])
+        .await,
+        1,
+        &["only grows"],
+    );
+    fails(
+        &admin(&[
+            "shard",
+            "--account",
+            id,
+            "--shards",
+            "65",
+            "--dynamodb",
+            "--table",
+            t,
+        ])
+        .await,
+        2,
+        &["65"],
+    );
+    fails(
+        &admin(&[
+            "shard",
+            "--account",
+            "acct_nobody",
+            "--shards",
+            "2",
+            "--dynamodb",
+            "--table",
+            t,
+        ])
+        .await,
+        1,
+        &["no account"],
     );
 }
 

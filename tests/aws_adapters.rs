@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_sqs::types::QueueAttributeName;
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
-use tasklane_aws::dynamo::DynamoStore;
+use tasklane_aws::dynamo::{DynamoStore, MAX_SHARDS};
 use tasklane_aws::s3::S3Blobs;
 use tasklane_aws::settings::SdkTimeouts;
 use tasklane_aws::sqs::SqsQueue;
@@ -32,6 +32,7 @@ use tasklane_core::ports::{
 };
 use tasklane_core::task::{Output, Task, TaskFailure, TaskStatus, Transition, TransitionError};
 use tasklane_testkit::TaskBuilder;
+use tasklane_testkit::dynamo_proxy::{DynamoProxy, ProxyOptions};
 use tasklane_testkit::provision::{MAX_RECEIVE_COUNT, provision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
@@ -2777,4 +2778,183 @@ async fn a_tasklane_signed_result_url_outlives_the_credentials_and_redirects_to_
     assert_eq!(resp.status(), 410);
     let body: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
     assert_eq!(body["error"]["code"], "expired");
+}
+
+// ---------------------------------------------------------------------------------------------
+// One busy account: transaction conflicts as DynamoDB answers them, and a balance spread over
+// several items (tasklane_aws::dynamo's ledger)
+// ---------------------------------------------------------------------------------------------
+
+/// A store that reaches the emulator through a proxy of its own whose transactions stay
+/// ongoing for `hold` (on DynamoDB a transaction takes tens of milliseconds), so concurrent
+/// writes on one item conflict as often as they would there.
+async fn conflicting_store(env: &Env, hold: Duration) -> (DynamoProxy, DynamoStore) {
+    let proxy = DynamoProxy::start(ProxyOptions {
+        upstream: std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL"),
+        hold,
+    })
+    .await
+    .expect("the proxy starts");
+    let store = dynamo_at(&proxy.url(), &env.settings.table).await;
+    (proxy, store)
+}
+
+/// Submits `count` tasks of `credits` each for `account` at once, under a cap of `cap`.
+async fn burst(
+    store: &DynamoStore,
+    account: &Account,
+    count: usize,
+    credits: u64,
+    cap: u64,
+) -> Vec<PortResult<Task>> {
+    let barrier = Arc::new(Barrier::new(count));
+    let mut set = JoinSet::new();
+    for _ in 0..count {
+        let (store, account, barrier) = (store.clone(), account.clone(), barrier.clone());
+        set.spawn(async move {
+            let task = queued_task(&account.id, credits, "echo");
+            barrier.wait().await;
+            store.insert_task(&task, None, cap).await.map(|()| task)
+        });
+    }
+    set.join_all().await
+}
+
+/// `(credits, open tasks)` of an account as a whole.
+async fn whole(store: &DynamoStore, account_id: &str) -> (u64, u64) {
+    let a = store.account(account_id).await.unwrap().expect("account");
+    (a.credits, a.open_tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_busy_account_spread_over_sixteen_items_takes_a_burst_of_submits_and_ends_with_no_503()
+{
+    let env = env("hotspread").await;
+    let (proxy, store) = conflicting_store(&env, Duration::from_millis(20)).await;
+    let account = open_account(&store, 10_000).await;
+    assert_eq!(store.set_shards(&account.id, 16).await.unwrap(), 16);
+    assert_eq!(whole(&store, &account.id).await, (10_000, 0));
+
+    // As many at once as moto gets through in a few seconds (it copies the whole table for
+    // every transaction); each of the 16 items sees several at a time.
+    let submitted = burst(&store, &account, 120, 3, 1000).await;
+    let refused: Vec<_> = submitted.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        refused.is_empty(),
+        "{} refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    assert!(proxy.conflicts() > 0, "the burst overlapped on no item");
+    assert_eq!(whole(&store, &account.id).await, (10_000 - 360, 120));
+
+    // Every task ends at once (a cancel refunds and closes it): each end settles a shard.
+    let conflicts_before = proxy.conflicts();
+    let mut set = JoinSet::new();
+    for task in submitted.into_iter().map(Result::unwrap) {
+        let store = store.clone();
+        set.spawn(async move { store.update_task(&task.id, &Transition::Cancel).await });
+    }
+    let ended = set.join_all().await;
+    let failed: Vec<_> = ended.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        proxy.conflicts() > conflicts_before,
+        "the ends overlapped on no item"
+    );
+    assert_eq!(whole(&store, &account.id).await, (10_000, 0));
+    assert_eq!(balance(&store, &account.id).await, (10_000, 10_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_kind_of_burst_on_one_item_meets_conflicts_that_retrying_cannot_outwait() {
+    // Why a busy account needs shards: one item takes one transaction at a time.
+    let env = env("hotsingle").await;
+    let (proxy, store) = conflicting_store(&env, Duration::from_millis(200)).await;
+    let account = open_account(&store, 10_000).await;
+    let submitted = burst(&store, &account, 200, 1, 1000).await;
+    let stored = submitted.iter().filter(|r| r.is_ok()).count();
+    for r in &submitted {
+        assert!(
+            matches!(r, Ok(_) | Err(PortError::Unavailable(_))),
+            "only conflicts may refuse: {r:?}"
+        );
+    }
+    assert!(stored < 200, "all 200 fit through one item");
+    assert!(proxy.conflicts() > 200);
+    // Nothing was lost or made: what was refused was not charged.
+    assert_eq!(
+        whole(&store, &account.id).await,
+        (10_000 - stored as u64, stored as u64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spread_account_keeps_its_cap_and_its_balance_as_a_whole() {
+    let env = env("hotcap").await;
+    let (_proxy, store) = conflicting_store(&env, Duration::from_millis(10)).await;
+    let account = open_account(&store, 1000).await;
+    store.set_shards(&account.id, 8).await.unwrap();
+
+    // 40 at once under a cap of 10 split over 8 items: exactly 10, the rest told why.
+    let submitted = burst(&store, &account, 40, 1, 10).await;
+    for r in &submitted {
+        assert!(
+            matches!(r, Ok(_) | Err(PortError::TooManyOpenTasks { limit: 10 })),
+            "{r:?}"
+        );
+    }
+    assert_eq!(submitted.iter().filter(|r| r.is_ok()).count(), 10);
+    assert_eq!(whole(&store, &account.id).await, (990, 10));
+    for task in submitted.into_iter().flatten() {
+        store
+            .update_task(&task.id, &Transition::Cancel)
+            .await
+            .unwrap();
+    }
+
+    // 1000 credits over 8 items are 125 each; a task of 600 gathers them into one item.
+    let big = queued_task(&account.id, 600, "echo");
+    store.insert_task(&big, None, 10).await.unwrap();
+    assert_eq!(whole(&store, &account.id).await, (400, 1));
+    let too_big = queued_task(&account.id, 401, "echo");
+    assert!(matches!(
+        store.insert_task(&too_big, None, 10).await,
+        Err(PortError::InsufficientCredits { available: 400 })
+    ));
+    // Granted credits are the account's too, whichever item holds them.
+    assert_eq!(
+        store.grant_credits(&account.id, 50).await.unwrap().credits,
+        450
+    );
+    assert_eq!(balance(&store, &account.id).await, (450, 1050));
+}
+
+#[tokio::test]
+async fn an_accounts_shard_count_only_grows_and_keeps_its_balance() {
+    let env = env("shardset").await;
+    let store = env.store();
+    let account = open_account(store, 101).await;
+    submitted(store, &account, 1).await;
+    assert_eq!(store.set_shards(&account.id, 4).await.unwrap(), 4);
+    assert_eq!(whole(store, &account.id).await, (100, 1));
+    assert_eq!(store.set_shards(&account.id, 4).await.unwrap(), 4);
+    let shrink = store.set_shards(&account.id, 2).await.unwrap_err();
+    assert!(format!("{shrink:?}").contains("only grows"), "{shrink:?}");
+    assert!(store.set_shards(&account.id, MAX_SHARDS + 1).await.is_err());
+    assert!(matches!(
+        store.set_shards("acct_missing", 2).await,
+        Err(PortError::NotFound)
+    ));
+    // Spread evenly: 100 credits over 4 items, and the open task's count with them.
+    for k in 1..4 {
+        let item = raw_item(&env, format!("ACCT#{}#{k}", account.id), "SHARD").await;
+        assert_eq!(item["credits"].as_n().unwrap(), "25");
+    }
+    assert_eq!(balance(store, &account.id).await, (100, 101));
 }

@@ -18,10 +18,10 @@
 //! - a `TransactGetItems` with an item that an ongoing `TransactWriteItems` includes is
 //!   cancelled the same way.
 //!
-//! The proxy does exactly that. A transaction is ongoing from the moment the proxy receives it
-//! until it is answered; [`ProxyOptions::hold`] stretches that window to what a transaction
-//! takes on the real service (two-phase, tens of milliseconds), so overlaps happen at the
-//! rates they would there. Every DynamoDB request is passed to the emulator one at a time,
+//! The proxy does exactly that. A transaction is ongoing from the moment the emulator takes it
+//! (requests queue for their turn first) until it is answered; [`ProxyOptions::hold`]
+//! stretches that window to what a transaction takes on the real service (two-phase, tens of
+//! milliseconds), so overlaps happen at the rates they would there. Every DynamoDB request is passed to the emulator one at a time,
 //! which makes moto's transactions atomic and isolated; requests for other services (SQS, S3)
 //! pass through untouched and concurrently. Tables' key attributes are learned with one
 //! `DescribeTable` each.
@@ -209,6 +209,9 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             Err(resp) => return resp,
         },
     };
+    // The request's turn at the emulator: only then is it ongoing (waiting behind other
+    // requests for the emulator is not time a transaction spends on DynamoDB).
+    let turn = shared.serial.lock().await;
     // Claim the items, or answer the conflict as DynamoDB would.
     {
         let mut ongoing = shared.ongoing.lock().unwrap();
@@ -245,10 +248,8 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             _ => {}
         }
     }
-    let resp = {
-        let _one = shared.serial.lock().await;
-        pass(&shared, parts.method, &path, &parts.headers, body).await
-    };
+    let resp = pass(&shared, parts.method, &path, &parts.headers, body).await;
+    drop(turn);
     if matches!(kind, Kind::WriteTransaction | Kind::ReadTransaction) {
         if !shared.options.hold.is_zero() {
             tokio::time::sleep(shared.options.hold).await;

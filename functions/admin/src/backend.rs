@@ -84,6 +84,8 @@ pub struct Opened {
     /// The store as messages name it, e.g. `the SQLite database DIR/tasklane.db`.
     pub name: String,
     dynamodb: bool,
+    /// The DynamoDB store itself, for what only it does (spreading a busy account).
+    pub dynamo: Option<Arc<DynamoStore>>,
 }
 
 /// Opens the backend. Only a command that creates an account (`creating`) creates the local
@@ -113,6 +115,7 @@ pub async fn open(backend: &Backend, creating: bool) -> Result<Opened, Failure> 
                 store: Arc::new(SqliteStore::new(db)),
                 name,
                 dynamodb: false,
+                dynamo: None,
             })
         }
         Backend::Dynamo(table) => {
@@ -124,13 +127,15 @@ pub async fn open(backend: &Backend, creating: bool) -> Result<Opened, Failure> 
                 ));
             };
             let name = format!("the DynamoDB table {table:?} (region {region})");
+            let store = Arc::new(DynamoStore::new(
+                aws_sdk_dynamodb::Client::new(&config),
+                table.clone(),
+            ));
             Ok(Opened {
-                store: Arc::new(DynamoStore::new(
-                    aws_sdk_dynamodb::Client::new(&config),
-                    table.clone(),
-                )),
+                store: store.clone(),
                 name,
                 dynamodb: true,
+                dynamo: Some(store),
             })
         }
     }

@@ -19,7 +19,8 @@ tasklane-admin create-account --credits N [--key KEY]  BACKEND [--json]
        tasklane-admin grant --account ACCOUNT_ID --credits N   BACKEND [--json]
        tasklane-admin show --account ACCOUNT_ID                BACKEND [--json]
        tasklane-admin rotate-key --account ACCOUNT_ID          BACKEND [--json]
-       tasklane-admin revoke-key --account ACCOUNT_ID          BACKEND [--json]";
+       tasklane-admin revoke-key --account ACCOUNT_ID          BACKEND [--json]
+       tasklane-admin shard --account ACCOUNT_ID --shards N    --dynamodb [--table NAME] [--json]";
 
 /// Shown after the options in every help.
 const AFTER_HELP: &str = "\
@@ -109,6 +110,14 @@ pub enum Command {
     /// new one. Its tasks and credits stay.
     #[command(verbatim_doc_comment)]
     RevokeKey(AccountArgs),
+    /// Spread a busy account's balance over N DynamoDB items (1 to 64; only grows)
+    ///
+    /// One item takes about 250 submits and 250 task ends a second (its write limit),
+    /// and concurrent transactions on it conflict; N items take N times that. The
+    /// README's "One busy account" section says how to choose N. --dynamodb only: the
+    /// local store writes one change at a time and has no per-item limit.
+    #[command(verbatim_doc_comment)]
+    Shard(ShardArgs),
 }
 
 impl Command {
@@ -150,6 +159,18 @@ pub struct GrantArgs {
         value_parser = credits_from_1
     )]
     pub credits: u64,
+}
+
+/// The options of `shard`.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct ShardArgs {
+    /// The account.
+    #[arg(long, value_name = "ACCOUNT_ID", value_parser = non_empty)]
+    pub account: String,
+
+    /// How many items to spread it over (1 to 64, at least the current count).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub shards: u32,
 }
 
 /// The option of the commands that act on one account (`show`, `rotate-key`, `revoke-key`).

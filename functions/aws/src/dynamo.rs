@@ -788,14 +788,20 @@ impl TaskStore for DynamoStore {
                 let s = shares[k as usize];
                 s.credits >= cost && s.open < shard_cap(max_open, count, k) as i64
             };
-            match (0..count).map(|k| (shard + k) % count).find(|k| fits(*k)) {
-                Some(k) => shard = k,
-                // The room is there, split over shards none of which has enough.
-                None => {
-                    if !self.rebalance(&task.account_id, &shares).await? {
-                        backoff(conflicts).await;
-                        conflicts += 1;
-                    }
+            if let Some(k) = (0..count).map(|k| (shard + k) % count).find(|k| fits(*k)) {
+                shard = k;
+                continue;
+            }
+            // The room is there, split over shards none of which has enough: gather it.
+            let caps: Vec<u64> = (0..count).map(|k| shard_cap(max_open, count, k)).collect();
+            let spread = ledger::spread(&shares, cost, &caps);
+            match spread.target {
+                Some(k) if self.rebalance(&task.account_id, &shares, &spread).await? => {
+                    shard = k;
+                }
+                _ => {
+                    backoff(conflicts).await;
+                    conflicts += 1;
                 }
             }
         }

@@ -4,6 +4,7 @@ pub mod create_account;
 pub mod grant;
 pub mod revoke_key;
 pub mod rotate_key;
+pub mod shard;
 pub mod show;
 
 use crate::backend::Opened;
@@ -19,5 +20,6 @@ pub async fn run(command: &Command, opened: &Opened) -> Result<Report, Failure> 
         Command::Show(args) => show::run(args, opened).await,
         Command::RotateKey(args) => rotate_key::run(args, opened).await,
         Command::RevokeKey(args) => revoke_key::run(args, opened).await,
+        Command::Shard(args) => shard::run(args, opened).await,
     }
 }

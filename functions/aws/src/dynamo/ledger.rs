@@ -162,6 +162,59 @@ pub(super) fn totals(shares: &[Share]) -> (u64, u64) {
     (credits, open.max(0) as u64)
 }
 
+/// Where a rebalance puts an account's credits and open tasks, shard by shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Spread {
+    /// Credits per shard.
+    pub credits: Vec<u64>,
+    /// Open tasks per shard.
+    pub open: Vec<i64>,
+    /// The shard that can take a task of the `cost` asked for, if any.
+    pub target: Option<u32>,
+}
+
+/// Spreads the totals of `shares` evenly (remainders to the lowest shards), except that when
+/// `cost` is given, the first shard with open-task room under its cap in `caps` gets at least
+/// `cost` credits (the account has them) and the others share the rest: so a debit larger
+/// than an even share still finds a shard.
+pub(super) fn spread(shares: &[Share], cost: u64, caps: &[u64]) -> Spread {
+    let count = shares.len().max(1);
+    let (n64, ni64) = (count as u64, count as i64);
+    let credits: u64 = shares.iter().map(|s| s.credits).sum();
+    let open: i64 = shares.iter().map(|s| s.open).sum();
+    let even = |total: u64, parts: u64, k: u64| total / parts + u64::from(k < total % parts);
+    let open: Vec<i64> = (0..ni64)
+        .map(|k| open.div_euclid(ni64) + i64::from(k < open.rem_euclid(ni64)))
+        .collect();
+    let mut out = Spread {
+        credits: (0..n64).map(|k| even(credits, n64, k)).collect(),
+        open,
+        target: None,
+    };
+    if cost == 0 || credits < cost {
+        return out;
+    }
+    let room = |k: usize| caps.get(k).is_some_and(|cap| out.open[k] < *cap as i64);
+    let Some(t) = (0..count).find(|k| room(*k)) else {
+        return out;
+    };
+    out.target = Some(t as u32);
+    if out.credits[t] < cost && count > 1 {
+        let rest = credits - cost;
+        let others = n64 - 1;
+        let mut i = 0;
+        for k in 0..count {
+            out.credits[k] = if k == t {
+                cost
+            } else {
+                i += 1;
+                even(rest, others, i - 1)
+            };
+        }
+    }
+    out
+}
+
 impl DynamoStore {
     /// How many shards `account_id`'s balance is spread over, from the cache when it read
     /// that recently (1 for an unknown account).
@@ -266,23 +319,21 @@ impl DynamoStore {
             .collect())
     }
 
-    /// Spreads an account's credits and open-task count evenly over its shards, in one
-    /// transaction conditioned on the shares read (`shares`, all of them, in order), so no
-    /// credit is made or lost by a write in between: such a write cancels the rebalance, and
-    /// the caller reads again. `Ok(false)` when it was cancelled that way.
-    pub(super) async fn rebalance(&self, account_id: &str, shares: &[Share]) -> PortResult<bool> {
-        let count = shares.len() as u64;
-        if count < 2 {
+    /// Writes `spread` over an account's shards in one transaction conditioned on the shares
+    /// it was computed from (`shares`, all of them, in order), so no credit is made or lost by
+    /// a write in between: such a write cancels the rebalance, and the caller reads again.
+    /// `Ok(false)` when it was cancelled that way.
+    pub(super) async fn rebalance(
+        &self,
+        account_id: &str,
+        shares: &[Share],
+        spread: &Spread,
+    ) -> PortResult<bool> {
+        if shares.len() < 2 {
             return Ok(true);
         }
-        let credits: u64 = shares.iter().map(|s| s.credits).sum();
-        let open: i64 = shares.iter().map(|s| s.open).sum();
         let mut req = self.client.transact_write_items();
         for (k, share) in shares.iter().enumerate() {
-            let k64 = k as u64;
-            let to_credits = credits / count + u64::from(k64 < credits % count);
-            let to_open = open.div_euclid(count as i64)
-                + i64::from(k64 < open.rem_euclid(count as i64) as u64);
             let (pk, sk) = shard_key(account_id, k as u32);
             let counted = if share.counted {
                 "open_tasks = :oo"
@@ -297,8 +348,8 @@ impl DynamoStore {
                 .condition_expression(format!(
                     "attribute_exists(PK) AND credits = :oc AND {counted}"
                 ))
-                .expression_attribute_values(":c", n(to_credits))
-                .expression_attribute_values(":o", n(to_open))
+                .expression_attribute_values(":c", n(spread.credits[k]))
+                .expression_attribute_values(":o", n(spread.open[k]))
                 .expression_attribute_values(":oc", n(share.credits));
             if share.counted {
                 update = update.expression_attribute_values(":oo", n(share.open));
@@ -311,13 +362,7 @@ impl DynamoStore {
         }
         match req.send().await {
             Ok(_) => {
-                tracing::info!(
-                    account_id,
-                    shards = count,
-                    credits,
-                    open,
-                    "account rebalanced"
-                );
+                tracing::info!(account_id, shards = shares.len(), "account rebalanced");
                 Ok(true)
             }
             Err(e) => match cancellation_reasons(&e) {
@@ -406,7 +451,10 @@ impl DynamoStore {
         self.remember_shards(account_id, shards);
         for attempt in 0..CONFLICT_ATTEMPTS {
             let shares = self.shares(account_id, 0, shards, true).await?;
-            if self.rebalance(account_id, &shares).await? {
+            if self
+                .rebalance(account_id, &shares, &spread(&shares, 0, &[]))
+                .await?
+            {
                 break;
             }
             backoff(attempt).await;
@@ -437,6 +485,38 @@ mod tests {
         }
         assert!(seen.iter().all(|c| *c > 40), "{seen:?}");
         assert_eq!(shard_of("task_x", 1), 0);
+    }
+
+    fn shares(v: &[(u64, i64)]) -> Vec<Share> {
+        v.iter()
+            .map(|&(credits, open)| Share {
+                credits,
+                open,
+                counted: true,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_spread_keeps_the_totals_and_gives_a_large_debit_one_shard() {
+        let before = shares(&[(10, 3), (0, -1), (90, 0), (0, 2)]);
+        let even = spread(&before, 0, &[]);
+        assert_eq!(even.credits, vec![25, 25, 25, 25]);
+        assert_eq!(even.open, vec![1, 1, 1, 1]);
+        assert_eq!(even.target, None);
+        // 60 credits for one task: an even share (25) is too small.
+        let caps = [1, 1, 1, 1];
+        let s = spread(&before, 60, &caps);
+        assert_eq!(s.credits.iter().sum::<u64>(), 100);
+        assert_eq!(s.open.iter().sum::<i64>(), 4);
+        // Every shard holds its cap's worth of open tasks: no room anywhere.
+        assert_eq!(s.target, None);
+        let caps = [2, 2, 2, 2];
+        let s = spread(&before, 60, &caps);
+        assert_eq!(s.target, Some(0));
+        assert_eq!(s.credits, vec![60, 14, 13, 13]);
+        // Not enough credits in all: nothing is promised.
+        assert_eq!(spread(&before, 101, &caps).target, None);
     }
 
     #[test]
