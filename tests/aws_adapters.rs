@@ -2820,10 +2820,10 @@ async fn burst(
     set.join_all().await
 }
 
-/// `(credits, open tasks)` of an account as a whole.
+/// `(credits, open tasks)` of an account as a whole, as its items hold them now.
 async fn whole(store: &DynamoStore, account_id: &str) -> (u64, u64) {
-    let a = store.account(account_id).await.unwrap().expect("account");
-    (a.credits, a.open_tasks)
+    let (credits, open, _) = store.ledger(account_id).await.unwrap().expect("account");
+    (credits, open)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -286,6 +286,8 @@ pub struct DynamoStore {
     table: String,
     /// Accounts' shard counts read recently ([`ledger`]).
     shards: ledger::ShardCache,
+    /// Accounts' shares read recently for their views ([`ledger`]).
+    view_shares: ledger::SharesCache,
 }
 
 impl DynamoStore {
@@ -295,6 +297,7 @@ impl DynamoStore {
             client,
             table: table.into(),
             shards: ledger::ShardCache::default(),
+            view_shares: ledger::SharesCache::default(),
         }
     }
 
@@ -325,7 +328,7 @@ impl DynamoStore {
         self.remember_shards(&account.id, count);
         if count > 1 {
             let mut shares = vec![Share::of(Some(item))];
-            shares.extend(self.shares(&account.id, 1, count, false).await?);
+            shares.extend(self.view_shares(&account.id, count).await?);
             (account.credits, account.open_tasks) = totals(&shares);
         }
         Ok(account)

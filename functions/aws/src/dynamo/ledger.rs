@@ -36,15 +36,21 @@ use super::{DynamoStore, Item, account_key, build_err, cancellation_reasons, n, 
 
 /// The most items an account's balance can be spread over (a rebalance writes them all in
 /// one transaction, which takes at most 100 items).
-pub const MAX_SHARDS: u32 = 64;
+pub const MAX_SHARDS: u32 = 100;
 /// Attempts of a write that keeps losing to ongoing transactions on its items.
 pub(super) const CONFLICT_ATTEMPTS: u32 = 10;
 /// How long a store trusts an account's shard count it read (a count only grows, and a
 /// stale, smaller count is still correct: it only uses fewer shards).
 const SHARDS_TTL: Duration = Duration::from_secs(60);
 
+/// How long a store reuses the shares of shards 1.. it read for an account's view (the
+/// balance an authenticated request sees; submit and settle never rely on it).
+const SHARES_TTL: Duration = Duration::from_secs(1);
+
 /// Shard counts read recently, per account.
 pub(super) type ShardCache = Arc<Mutex<HashMap<String, (u32, Instant)>>>;
+/// Shares of shards 1.. read recently for an account's view, per account.
+pub(super) type SharesCache = Arc<Mutex<HashMap<String, (Vec<Share>, Instant)>>>;
 
 /// Waits before retry `attempt` (0-based) of a write that conflicted: a random time up to
 /// 10 ms · 2^attempt, at most 500 ms ("full jitter", so retries that collided spread out).
@@ -240,6 +246,25 @@ impl DynamoStore {
         Ok(n)
     }
 
+    /// The shares of shards `1..count` for an account's view: read (eventually consistent)
+    /// at most once a second per store, since every authenticated request of a busy account
+    /// would otherwise read all its items. The view's balance may so lag by a second; a
+    /// submit's debit is decided on the items themselves.
+    pub(super) async fn view_shares(&self, account_id: &str, count: u32) -> PortResult<Vec<Share>> {
+        if let Some((shares, at)) = self.view_shares.lock().unwrap().get(account_id)
+            && shares.len() + 1 == count as usize
+            && at.elapsed() < SHARES_TTL
+        {
+            return Ok(shares.clone());
+        }
+        let shares = self.shares(account_id, 1, count, false).await?;
+        self.view_shares
+            .lock()
+            .unwrap()
+            .insert(account_id.to_string(), (shares.clone(), Instant::now()));
+        Ok(shares)
+    }
+
     /// Notes the shard count just read from an account item.
     pub(super) fn remember_shards(&self, account_id: &str, shards: u32) {
         self.shards
@@ -372,6 +397,25 @@ impl DynamoStore {
         }
     }
 
+    /// An account's balance as its items hold it now: credits and open tasks summed over
+    /// all its shards (strongly consistent reads), and the shard count. `None` for an
+    /// unknown account.
+    pub async fn ledger(&self, account_id: &str) -> PortResult<Option<(u64, u64, u32)>> {
+        let Some(item) = self.get(account_key(account_id)).await? else {
+            return Ok(None);
+        };
+        let count = shards_of(&item);
+        let mut shares = vec![Share::of(Some(&item))];
+        shares.extend(self.shares(account_id, 1, count, true).await?);
+        let (credits, open) = totals(&shares);
+        Ok(Some((credits, open, count)))
+    }
+
+    /// Forgets the shares read for an account's view (after this store changed them).
+    pub(super) fn forget_view(&self, account_id: &str) {
+        self.view_shares.lock().unwrap().remove(account_id);
+    }
+
     /// Spreads `account_id`'s balance over `shards` items (1 to [`MAX_SHARDS`]), for an
     /// account busier than one item can carry. The count only grows: tasks in flight settle
     /// on the shards they know. Creates the new shard items, records the count on the
@@ -449,6 +493,7 @@ impl DynamoStore {
             }
         }
         self.remember_shards(account_id, shards);
+        self.forget_view(account_id);
         for attempt in 0..CONFLICT_ATTEMPTS {
             let shares = self.shares(account_id, 0, shards, true).await?;
             if self
