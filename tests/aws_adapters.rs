@@ -2281,7 +2281,7 @@ async fn open_tasks(env: &Env, account_id: &str) -> Option<i64> {
 
 /// The GSI2 partition of a task id (as the adapter shards: last byte modulo 8).
 fn shard_of(task_id: &str) -> u8 {
-    task_id.bytes().last().unwrap() % 8
+    tasklane_aws::dynamo::waiting_shard(task_id)
 }
 
 /// A time at millisecond precision (what the index keys keep).
@@ -2306,13 +2306,13 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
     let now = ms(Utc::now());
     let base = now - TimeDelta::hours(1);
 
-    // Sixteen waiting tasks, two in each of the eight shards, the k-th (waiting since base + k s)
-    // in shard k mod 8: the oldest few are each in another shard.
+    // Thirty-two waiting tasks, two in each of the sixteen shards, the k-th (waiting since
+    // base + k s) in shard k mod 16: the oldest few are each in another shard.
     let mut waiting: Vec<Task> = Vec::new();
-    for k in 0..16u8 {
+    for k in 0..32u8 {
         let task = loop {
             let t = queued_task(&account.id, 1, "echo");
-            if shard_of(&t.id) == k % 8 {
+            if shard_of(&t.id) == k % 16 {
                 break t;
             }
         };
@@ -2337,7 +2337,7 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
     assert_eq!(
         due_keys(&env, &first.id).await,
         (
-            Some("WAITING#0".to_string()),
+            Some(format!("WAITING#{}", shard_of(&first.id))),
             Some(waiting_sort_key(first.waiting_since.unwrap(), &first.id))
         )
     );
@@ -2401,6 +2401,22 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
             Some(format!("WAITING#{}", shard_of(&waiting[2].id))),
             Some(waiting_sort_key(lease_end, &waiting[2].id))
         )
+    );
+    // Progress renews the lease without moving the entry (no index write).
+    store
+        .update_task(
+            &waiting[2].id,
+            &Transition::Progress {
+                attempt: 1,
+                progress: 30,
+                lease_until: lease_end + TimeDelta::minutes(5),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        due_keys(&env, &waiting[2].id).await.1,
+        Some(waiting_sort_key(lease_end, &waiting[2].id))
     );
     let due = store.due_tasks(now, 100).await.unwrap();
     assert_eq!(ids(&due), ids(&waiting[3..]));
@@ -2957,4 +2973,55 @@ async fn an_accounts_shard_count_only_grows_and_keeps_its_balance() {
         assert_eq!(item["credits"].as_n().unwrap(), "25");
     }
     assert_eq!(balance(store, &account.id).await, (100, 101));
+}
+
+#[tokio::test]
+async fn a_spread_accounts_tasks_are_listed_newest_first_once_across_its_index_partitions() {
+    let env = env("listspread").await;
+    let store = env.store();
+    let account = open_account(store, 100).await;
+    // Half the tasks before the account is spread (all in its first index partition), half
+    // after (in eight).
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        if i == 15 {
+            store.set_shards(&account.id, 8).await.unwrap();
+        }
+        ids.push(submitted(store, &account, 1).await.id);
+    }
+    let partitions: HashSet<String> = {
+        let mut p = HashSet::new();
+        for id in &ids {
+            let item = raw_item(&env, format!("TASK#{id}"), "TASK").await;
+            p.insert(item["GSI1PK"].as_s().unwrap().clone());
+        }
+        p
+    };
+    assert!(partitions.len() > 3, "{partitions:?}");
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    for limit in [7, 10, 1, 30] {
+        let q = ListQuery {
+            limit,
+            ..Default::default()
+        };
+        let pages = all_pages(store, &account.id, &q).await;
+        assert_pages_cover(&pages, &newest_first, limit);
+    }
+    // Filtered: the queued ones only, after every third is cancelled.
+    for id in ids.iter().step_by(3) {
+        store.update_task(id, &Transition::Cancel).await.unwrap();
+    }
+    let queued: Vec<String> = newest_first
+        .iter()
+        .filter(|id| ids.iter().position(|x| x == *id).unwrap() % 3 != 0)
+        .cloned()
+        .collect();
+    let q = ListQuery {
+        limit: 4,
+        status: Some(TaskStatus::Queued),
+        ..Default::default()
+    };
+    let pages = all_pages(store, &account.id, &q).await;
+    let listed: Vec<String> = pages.iter().flatten().cloned().collect();
+    assert_eq!(listed, queued);
 }

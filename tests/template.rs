@@ -527,3 +527,35 @@ fn body_len(t: &Template, key: &Entry) -> usize {
         .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key.indent)
         .count()
 }
+
+#[test]
+fn the_indexes_project_only_what_their_readers_need() {
+    // A write that changes no projected attribute writes no index entry; with `ALL`, every
+    // progress write, lease renewal and credit change also rewrote the item's index copies.
+    let t = Template::read();
+    let table = t.resource("TasksTable");
+    let gsis = t
+        .find(Some(table), &["Properties", "GlobalSecondaryIndexes"])
+        .expect("the table has GlobalSecondaryIndexes");
+    let mut seen = Vec::new();
+    let mut index = String::new();
+    for child in t.children(Some(gsis)) {
+        let e = &t.entries[child];
+        match e.key.as_str() {
+            "IndexName" => index = e.value.clone(),
+            "Projection" => {
+                let kind = t.value(Some(child), &["ProjectionType"]).unwrap_or("");
+                let attrs = t.value(Some(child), &["NonKeyAttributes"]).unwrap_or("");
+                seen.push((index.clone(), kind.to_string(), attrs.to_string()));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("GSI1".into(), "INCLUDE".into(), "[status, model]".into()),
+            ("GSI2".into(), "KEYS_ONLY".into(), String::new()),
+        ]
+    );
+}

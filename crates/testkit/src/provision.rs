@@ -52,7 +52,9 @@ pub async fn provision(
                 .key_schema(key("GSI1SK", KeyType::Range)?)
                 .projection(
                     Projection::builder()
-                        .projection_type(ProjectionType::All)
+                        .projection_type(ProjectionType::Include)
+                        .non_key_attributes("status")
+                        .non_key_attributes("model")
                         .build(),
                 )
                 .build()?,
@@ -64,7 +66,7 @@ pub async fn provision(
                 .key_schema(key("GSI2SK", KeyType::Range)?)
                 .projection(
                     Projection::builder()
-                        .projection_type(ProjectionType::All)
+                        .projection_type(ProjectionType::KeysOnly)
                         .build(),
                 )
                 .build()?,

@@ -53,14 +53,18 @@ use tasklane_core::task::{Applied, Task, Transition, apply};
 pub const GSI1: &str = "GSI1";
 /// Name of the sparse index of tasks waiting on possibly lost work.
 pub const GSI2: &str = "GSI2";
-/// Partitions of [`GSI2`] per prefix.
-const WAITING_SHARDS: u8 = 8;
+/// Partitions of [`GSI2`] per prefix: at 1,000 tasks a second, about 5,000 index writes a
+/// second (a task enters, moves and leaves the index), 300 a partition, under the 1,000 a
+/// partition takes. Items written when there were 8 are in partitions 0..8, still read.
+const WAITING_SHARDS: u8 = 16;
 /// Partition prefixes of [`GSI2`]: `WAITING#<shard>`, and `DUE#<shard>`, which items written
 /// before the sweeper's clock had one name carry until their next write.
 const WAITING_PREFIXES: [&str; 2] = ["WAITING", "DUE"];
 
-fn waiting_shard(task_id: &str) -> u8 {
-    task_id.bytes().last().unwrap_or(0) % WAITING_SHARDS
+/// The partition of [`GSI2`] a task's entry is in: `WAITING#<this>`, a hash of its id (a
+/// ULID's last character takes only 32 values, 14 of them distinct modulo 16).
+pub fn waiting_shard(task_id: &str) -> u8 {
+    shard_of(task_id, u32::from(WAITING_SHARDS)) as u8
 }
 
 /// A sort key that orders as the time does (fixed width, UTC).
@@ -251,12 +255,25 @@ fn task_from(item: &Item) -> PortResult<Task> {
     serde_json::from_str(get_s(item, "doc")?).map_err(PortError::internal)
 }
 
-fn task_item(task: &Task) -> PortResult<Item> {
+/// The [`GSI1`] partition `k` of an account's tasks: `ACCT#<id>`, and `ACCT#<id>#<k>` for the
+/// others of a busy account (its tasks in one partition would take every submit's and status
+/// change's index write, past a partition's 1,000 a second).
+fn index_partition(account_id: &str, k: u32) -> String {
+    if k == 0 {
+        format!("ACCT#{account_id}")
+    } else {
+        format!("ACCT#{account_id}#{k}")
+    }
+}
+
+/// A task's item, indexed in partition [`shard_of`] its id of an account with `shards`.
+fn task_item(task: &Task, shards: u32) -> PortResult<Item> {
     let (pk, sk) = task_key(&task.id);
+    let partition = index_partition(&task.account_id, shard_of(&task.id, shards));
     let mut item = HashMap::from([
         ("PK".to_string(), pk),
         ("SK".to_string(), sk),
-        ("GSI1PK".to_string(), s(format!("ACCT#{}", task.account_id))),
+        ("GSI1PK".to_string(), s(partition)),
         ("GSI1SK".to_string(), s(task.id.clone())),
         ("status".to_string(), s(task.status.as_str())),
         ("model".to_string(), s(task.model.clone())),
@@ -318,6 +335,157 @@ impl DynamoStore {
             .await
             .map_err(sdk_error)?;
         Ok(out.item)
+    }
+
+    /// The items with these keys that exist, by partition key (`BatchGetItem`, 100 keys a
+    /// request; keys DynamoDB leaves unprocessed are asked again after a backoff).
+    async fn batch_get(
+        &self,
+        keys: Vec<(AttributeValue, AttributeValue)>,
+        consistent: bool,
+        projection: Option<&str>,
+    ) -> PortResult<HashMap<String, Item>> {
+        let mut found = HashMap::new();
+        for chunk in keys.chunks(100) {
+            let keys: Vec<Item> = chunk
+                .iter()
+                .map(|(pk, sk)| {
+                    HashMap::from([
+                        ("PK".to_string(), pk.clone()),
+                        ("SK".to_string(), sk.clone()),
+                    ])
+                })
+                .collect();
+            let mut pending = Some(
+                aws_sdk_dynamodb::types::KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(consistent)
+                    .set_projection_expression(projection.map(str::to_string))
+                    .build()
+                    .map_err(build_err)?,
+            );
+            let mut attempt = 0;
+            while let Some(request) = pending.take() {
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, request)
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                let items = out.responses.unwrap_or_default().remove(&self.table);
+                for item in items.unwrap_or_default() {
+                    if let Some(AttributeValue::S(pk)) = item.get("PK") {
+                        found.insert(pk.clone(), item);
+                    }
+                }
+                pending = out
+                    .unprocessed_keys
+                    .and_then(|mut u| u.remove(&self.table))
+                    .filter(|k| !k.keys().is_empty());
+                if pending.is_some() {
+                    if attempt + 1 >= CONFLICT_ATTEMPTS {
+                        return Err(PortError::unavailable("BatchGetItem left keys unprocessed"));
+                    }
+                    backoff(attempt).await;
+                    attempt += 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The tasks with these ids that exist, in the order given (strongly consistent).
+    async fn tasks_by_id(&self, ids: &[String]) -> PortResult<Vec<Task>> {
+        let found = self
+            .batch_get(ids.iter().map(|id| task_key(id)).collect(), true, None)
+            .await?;
+        ids.iter()
+            .filter_map(|id| found.get(&format!("TASK#{id}")))
+            .map(task_from)
+            .collect()
+    }
+
+    /// Up to `want` task ids of one index partition that match `query`, newest first, reading
+    /// at most `budget` index items, and the id below which the partition was not read (`None`
+    /// when it was read to its end). `Limit` caps the items a Query page evaluates before
+    /// filtering; `ScannedCount` says how many it did.
+    async fn list_partition(
+        &self,
+        partition: String,
+        query: &ListQuery,
+        budget: usize,
+        want: usize,
+    ) -> PortResult<(Vec<String>, Option<String>)> {
+        let mut filters = Vec::new();
+        let mut names = HashMap::new();
+        let mut values = HashMap::from([(":a".to_string(), s(partition))]);
+        if let Some(st) = query.status {
+            filters.push("#s = :s");
+            names.insert("#s".to_string(), "status".to_string());
+            values.insert(":s".to_string(), s(st.as_str()));
+        }
+        if let Some(m) = &query.model {
+            filters.push("#m = :m");
+            names.insert("#m".to_string(), "model".to_string());
+            values.insert(":m".to_string(), s(m.clone()));
+        }
+        let key_cond = match &query.before {
+            Some(b) => {
+                values.insert(":b".to_string(), s(b.clone()));
+                "GSI1PK = :a AND GSI1SK < :b"
+            }
+            None => "GSI1PK = :a",
+        };
+        let mut read = 0usize;
+        let mut ids = Vec::with_capacity(want);
+        let mut start: Option<Item> = None;
+        loop {
+            let page = budget.saturating_sub(read).max(1);
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI1)
+                .key_condition_expression(key_cond)
+                .set_expression_attribute_values(Some(values.clone()))
+                .scan_index_forward(false)
+                .limit(i32::try_from(page).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take());
+            if !filters.is_empty() {
+                q = q
+                    .filter_expression(filters.join(" AND "))
+                    .set_expression_attribute_names(Some(names.clone()));
+            }
+            let out = q.send().await.map_err(sdk_error)?;
+            // A page that reports no count read as much as it was allowed to (always ends).
+            read += match usize::try_from(out.scanned_count()) {
+                Ok(n) if n > 0 => n,
+                _ => page,
+            };
+            for item in out.items() {
+                if ids.len() < want {
+                    ids.push(get_s(item, "GSI1SK")?.to_string());
+                }
+            }
+            if ids.len() >= want {
+                // Read far enough: what lies below the last id kept is for the next page.
+                let stop = ids.last().cloned();
+                return Ok((ids, stop));
+            }
+            match out.last_evaluated_key {
+                Some(k) if read < budget => start = Some(k),
+                // Stopped at the budget: more may follow the last item read (its index sort
+                // key is its task id).
+                Some(k) => {
+                    return match k.get("GSI1SK") {
+                        Some(AttributeValue::S(id)) => Ok((ids, Some(id.clone()))),
+                        _ => Err(PortError::internal("GSI1SK is not a string")),
+                    };
+                }
+                None => return Ok((ids, None)),
+            }
+        }
     }
 
     /// The account an account item (shard 0) belongs to, with its balance and open-task
@@ -391,7 +559,8 @@ impl DynamoStore {
     /// Writes `task` if the stored version is still `expected`, settling its account (refund,
     /// open-task count) in the same transaction. `Ok(false)` when the version changed meanwhile.
     async fn write_task(&self, task: &Task, expected: u64, applied: Applied) -> PortResult<bool> {
-        let item = task_item(task)?;
+        let shards = self.account_shards(&task.account_id).await?;
+        let item = task_item(task, shards)?;
         let cond = "version = :expected";
         let (refund, closed) = (applied.refund(), applied.closed());
         if refund == 0 && !closed {
@@ -424,7 +593,7 @@ impl DynamoStore {
             .expression_attribute_values(":expected", n(expected))
             .build()
             .map_err(build_err)?;
-        let shard = shard_of(&task.id, self.account_shards(&task.account_id).await?);
+        let shard = shard_of(&task.id, shards);
         let res = self
             .client
             .transact_write_items()
@@ -506,7 +675,7 @@ impl DynamoStore {
             .map_err(build_err)?;
         let put = Put::builder()
             .table_name(&self.table)
-            .set_item(Some(task_item(task)?))
+            .set_item(Some(task_item(task, count)?))
             .condition_expression("attribute_not_exists(PK)")
             .build()
             .map_err(build_err)?;
@@ -822,87 +991,62 @@ impl TaskStore for DynamoStore {
     }
 
     async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
-        let mut filters = Vec::new();
-        let mut names = HashMap::new();
-        let mut values = HashMap::from([(":a".to_string(), s(format!("ACCT#{account_id}")))]);
-        if let Some(st) = query.status {
-            filters.push("#s = :s");
-            names.insert("#s".to_string(), "status".to_string());
-            values.insert(":s".to_string(), s(st.as_str()));
-        }
-        if let Some(m) = &query.model {
-            filters.push("#m = :m");
-            names.insert("#m".to_string(), "model".to_string());
-            values.insert(":m".to_string(), s(m.clone()));
-        }
-        let key_cond = match &query.before {
-            Some(b) => {
-                values.insert(":b".to_string(), s(b.clone()));
-                "GSI1PK = :a AND GSI1SK < :b"
-            }
-            None => "GSI1PK = :a",
-        };
+        // A busy account's tasks are indexed in as many partitions as its balance has items
+        // (`index_partition`): each is read newest first and the answers merged.
+        let (pk, sk) = account_key(account_id);
+        let count = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", pk)
+            .key("SK", sk)
+            .projection_expression("shards")
+            .send()
+            .await
+            .map_err(sdk_error)?
+            .item
+            .as_ref()
+            .map_or(1, shards_of);
         let want = query.limit + 1;
-        // At most `budget` items of the account's index partition are read, newest first
-        // (tasklane_core::api::list_read_budget): a filter expression is applied after the
-        // read, and a Query is charged for every item it read, so an unbounded filtered list
-        // would read (and pay for) the whole history to fill one page. `Limit` caps the items
-        // a Query page evaluates before filtering; `ScannedCount` says how many it did.
+        // At most `budget` index items are read in all (tasklane_core::api::list_read_budget):
+        // a filter expression is applied after the read, and a Query is charged for every item
+        // it read, so an unbounded filtered list would read (and pay for) the whole history to
+        // fill one page.
         let budget = list_read_budget(query);
-        let mut read = 0usize;
-        let mut tasks = Vec::with_capacity(want);
-        let mut start: Option<Item> = None;
-        let mut stopped_at: Option<Item> = None;
-        loop {
-            let page = budget.saturating_sub(read).max(1);
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(GSI1)
-                .key_condition_expression(key_cond)
-                .set_expression_attribute_values(Some(values.clone()))
-                .scan_index_forward(false)
-                .limit(i32::try_from(page).unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take());
-            if !filters.is_empty() {
-                q = q
-                    .filter_expression(filters.join(" AND "))
-                    .set_expression_attribute_names(Some(names.clone()));
-            }
-            let out = q.send().await.map_err(sdk_error)?;
-            // A page that reports no count read as much as it was allowed to (always ends).
-            read += match usize::try_from(out.scanned_count()) {
-                Ok(n) if n > 0 => n,
-                _ => page,
-            };
-            for item in out.items() {
-                if tasks.len() < want {
-                    tasks.push(task_from(item)?);
-                }
-            }
-            match out.last_evaluated_key {
-                Some(k) if tasks.len() < want && read < budget => start = Some(k),
-                Some(k) if tasks.len() < want => {
-                    stopped_at = Some(k);
-                    break;
-                }
-                _ => break,
-            }
+        let per = (budget / count as usize).max(want);
+        let mut reads = tokio::task::JoinSet::new();
+        for k in 0..count {
+            let (store, query) = (self.clone(), query.clone());
+            let partition = index_partition(account_id, k);
+            reads.spawn(async move { store.list_partition(partition, &query, per, want).await });
         }
-        let more = tasks.len() > query.limit;
-        tasks.truncate(query.limit);
-        let next_before = if more {
-            tasks.last().map(|t| t.id.clone())
+        let mut ids = Vec::new();
+        // Everything newer than the highest place a partition stopped at has been read.
+        let mut floor: Option<String> = None;
+        while let Some(read) = reads.join_next().await {
+            let (found, stop) = read.map_err(PortError::internal)??;
+            ids.extend(found);
+            floor = floor.max(stop);
+        }
+        if let Some(f) = &floor {
+            ids.retain(|id| id >= f);
+        }
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        let next_before = if ids.len() > query.limit {
+            ids.truncate(query.limit);
+            ids.last().cloned()
         } else {
-            // Stopped at the budget: more may follow the last item read (its index sort key
-            // is its task id).
-            match stopped_at.as_ref().and_then(|k| k.get("GSI1SK")) {
-                Some(AttributeValue::S(id)) => Some(id.clone()),
-                Some(_) => return Err(PortError::internal("GSI1SK is not a string")),
-                None => None,
-            }
+            floor
         };
+        // The index holds keys, status and model only (so that a progress write does not
+        // rewrite it): the tasks themselves are read from the table, and one whose status
+        // moved past the filter since the index was written is left out.
+        let tasks = self
+            .tasks_by_id(&ids)
+            .await?
+            .into_iter()
+            .filter(|t| query.status.is_none_or(|st| t.status == st))
+            .collect();
         Ok(TaskPage { tasks, next_before })
     }
 
@@ -1028,7 +1172,8 @@ impl TaskStore for DynamoStore {
     async fn due_tasks(&self, cutoff: DateTime<Utc>, limit: usize) -> PortResult<Vec<Task>> {
         // Every shard's oldest `limit`, merged: the oldest `limit` overall.
         let upper = format!("{}#~", waiting_time(cutoff));
-        let mut due = Vec::new();
+        // (GSI2SK, task id): the index holds keys only.
+        let mut due: Vec<(String, String)> = Vec::new();
         let partitions = WAITING_PREFIXES
             .iter()
             .flat_map(|p| (0..WAITING_SHARDS).map(move |shard| format!("{p}#{shard}")));
@@ -1046,12 +1191,15 @@ impl TaskStore for DynamoStore {
                 .await
                 .map_err(sdk_error)?;
             for item in out.items() {
-                due.push(task_from(item)?);
+                let at = get_s(item, "GSI2SK")?.to_string();
+                let id = get_s(item, "PK")?.trim_start_matches("TASK#").to_string();
+                due.push((at, id));
             }
         }
-        due.sort_by_key(|t| t.waiting_since);
+        due.sort();
         due.truncate(limit);
-        Ok(due)
+        let ids: Vec<String> = due.into_iter().map(|(_, id)| id).collect();
+        self.tasks_by_id(&ids).await
     }
 
     async fn update_task(&self, task_id: &str, transition: &Transition) -> PortResult<Task> {

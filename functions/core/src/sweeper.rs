@@ -17,6 +17,11 @@
 //! instead of one per sweep, while a task whose message was really lost is still sent one
 //! `sweep_after` after its wait began. Any other change to the task starts the count over.
 //!
+//! A processing task's wait is the end of the lease it started with: renewals (progress) do not
+//! move it, so they do not rewrite the store's index of waiting tasks. A sweep that finds such
+//! a task with its lease still held moves the wait to the lease end instead
+//! ([`Transition::Reindex`]) and enqueues nothing: one write per `sweep_after` of a long run.
+//!
 //! Locally the server runs [`sweep`] every [`crate::Config::sweep_interval`]; on AWS an
 //! EventBridge schedule invokes the `sweeper` function.
 
@@ -26,7 +31,7 @@ use chrono::{DateTime, Utc};
 
 use crate::App;
 use crate::ports::{PortError, PortResult, WorkMessage};
-use crate::task::{Task, Transition};
+use crate::task::{Task, Transition, lease_held_past};
 
 /// Tasks read per page.
 const PAGE: usize = 100;
@@ -44,6 +49,9 @@ pub struct SweepReport {
     pub callbacks: usize,
     /// Tasks that moved on between the read and the write (nothing to do).
     pub moved_on: usize,
+    /// Processing tasks whose worker renewed its lease since their wait was recorded: the
+    /// wait moved to the lease end ([`Transition::Reindex`]), nothing enqueued.
+    pub reindexed: usize,
 }
 
 /// The message a due task waits on, if any.
@@ -69,8 +77,13 @@ pub async fn sweep(app: &App, now: DateTime<Utc>) -> PortResult<SweepReport> {
         let due = app.store.due_tasks(since, PAGE).await?;
         report.due += due.len();
         for task in &due {
-            let requeue = Transition::Requeue { cutoff: since };
-            let task = match app.store.update_task_from(task, &requeue).await {
+            let held = lease_held_past(task, since);
+            let change = if held {
+                Transition::Reindex { cutoff: since }
+            } else {
+                Transition::Requeue { cutoff: since }
+            };
+            let task = match app.store.update_task_from(task, &change).await {
                 Ok(t) => t,
                 Err(PortError::Rejected(_) | PortError::NotFound) => {
                     report.moved_on += 1;
@@ -78,6 +91,10 @@ pub async fn sweep(app: &App, now: DateTime<Utc>) -> PortResult<SweepReport> {
                 }
                 Err(e) => return Err(e),
             };
+            if held {
+                report.reindexed += 1;
+                continue;
+            }
             let Some(msg) = owed(&task) else {
                 continue;
             };

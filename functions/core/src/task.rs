@@ -564,6 +564,18 @@ pub enum Transition {
         /// Only a task waiting since this time or earlier is due.
         cutoff: DateTime<Utc>,
     },
+    /// The sweeper found a processing task whose recorded wait began by `cutoff` but whose
+    /// lease is still held past it (its worker renewed it since): the wait moves to the lease
+    /// end, and nothing is owed. A processing task's [`Task::waiting_since`] is the end of the
+    /// lease it started with (or an earlier one) and is not moved by renewals, so a progress
+    /// write does not move the store's index of waiting tasks; the sweeper moves it instead,
+    /// at most once per `sweep_after` of a long run. Refused with [`TransitionError::NotDue`]
+    /// unless the task is processing, has waited since `cutoff` or earlier and holds a lease
+    /// past `cutoff`.
+    Reindex {
+        /// The sweep's cutoff, as for [`Transition::Requeue`].
+        cutoff: DateTime<Utc>,
+    },
 }
 
 /// Why a transition was refused.
@@ -646,8 +658,10 @@ pub fn apply(
     match result {
         Ok(Inner::Changed { refund }) => {
             task.version += 1;
-            if !matches!(t, Transition::Requeue { .. }) {
-                task.waiting_since = next_waiting_since(task, now);
+            if !matches!(t, Transition::Requeue { .. } | Transition::Reindex { .. }) {
+                let renewal = before.status == TaskStatus::Processing
+                    && !matches!(t, Transition::Start { .. });
+                task.waiting_since = next_waiting_since(task, renewal, now);
                 task.requeues = 0;
             }
             Ok(Applied::Changed {
@@ -666,11 +680,22 @@ pub fn apply(
     }
 }
 
-/// Since when `task`, just changed at `now`, waits on work that may have been lost.
-fn next_waiting_since(task: &Task, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+/// Whether `task` is processing under a lease that runs past `t`.
+pub fn lease_held_past(task: &Task, t: DateTime<Utc>) -> bool {
+    task.status == TaskStatus::Processing && task.lease_until.is_some_and(|l| l > t)
+}
+
+/// Since when `task`, just changed at `now`, waits on work that may have been lost. A
+/// `renewal` (a processing task that stays under the same attempt) keeps the earlier of the
+/// recorded wait and the new lease end: a lease that grows leaves the wait where it was (the
+/// sweeper moves it, [`Transition::Reindex`]), one that shrinks brings it forward.
+fn next_waiting_since(task: &Task, renewal: bool, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     match task.status {
         TaskStatus::Queued => task.waiting_since.or(Some(now)),
-        TaskStatus::Processing => task.lease_until,
+        TaskStatus::Processing => match (renewal, task.waiting_since, task.lease_until) {
+            (true, Some(w), Some(l)) => Some(w.min(l)),
+            (_, _, lease) => lease,
+        },
         _ if task.first_callback_owed() => task.completed_at.or(Some(now)),
         _ => None,
     }
@@ -936,7 +961,8 @@ fn apply_inner(
             Ok(Inner::Changed { refund: 0 })
         }
         Transition::Requeue { cutoff } => match task.waiting_since {
-            Some(since) if since <= *cutoff => {
+            // A lease held past the cutoff is a live worker: that is a Reindex, not a requeue.
+            Some(since) if since <= *cutoff && !lease_held_past(task, *cutoff) => {
                 let owes_work = task.is_open() || task.first_callback_owed();
                 // The wait the sweep allowed (`sweep_after`), doubled per earlier requeue: the
                 // next sweep finds the task `allowed * 2^requeues` from now. Kept in
@@ -950,6 +976,13 @@ fn apply_inner(
                     .unwrap_or(DateTime::<Utc>::MAX_UTC);
                 task.waiting_since = owes_work.then_some(next);
                 task.requeues = task.requeues.saturating_add(1);
+                Ok(Inner::Changed { refund: 0 })
+            }
+            _ => Err(TransitionError::NotDue),
+        },
+        Transition::Reindex { cutoff } => match (task.waiting_since, task.lease_until) {
+            (Some(since), Some(lease)) if since <= *cutoff && lease_held_past(task, *cutoff) => {
+                task.waiting_since = Some(lease);
                 Ok(Inner::Changed { refund: 0 })
             }
             _ => Err(TransitionError::NotDue),
@@ -1273,22 +1306,29 @@ pub(crate) mod tests {
         // task queued today; the rule is there for one that would.)
         let mut task = with_callback(sample(TaskStatus::Queued));
         task.waiting_since = Some(t0);
-        assert_eq!(next_waiting_since(&task, t1), Some(t0));
+        assert_eq!(next_waiting_since(&task, false, t1), Some(t0));
         let fresh = with_callback(sample(TaskStatus::Queued));
-        assert_eq!(next_waiting_since(&fresh, t1), Some(t1));
+        assert_eq!(next_waiting_since(&fresh, false, t1), Some(t1));
 
-        // Processing: the lease end, renewed by progress.
+        // Processing: the end of the lease it started with; a renewal that extends the lease
+        // leaves it (no index write), one that shortens it brings it forward.
         let lease = t1 + Duration::seconds(60);
         apply(&mut task, &Transition::Start { lease_until: lease }, t1).unwrap();
         assert_eq!(task.waiting_since, Some(lease));
-        let renewed = lease + Duration::seconds(5);
-        let progress = Transition::Progress {
+        let progress = |lease_until| Transition::Progress {
             attempt: 1,
             progress: 50,
-            lease_until: renewed,
+            lease_until,
         };
-        apply(&mut task, &progress, t1).unwrap();
-        assert_eq!(task.waiting_since, Some(renewed));
+        let renewed = lease + Duration::seconds(5);
+        apply(&mut task, &progress(renewed), t1).unwrap();
+        assert_eq!(task.waiting_since, Some(lease));
+        assert_eq!(task.lease_until, Some(renewed));
+        let shorter = lease - Duration::seconds(30);
+        apply(&mut task, &progress(shorter), t1).unwrap();
+        assert_eq!(task.waiting_since, Some(shorter));
+        apply(&mut task, &progress(renewed), t1).unwrap();
+        assert_eq!(task.waiting_since, Some(shorter));
 
         // Finished with the first webhook owed: the end; once attempted: nothing.
         let end = t1 + Duration::seconds(2);
@@ -1470,6 +1510,57 @@ pub(crate) mod tests {
         apply(&mut stale, &due, sweep).unwrap();
         assert_eq!(stale.waiting_since, None);
         assert_eq!(apply(&mut stale, &due, sweep), Err(TransitionError::NotDue));
+    }
+
+    #[test]
+    fn a_long_run_moves_the_index_only_when_the_sweeper_finds_its_lease_renewed() {
+        let t0 = Utc::now();
+        let lease = t0 + Duration::seconds(60);
+        let mut task = sample(TaskStatus::Queued);
+        apply(&mut task, &Transition::Start { lease_until: lease }, t0).unwrap();
+        // Progress renews the lease ten times; the recorded wait stays at the first lease end.
+        for i in 1..=10 {
+            let renew = Transition::Progress {
+                attempt: 1,
+                progress: i * 9,
+                lease_until: lease + Duration::seconds(i64::from(i) * 30),
+            };
+            apply(&mut task, &renew, t0 + Duration::seconds(i64::from(i) * 30)).unwrap();
+        }
+        assert_eq!(task.waiting_since, Some(lease));
+        let renewed = task.lease_until.unwrap();
+        // A sweep after the first lease end finds it: the worker is alive, so it is not
+        // requeued, and the wait moves to the lease end.
+        let cutoff = lease + Duration::seconds(1);
+        let sweep = cutoff + Duration::seconds(60);
+        let before = task.clone();
+        assert_eq!(
+            apply(&mut task, &Transition::Requeue { cutoff }, sweep),
+            Err(TransitionError::NotDue)
+        );
+        assert_eq!(task, before);
+        apply(&mut task, &Transition::Reindex { cutoff }, sweep).unwrap();
+        assert_eq!(task.waiting_since, Some(renewed));
+        assert_eq!((task.requeues, task.version), (0, before.version + 1));
+        // Not again until the wait it moved to is due.
+        assert_eq!(
+            apply(&mut task, &Transition::Reindex { cutoff }, sweep),
+            Err(TransitionError::NotDue)
+        );
+        // A lease that ran out is due for a requeue, not a reindex.
+        let later = renewed + Duration::seconds(5);
+        assert_eq!(
+            apply(&mut task, &Transition::Reindex { cutoff: later }, later),
+            Err(TransitionError::NotDue)
+        );
+        apply(&mut task, &Transition::Requeue { cutoff: later }, later).unwrap();
+        // Queued tasks are never reindexed.
+        let mut queued = sample(TaskStatus::Queued);
+        queued.waiting_since = Some(t0);
+        assert_eq!(
+            apply(&mut queued, &Transition::Reindex { cutoff: lease }, lease),
+            Err(TransitionError::NotDue)
+        );
     }
 
     const RETRY: std::time::Duration = std::time::Duration::from_millis(200);

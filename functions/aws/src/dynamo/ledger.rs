@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 use tasklane_core::ports::{PortError, PortResult};
 
 use super::{DynamoStore, Item, account_key, build_err, cancellation_reasons, n, s, sdk_error};
@@ -281,58 +281,10 @@ impl DynamoStore {
         to: u32,
         consistent: bool,
     ) -> PortResult<Vec<Share>> {
-        let mut found: HashMap<String, Item> = HashMap::new();
-        let keys: Vec<Item> = (from..to)
-            .map(|k| {
-                let (pk, sk) = shard_key(account_id, k);
-                HashMap::from([("PK".to_string(), pk), ("SK".to_string(), sk)])
-            })
-            .collect();
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pending = Some(
-            KeysAndAttributes::builder()
-                .set_keys(Some(keys))
-                .consistent_read(consistent)
-                .projection_expression("PK, credits, open_tasks")
-                .build()
-                .map_err(build_err)?,
-        );
-        let mut attempt = 0;
-        while let Some(request) = pending.take() {
-            let out = self
-                .client
-                .batch_get_item()
-                .request_items(&self.table, request)
-                .send()
-                .await
-                .map_err(sdk_error)?;
-            for item in out
-                .responses
-                .unwrap_or_default()
-                .remove(&self.table)
-                .unwrap_or_default()
-            {
-                if let Some(AttributeValue::S(pk)) = item.get("PK") {
-                    found.insert(pk.clone(), item);
-                }
-            }
-            // Keys DynamoDB did not get to (throttling, size) are asked again.
-            pending = out
-                .unprocessed_keys
-                .and_then(|mut u| u.remove(&self.table))
-                .filter(|k| !k.keys().is_empty());
-            if pending.is_some() {
-                if attempt + 1 >= CONFLICT_ATTEMPTS {
-                    return Err(PortError::unavailable(
-                        "the account's balance could not be read: keys left unprocessed",
-                    ));
-                }
-                backoff(attempt).await;
-                attempt += 1;
-            }
-        }
+        let keys = (from..to).map(|k| shard_key(account_id, k)).collect();
+        let found = self
+            .batch_get(keys, consistent, Some("PK, credits, open_tasks"))
+            .await?;
         Ok((from..to)
             .map(|k| {
                 let pk = match shard_key(account_id, k).0 {
