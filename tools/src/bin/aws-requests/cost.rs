@@ -18,9 +18,11 @@
 //! DynamoDB units are computed from the requests and item sizes (the emulator's
 //! `ReturnConsumedCapacity` answers constants, so it is not used): item size by DynamoDB's rule
 //! (attribute names plus values), writes one unit per 1 KB and two in a transaction (a
-//! `ConditionCheck` counted as a transactional write), plus one write per 1 KB on each of `GSI1`
-//! and `GSI2` (projection `ALL`) that the item is in before or after; reads one unit per 4 KB
-//! (strongly consistent) or half of it (eventually consistent, every GSI query). An item
+//! `ConditionCheck` counted as a transactional write), plus, on each of `GSI1` (projecting
+//! status and model) and `GSI2` (keys only), one write per 1 KB of the index entry when the
+//! entry appears, disappears or changes, two when its keys move, none when nothing it holds
+//! changed; reads one unit per 4 KB (strongly consistent) or half of it (eventually consistent,
+//! every GSI query), each item of a `BatchGetItem` on its own. An item
 //! updated inside a transaction is sized from its last seen copy (a `GetItem`, a `Query` or a
 //! `PutItem`), or 1 KB when none was seen.
 
@@ -145,36 +147,80 @@ impl Shadow {
     fn put(&mut self, after: &Value, factor: f64) -> f64 {
         let before = self.0.get(&key_of(after)).cloned();
         let mut units = factor * kb(item_size(after).max(before.as_ref().map_or(0.0, item_size)));
-        for g in ["GSI1PK", "GSI2PK"] {
-            let sk = g.replace("PK", "SK");
-            let b = before.as_ref().filter(|b| b.get(g).is_some());
-            match (b, after.get(g).is_some()) {
-                (Some(b), true) if b[g] == after[g] && b[&sk] == after[&sk] => {
-                    units += kb(item_size(after))
+        for index in INDEXES {
+            let b = before.as_ref().and_then(|b| index.entry(b));
+            match (b, index.entry(after)) {
+                // Nothing the index holds changed: no index write.
+                (Some(b), Some(a)) if b == a => {}
+                // Same keys, a projected attribute changed: the entry is rewritten.
+                (Some(b), Some(a)) if index.keys(&b) == index.keys(&a) => {
+                    units += kb(item_size(&a))
                 }
-                (Some(b), true) => units += kb(item_size(b)) + kb(item_size(after)),
-                (Some(b), false) => units += kb(item_size(b)),
-                (None, true) => units += kb(item_size(after)),
-                (None, false) => {}
+                // The keys moved: a delete and a put.
+                (Some(b), Some(a)) => units += kb(item_size(&b)) + kb(item_size(&a)),
+                (Some(b), None) => units += kb(item_size(&b)),
+                (None, Some(a)) => units += kb(item_size(&a)),
+                (None, None) => {}
             }
         }
         self.see(after);
         units
     }
 
-    /// Write units of updating (or checking) the item at `key` in a transaction.
+    /// Write units of updating (or checking) the item at `key` in a transaction; an indexed
+    /// item's entries are counted as rewritten (what changed is not parsed).
     fn update(&mut self, key: &Value) -> f64 {
         match self.0.get(&key_of(key)) {
             Some(item) => {
-                let size = item_size(item);
-                let indexed = ["GSI1PK", "GSI2PK"]
+                let entries: f64 = INDEXES
                     .iter()
-                    .filter(|g| item.get(**g).is_some())
-                    .count() as f64;
-                2.0 * kb(size) + indexed * kb(size)
+                    .filter_map(|i| i.entry(item))
+                    .map(|e| kb(item_size(&e)))
+                    .sum();
+                2.0 * kb(item_size(item)) + entries
             }
             None => 2.0,
         }
+    }
+}
+
+/// A global secondary index as template.yaml declares it: its key attributes and what it
+/// projects besides the table's and its own keys.
+struct Index {
+    pk: &'static str,
+    sk: &'static str,
+    projected: &'static [&'static str],
+}
+
+/// GSI1 (`INCLUDE` status and model) and GSI2 (`KEYS_ONLY`).
+const INDEXES: [Index; 2] = [
+    Index {
+        pk: "GSI1PK",
+        sk: "GSI1SK",
+        projected: &["status", "model"],
+    },
+    Index {
+        pk: "GSI2PK",
+        sk: "GSI2SK",
+        projected: &[],
+    },
+];
+
+impl Index {
+    /// The index entry of `item` (its keys and projected attributes), if it is in the index.
+    fn entry(&self, item: &Value) -> Option<Value> {
+        item.get(self.pk)?;
+        let mut entry = serde_json::Map::new();
+        for name in ["PK", "SK", self.pk, self.sk].iter().chain(self.projected) {
+            if let Some(v) = item.get(*name) {
+                entry.insert(name.to_string(), v.clone());
+            }
+        }
+        Some(Value::Object(entry))
+    }
+
+    fn keys(&self, entry: &Value) -> (Value, Value) {
+        (entry[self.pk].clone(), entry[self.sk].clone())
     }
 }
 
@@ -209,6 +255,19 @@ impl Usage {
                     let consistent = consistent && req.get("IndexName").is_none();
                     self.rru += read_units(size, consistent);
                     items.iter().for_each(|i| shadow.see(i));
+                }
+                "DynamoDB.BatchGetItem" => {
+                    // Each item is charged on its own, rounded up to 4 KB.
+                    for table in resp["Responses"].as_object().into_iter().flatten() {
+                        for item in table.1.as_array().into_iter().flatten() {
+                            let consistent =
+                                req["RequestItems"][table.0.as_str()]["ConsistentRead"]
+                                    .as_bool()
+                                    .unwrap_or(false);
+                            self.rru += read_units(item_size(item), consistent);
+                            shadow.see(item);
+                        }
+                    }
                 }
                 "DynamoDB.PutItem" => self.wru += shadow.put(&req["Item"], 1.0),
                 "DynamoDB.UpdateItem" | "DynamoDB.DeleteItem" => {
