@@ -826,8 +826,16 @@ async fn all_pages(store: &DynamoStore, account_id: &str, query: &ListQuery) -> 
         pages.push(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>());
         match next_before {
             Some(b) => {
-                // The last id of a full page; after a short filtered page, the last one read.
-                if tasks.len() == query.limit {
+                // The last id of a full page, or (a filtered page that stopped at its read
+                // budget) the last one read, which is older: never newer than the page's last.
+                if let Some(last) = tasks.last() {
+                    assert!(
+                        b <= last.id,
+                        "cursor {b} is newer than the page's last {}",
+                        last.id
+                    );
+                }
+                if tasks.len() == query.limit && query.status.is_none() && query.model.is_none() {
                     assert_eq!(
                         Some(&b),
                         tasks.last().map(|t| &t.id),

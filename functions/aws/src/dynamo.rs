@@ -146,6 +146,26 @@ where
     }
 }
 
+/// `Ok` also when the write's condition failed: the state it was to make, or a newer one,
+/// holds already.
+fn unless_condition_failed<T, E>(
+    res: Result<T, SdkError<E, aws_smithy_runtime_api::http::Response>>,
+) -> PortResult<()>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match res {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|se| se.code() == Some("ConditionalCheckFailedException")) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(sdk_error(e)),
+    }
+}
+
 /// The result of an update conditioned on the item existing: a failed condition is `NotFound`.
 fn existing<T>(
     res: Result<
@@ -904,16 +924,8 @@ impl TaskStore for DynamoStore {
             .expression_attribute_values(":t", s(token))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(sdk_error(e)),
-        }
+        // Already gone or completed: nothing to release.
+        unless_condition_failed(res)
     }
 
     async fn insert_task(
@@ -993,20 +1005,7 @@ impl TaskStore for DynamoStore {
     async fn list_tasks(&self, account_id: &str, query: &ListQuery) -> PortResult<TaskPage> {
         // A busy account's tasks are indexed in as many partitions as its balance has items
         // (`index_partition`): each is read newest first and the answers merged.
-        let (pk, sk) = account_key(account_id);
-        let count = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("PK", pk)
-            .key("SK", sk)
-            .projection_expression("shards")
-            .send()
-            .await
-            .map_err(sdk_error)?
-            .item
-            .as_ref()
-            .map_or(1, shards_of);
+        let count = self.read_shards(account_id).await?;
         let want = query.limit + 1;
         // At most `budget` index items are read in all (tasklane_core::api::list_read_budget):
         // a filter expression is applied after the read, and a Query is charged for every item
@@ -1157,14 +1156,8 @@ impl TaskStore for DynamoStore {
                 .expression_attribute_values(":me", s(holder))
                 .send()
                 .await;
-            match res {
-                Ok(_) => {}
-                // Taken over after our time ran out: not ours to free.
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
-                Err(e) => return Err(sdk_error(e)),
-            }
+            // A slot taken over after our time ran out is not ours to free.
+            unless_condition_failed(res)?;
         }
         Ok(())
     }

@@ -32,7 +32,10 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 use tasklane_core::ports::{PortError, PortResult};
 
-use super::{DynamoStore, Item, account_key, build_err, cancellation_reasons, n, s, sdk_error};
+use super::{
+    DynamoStore, Item, account_key, build_err, cancellation_reasons, n, s, sdk_error,
+    unless_condition_failed,
+};
 
 /// The most items an account's balance can be spread over (a rebalance writes them all in
 /// one transaction, which takes at most 100 items).
@@ -230,6 +233,14 @@ impl DynamoStore {
         {
             return Ok(*n);
         }
+        let n = self.read_shards(account_id).await?;
+        self.remember_shards(account_id, n);
+        Ok(n)
+    }
+
+    /// How many shards `account_id`'s balance is spread over, as its item says now
+    /// (eventually consistent; 1 for an unknown account).
+    pub(super) async fn read_shards(&self, account_id: &str) -> PortResult<u32> {
         let (pk, sk) = account_key(account_id);
         let out = self
             .client
@@ -241,9 +252,7 @@ impl DynamoStore {
             .send()
             .await
             .map_err(sdk_error)?;
-        let n = out.item.as_ref().map_or(1, shards_of);
-        self.remember_shards(account_id, n);
-        Ok(n)
+        Ok(out.item.as_ref().map_or(1, shards_of))
     }
 
     /// The shares of shards `1..count` for an account's view: read (eventually consistent)
@@ -403,15 +412,9 @@ impl DynamoStore {
                     .condition_expression("attribute_not_exists(PK)")
                     .send()
                     .await;
-                match res {
-                    Ok(_) => {}
-                    // Left by an earlier attempt that stopped before recording the count:
-                    // nothing has debited or settled it since.
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
-                    Err(e) => return Err(sdk_error(e)),
-                }
+                // An item that exists was left by an earlier attempt that stopped before
+                // recording the count: nothing has debited or settled it since.
+                unless_condition_failed(res)?;
             }
             let (pk, sk) = account_key(account_id);
             let condition = if current == 1 {
