@@ -1227,6 +1227,7 @@ async fn processor_binary_runs_processor_json_and_stores_the_task_output_in_s3()
                 status_code: Some(200),
                 error: None,
             }],
+            next_attempt_at: None,
         }),
         ..stack.completed_echo(DELIVER_TASK).await
     };

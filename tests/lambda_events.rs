@@ -677,6 +677,7 @@ async fn processor_event_runs_the_task_and_its_output_downloads_through_the_stat
                 status_code: Some(200),
                 error: None,
             }],
+            next_attempt_at: None,
         }),
         ..stack.completed_echo(DELIVER_TASK).await
     };

@@ -198,7 +198,7 @@ async fn a_completed_task_posts_one_signed_task_completed_event_and_records_deli
         .await;
     assert_eq!(
         t["callback"],
-        json!({"url": url, "state": "pending", "attempts": 0, "last_status_code": null, "deliveries": []})
+        json!({"url": url, "state": "pending", "attempts": 0, "last_status_code": null, "deliveries": [], "next_attempt_at": null})
     );
     let id = id_of(&t);
     assert_eq!(s.wait_terminal(&id, 30).await["status"], "completed");
@@ -206,7 +206,7 @@ async fn a_completed_task_posts_one_signed_task_completed_event_and_records_deli
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(
         without_history(&settled["callback"]),
-        json!({"url": url, "state": "delivered", "attempts": 1, "last_status_code": 200})
+        json!({"url": url, "state": "delivered", "attempts": 1, "last_status_code": 200, "next_attempt_at": null})
     );
     let got = r.received();
     assert_eq!(got.len(), 1, "exactly one request: {got:?}");
@@ -364,7 +364,7 @@ async fn duplicate_messages_for_the_first_attempt_send_the_webhook_once() {
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(
         without_history(&settled["callback"]),
-        json!({"url": r.hook_url(), "state": "delivered", "attempts": 1, "last_status_code": 200})
+        json!({"url": r.hook_url(), "state": "delivered", "attempts": 1, "last_status_code": 200, "next_attempt_at": null})
     );
     let got = r.received();
     assert_eq!(got.len(), 1, "exactly one request: {got:?}");
@@ -438,7 +438,7 @@ async fn a_receiver_that_always_fails_gets_three_attempts_then_the_callback_fail
     let settled = wait_callback_settled(&s, &id).await;
     assert_eq!(
         without_history(&settled["callback"]),
-        json!({"url": r.hook_url(), "state": "failed", "attempts": 3, "last_status_code": 500})
+        json!({"url": r.hook_url(), "state": "failed", "attempts": 3, "last_status_code": 500, "next_attempt_at": null})
     );
     let got = r.received();
     assert_eq!(
@@ -536,5 +536,105 @@ async fn loopback_callback_urls_are_refused_when_private_targets_are_not_allowed
     let list = s.get("/tasks").await;
     assert_eq!(list.body["data"], json!([]), "nothing was created");
     assert!(r.received().is_empty());
+    s.stop().await;
+}
+
+/// A work queue that records what is enqueued, with its delay.
+struct Recording {
+    inner: Arc<dyn tasklane_core::ports::WorkQueue>,
+    sent: Arc<Mutex<Vec<(WorkMessage, Duration)>>>,
+}
+
+#[async_trait::async_trait]
+impl tasklane_core::ports::WorkQueue for Recording {
+    async fn enqueue(
+        &self,
+        message: &WorkMessage,
+        delay: Duration,
+    ) -> tasklane_core::ports::PortResult<()> {
+        self.sent.lock().unwrap().push((message.clone(), delay));
+        self.inner.enqueue(message, delay).await
+    }
+}
+
+#[tokio::test]
+async fn a_retry_further_off_than_the_queue_can_delay_is_sent_by_the_sweeper_not_by_queue_hops() {
+    let r = Receiver::start(vec![Reply::Status(500), Reply::Status(200)]).await;
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let log = sent.clone();
+    let hooks = Hooks {
+        store: None,
+        queue: Some(Box::new(move |inner| {
+            Arc::new(Recording { inner, sent: log })
+        })),
+    };
+    // The queue delays at most 1 s; the retry is due 3 s after the first attempt.
+    let s = Server::start_with(
+        |c| {
+            c.core.max_queue_delay = Duration::from_secs(1);
+            c.core.callback_retry_schedule = vec![Duration::from_secs(3)];
+            c.core.sweep_after = Duration::from_secs(1);
+            c.core.sweep_interval = Duration::from_millis(200);
+        },
+        hooks,
+    )
+    .await;
+    let t = s
+        .submit(json!({"model": "echo", "prompt": "later", "callback_url": r.hook_url()}))
+        .await;
+    let id = id_of(&t);
+    r.wait_for(1).await;
+    // The failed attempt is recorded with the time the retry is due.
+    let pending = loop {
+        let v = s.get(&format!("/tasks/{id}")).await.body;
+        if v["callback"]["attempts"] == 1 {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(pending["callback"]["state"], "pending", "{pending}");
+    let tried: chrono::DateTime<chrono::Utc> = pending["callback"]["deliveries"][0]["at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let due: chrono::DateTime<chrono::Utc> = pending["callback"]["next_attempt_at"]
+        .as_str()
+        .expect("next_attempt_at")
+        .parse()
+        .unwrap();
+    assert_eq!(due - tried, chrono::TimeDelta::seconds(3));
+
+    let settled = wait_callback_settled(&s, &id).await;
+    assert_eq!(settled["callback"]["state"], "delivered", "{settled}");
+    assert_eq!(settled["callback"]["next_attempt_at"], Value::Null);
+    let second: chrono::DateTime<chrono::Utc> = settled["callback"]["deliveries"][1]["at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        second >= due,
+        "the retry came before it was due: {second} < {due}"
+    );
+    // Two Deliver messages in all, neither delayed: the first attempt's, and the one the
+    // sweeper sent when the retry was due. No message was parked in the queue for it.
+    let delivers: Vec<(WorkMessage, Duration)> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| matches!(m, WorkMessage::Deliver { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(delivers.len(), 2, "{delivers:?}");
+    assert!(delivers.iter().all(|(_, d)| d.is_zero()), "{delivers:?}");
+    assert!(matches!(
+        delivers[1].0,
+        WorkMessage::Deliver {
+            attempt: 1,
+            not_before: None,
+            ..
+        }
+    ));
     s.stop().await;
 }

@@ -502,18 +502,19 @@ impl Processor {
             attempt,
             &self.app.config.callback_retry_schedule,
         );
-        if let AfterAttempt::Retry(delay) = next {
+        if let AfterAttempt::Retry(delay) = next
+            && delay <= self.app.config.max_queue_delay
+        {
             // Enqueued before the attempt is recorded: a worker that stops in between leaves a
-            // stale retry and this message, which comes back and sends the attempt again.
+            // stale retry and this message, which comes back and sends the attempt again. A
+            // retry further off than the queue can delay gets no message: the attempt records
+            // when it is due, and the sweeper sends it then (no chain of queue hops).
             let msg = WorkMessage::Deliver {
                 task_id: task_id.to_string(),
                 attempt: attempt + 1,
                 not_before: Some(now + chrono_dur(delay)),
             };
-            self.app
-                .queue
-                .enqueue(&msg, delay.min(self.app.config.max_queue_delay))
-                .await?;
+            self.app.queue.enqueue(&msg, delay).await?;
         }
         tracing::info!(task_id, attempt, result = ?result, next = ?next, "webhook attempt");
         crate::metrics::webhook(task_id, attempt, status_code, &next);

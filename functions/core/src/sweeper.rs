@@ -45,7 +45,8 @@ pub struct SweepReport {
     pub due: usize,
     /// `Run` messages enqueued again (queued or processing tasks).
     pub runs: usize,
-    /// First webhook attempts enqueued again.
+    /// Webhook attempts enqueued: first attempts whose message was lost, and retries that
+    /// are due (a retry further off than the queue can delay has no message until then).
     pub callbacks: usize,
     /// Tasks that moved on between the read and the write (nothing to do).
     pub moved_on: usize,
@@ -60,8 +61,12 @@ fn owed(task: &Task) -> Option<WorkMessage> {
         Some(WorkMessage::Run {
             task_id: task.id.clone(),
         })
-    } else if task.first_callback_owed() {
-        Some(WorkMessage::first_delivery(&task.id))
+    } else if let Some((attempt, _)) = task.callback_owed() {
+        Some(WorkMessage::Deliver {
+            task_id: task.id.clone(),
+            attempt,
+            not_before: None,
+        })
     } else {
         None
     }

@@ -134,6 +134,9 @@ pub struct Callback {
     /// The most recent delivery attempts, oldest first (at most [`MAX_DELIVERY_HISTORY`]).
     #[serde(default)]
     pub deliveries: Vec<DeliveryAttempt>,
+    /// When the next attempt is due, while a retry is scheduled ([`AfterAttempt::Retry`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// How many delivery attempts a task keeps in its history.
@@ -159,6 +162,7 @@ impl Callback {
             attempts: 0,
             last_status_code: None,
             deliveries: Vec::new(),
+            next_attempt_at: None,
         }
     }
 
@@ -365,6 +369,22 @@ impl Task {
                 .callback
                 .as_ref()
                 .is_some_and(|c| c.state == CallbackState::Pending && c.attempts == 0)
+    }
+
+    /// The webhook attempt a finished task owes and since when: the first at the task's end,
+    /// a retry at its scheduled time; `None` when none is owed.
+    pub fn callback_owed(&self) -> Option<(u32, DateTime<Utc>)> {
+        if !self.status.is_terminal() {
+            return None;
+        }
+        let cb = self.callback.as_ref()?;
+        if cb.state != CallbackState::Pending {
+            return None;
+        }
+        match cb.attempts {
+            0 => Some((0, self.completed_at.unwrap_or(self.created_at))),
+            n => cb.next_attempt_at.map(|at| (n, at)),
+        }
     }
 }
 
@@ -696,8 +716,15 @@ fn next_waiting_since(task: &Task, renewal: bool, now: DateTime<Utc>) -> Option<
             (true, Some(w), Some(l)) => Some(w.min(l)),
             (_, _, lease) => lease,
         },
-        _ if task.first_callback_owed() => task.completed_at.or(Some(now)),
-        _ => None,
+        // A webhook attempt owed: the first from the task's end, a retry from its due time
+        // (the sweeper sends it if its message is lost, or if it was too far off to queue).
+        _ => task.callback_owed().map(|(n, due)| {
+            if n == 0 {
+                task.completed_at.unwrap_or(now)
+            } else {
+                due
+            }
+        }),
     }
 }
 
@@ -801,6 +828,15 @@ fn apply_inner(
                 error: error.clone(),
             });
             cb.state = next.state();
+            cb.next_attempt_at = match next {
+                AfterAttempt::Retry(delay) => Some(
+                    chrono::TimeDelta::from_std(*delay)
+                        .ok()
+                        .and_then(|d| at.checked_add_signed(d))
+                        .unwrap_or(DateTime::<Utc>::MAX_UTC),
+                ),
+                _ => None,
+            };
             task.lease_until = None;
             Ok(Inner::Changed { refund: 0 })
         }
@@ -809,6 +845,7 @@ fn apply_inner(
             unclaimed(task, now)?;
             if let Some(cb) = task.callback.as_mut() {
                 cb.state = CallbackState::Failed;
+                cb.next_attempt_at = None;
             }
             task.lease_until = None;
             Ok(Inner::Changed { refund: 0 })
@@ -963,7 +1000,7 @@ fn apply_inner(
         Transition::Requeue { cutoff } => match task.waiting_since {
             // A lease held past the cutoff is a live worker: that is a Reindex, not a requeue.
             Some(since) if since <= *cutoff && !lease_held_past(task, *cutoff) => {
-                let owes_work = task.is_open() || task.first_callback_owed();
+                let owes_work = task.is_open() || task.callback_owed().is_some();
                 // The wait the sweep allowed (`sweep_after`), doubled per earlier requeue: the
                 // next sweep finds the task `allowed * 2^requeues` from now. Kept in
                 // `waiting_since` (a wait that begins in the future) so the store's index
@@ -1080,6 +1117,7 @@ pub(crate) mod tests {
             attempts: 0,
             last_status_code: None,
             deliveries: vec![],
+            next_attempt_at: None,
         };
         for i in 0..15u16 {
             cb.record(DeliveryAttempt {
@@ -1227,6 +1265,7 @@ pub(crate) mod tests {
             attempts: 0,
             last_status_code: None,
             deliveries: vec![],
+            next_attempt_at: None,
         });
         task
     }
@@ -1347,16 +1386,19 @@ pub(crate) mod tests {
         };
         apply(&mut task, &claim, end).unwrap();
         assert_eq!(task.waiting_since, Some(end));
+        let tried_at = Utc::now();
         apply(
             &mut task,
             &attempted(0, Some(500), AfterAttempt::Retry(RETRY)),
             end,
         )
         .unwrap();
-        assert_eq!(
-            task.waiting_since, None,
-            "a retry is scheduled by its own message"
-        );
+        // A retry is owed from its due time: the sweeper sends it if its message is lost (or
+        // was never sent: a retry further off than a queue can delay).
+        let due = task.callback.as_ref().unwrap().next_attempt_at.unwrap();
+        assert!(due >= tried_at + Duration::milliseconds(200));
+        assert_eq!(task.waiting_since, Some(due));
+        assert_eq!(task.callback_owed(), Some((1, due)));
 
         // Finished without a webhook: nothing.
         apply(&mut no_hook, &complete, end).unwrap();

@@ -162,6 +162,9 @@ pub struct CallbackView {
     pub last_status_code: Option<u16>,
     /// The most recent attempts, oldest first.
     pub deliveries: Vec<DeliveryView>,
+    /// When the next attempt is due, while a retry is scheduled.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// One delivery attempt in the task object.
@@ -183,6 +186,7 @@ impl From<&Callback> for CallbackView {
             state: c.state,
             attempts: c.attempts,
             last_status_code: c.last_status_code,
+            next_attempt_at: c.next_attempt_at,
             deliveries: c
                 .deliveries
                 .iter()
