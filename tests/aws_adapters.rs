@@ -1895,6 +1895,7 @@ async fn an_aws_endpoint_that_never_answers_is_unavailable_not_a_hang() {
     let settings = AwsSettings {
         table: "tasks".into(),
         queue_url: format!("{endpoint}/123456789012/work"),
+        delivery_queue_url: None,
         bucket: "results".into(),
         core: tasklane_core::Config::default(),
         models: None,

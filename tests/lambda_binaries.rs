@@ -38,13 +38,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
-const FUNCTIONS: [(&str, &str, u32); 10] = [
+const FUNCTIONS: [(&str, &str, u32); 11] = [
     ("submit", "SubmitFunction", 256),
     ("status", "StatusFunction", 256),
     ("cancel", "CancelFunction", 256),
     ("sync-wait", "SyncWaitFunction", 256),
     ("account", "AccountFunction", 256),
     ("processor", "ProcessorFunction", 256),
+    ("deliver", "DeliverFunction", 256),
     ("dead-letter", "DeadLetterFunction", 256),
     ("sweeper", "SweeperFunction", 256),
     ("upstream", "UpstreamFunction", 512),
@@ -82,6 +83,7 @@ fn binary(name: &str) -> &'static str {
         "sync-wait" => env!("CARGO_BIN_EXE_sync-wait"),
         "account" => env!("CARGO_BIN_EXE_account"),
         "processor" => env!("CARGO_BIN_EXE_processor"),
+        "deliver" => env!("CARGO_BIN_EXE_deliver"),
         "dead-letter" => env!("CARGO_BIN_EXE_dead-letter"),
         "sweeper" => env!("CARGO_BIN_EXE_sweeper"),
         "upstream" => env!("CARGO_BIN_EXE_upstream"),
@@ -430,6 +432,10 @@ impl Stack {
         vec![
             ("TASKLANE_TABLE", self.settings.table.clone()),
             ("TASKLANE_QUEUE_URL", self.settings.queue_url.clone()),
+            (
+                "TASKLANE_DELIVERY_QUEUE_URL",
+                self.settings.delivery_queue_url.clone().unwrap_or_default(),
+            ),
             ("TASKLANE_BUCKET", self.settings.bucket.clone()),
             ("TASKLANE_RESULT_URL_TTL", "3600".into()),
             ("TASKLANE_SYNC_WAIT_CAP", "25".into()),
@@ -1767,4 +1773,98 @@ async fn a_result_url_from_the_status_binary_outlives_its_session_through_the_fi
     assert_eq!(a.status, 410, "{}", a.body);
     assert_eq!(a.body["error"]["code"], "expired");
     files.assert_clean_runtime_use();
+}
+
+/// Receives every message now in the queue at `url` (up to 10), deleting nothing.
+async fn queued_in(stack: &Stack, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
+    let sqs = aws_sdk_sqs::Client::new(&stack.config);
+    sqs.receive_message()
+        .queue_url(url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .message_system_attribute_names(MessageSystemAttributeName::All)
+        .send()
+        .await
+        .expect("receiving")
+        .messages()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_queues_webhooks_for_the_deliver_binary_which_posts_them() {
+    let stack = Stack::new("deliver").await;
+    // A receiver on loopback that answers 200 and records what it got.
+    let got: Arc<Mutex<Vec<axum::http::HeaderMap>>> = Arc::default();
+    let seen = got.clone();
+    let receiver = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(headers);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let task_id = ulid_task_id();
+    let task = tasklane_testkit::TaskBuilder::echo(&stack.account.id)
+        .id(&task_id)
+        .callback(&hook)
+        .build();
+    stack.insert(&task).await;
+    // Loopback receivers are allowed here only (the template never allows them).
+    let vars = |binary| {
+        let mut v = stack.vars_for(binary);
+        v.push(("TASKLANE_CALLBACK_ALLOW_PRIVATE", "true".into()));
+        v
+    };
+
+    let mut processor = Function::ready("processor", &vars("processor")).await;
+    let run = json!({"Records": [{
+        "messageId": "run-1",
+        "receiptHandle": "run-1",
+        "body": json!({"type": "run", "task_id": task_id}).to_string(),
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:tasklane-WorkQueue-EXAMPLE1234",
+        "awsRegion": "us-east-1"
+    }]})
+    .to_string();
+    let ran = processor.invoke(&run).await;
+    assert_eq!(ran.response(), &json!({"batchItemFailures": []}));
+    assert_eq!(stack.task(&task_id).await.status, TaskStatus::Completed);
+
+    // The first webhook waits on the delivery queue, not on the work queue.
+    let delivery_url = stack
+        .settings
+        .delivery_queue_url
+        .clone()
+        .expect("a delivery queue");
+    let deliveries = queued_in(&stack, &delivery_url).await;
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    let msg: WorkMessage = serde_json::from_str(deliveries[0].body().unwrap()).unwrap();
+    assert_eq!(msg, WorkMessage::first_delivery(&task_id));
+    assert!(
+        queued_in(&stack, &stack.settings.queue_url)
+            .await
+            .is_empty()
+    );
+
+    let mut deliver = Function::ready("deliver", &vars("deliver")).await;
+    let event = json!({"Records": sqs_records(
+        &deliveries,
+        "arn:aws:sqs:us-east-1:123456789012:tasklane-DeliveryQueue-EXAMPLE1234",
+    )})
+    .to_string();
+    let delivered = deliver.invoke(&event).await;
+    assert_eq!(delivered.response(), &json!({"batchItemFailures": []}));
+    let headers = got.lock().unwrap().clone();
+    assert_eq!(headers.len(), 1, "one POST");
+    assert!(headers[0].contains_key("webhook-signature"));
+    let cb = stack.task(&task_id).await.callback.expect("callback");
+    assert_eq!((cb.state, cb.attempts), (CallbackState::Delivered, 1));
+    server.abort();
+    processor.assert_clean_runtime_use();
+    deliver.assert_clean_runtime_use();
 }

@@ -638,3 +638,45 @@ async fn a_retry_further_off_than_the_queue_can_delay_is_sent_by_the_sweeper_not
     ));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn receivers_that_hang_hold_delivery_workers_only_and_tasks_keep_running() {
+    // Every attempt hangs far past the test; the webhook timeout is longer still.
+    let r = Receiver::start(vec![Reply::Hang(Duration::from_secs(300))]).await;
+    let s = Server::start_with(
+        |c| {
+            c.workers = 1;
+            c.delivery_workers = 2;
+            c.core.callback_timeout = Duration::from_secs(120);
+        },
+        Hooks::default(),
+    )
+    .await;
+    let mut hooked = Vec::new();
+    for i in 0..10 {
+        let t = s
+            .submit(json!({"model": "echo", "prompt": format!("hooked {i}"), "callback_url": r.hook_url()}))
+            .await;
+        hooked.push(id_of(&t));
+    }
+    for id in &hooked {
+        assert_eq!(s.wait_terminal(id, 60).await["status"], "completed");
+    }
+    // Both delivery workers now wait on the receiver.
+    r.wait_for(2).await;
+    // Generation goes on: the one task worker is free.
+    for i in 0..5 {
+        let t = s
+            .submit(json!({"model": "echo", "prompt": format!("meanwhile {i}")}))
+            .await;
+        assert_eq!(s.wait_terminal(&id_of(&t), 60).await["status"], "completed");
+    }
+    assert_eq!(
+        r.received().len(),
+        2,
+        "only the two delivery workers ever reached the receiver"
+    );
+    let first = s.get(&format!("/tasks/{}", hooked[0])).await.body;
+    assert_eq!(first["callback"]["state"], "pending", "{first}");
+    s.stop().await;
+}

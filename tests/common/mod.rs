@@ -285,8 +285,11 @@ pub async fn aws_backends(
     );
     let backends = tasklane_local::Backends {
         store: std::sync::Arc::new(store),
-        queue: std::sync::Arc::new(b.queue.clone()),
+        queue: b.work_queue(),
         source: std::sync::Arc::new(b.queue.clone()),
+        delivery_source: b.deliveries.clone().map(|d| {
+            std::sync::Arc::new(d) as std::sync::Arc<dyn tasklane_core::ports::MessageSource>
+        }),
         blobs: std::sync::Arc::new(blobs.clone()),
         files: Some(std::sync::Arc::new(blobs)),
     };

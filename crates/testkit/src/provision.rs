@@ -108,6 +108,15 @@ pub async fn provision(
         .create_queue()
         .queue_name(format!("{prefix}-work"))
         .attributes(QueueAttributeName::VisibilityTimeout, "720")
+        .attributes(QueueAttributeName::RedrivePolicy, redrive.clone())
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    let delivery_queue_url = sqs
+        .create_queue()
+        .queue_name(format!("{prefix}-deliveries"))
+        .attributes(QueueAttributeName::VisibilityTimeout, "180")
         .attributes(QueueAttributeName::RedrivePolicy, redrive)
         .send()
         .await?
@@ -125,6 +134,7 @@ pub async fn provision(
     Ok(AwsSettings {
         table,
         queue_url,
+        delivery_queue_url: Some(delivery_queue_url),
         bucket,
         core: tasklane_core::Config::default(),
         models: None,

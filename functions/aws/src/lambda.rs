@@ -200,6 +200,8 @@ pub struct Function {
     pub processor: Processor,
     /// The work queue (for visibility changes).
     pub queue: SqsQueue,
+    /// The queue of webhook deliveries (for visibility changes): its own, or the work queue.
+    pub deliveries: SqsQueue,
     /// The results bucket (signed result URLs are answered on it).
     pub blobs: crate::s3::S3Blobs,
 }
@@ -261,6 +263,7 @@ impl Function {
             app: app.clone(),
             api: Api::new(app.clone()),
             processor: Processor::new(app),
+            deliveries: backends.delivery_queue().clone(),
             queue: backends.queue,
             blobs: backends.blobs,
         })

@@ -27,6 +27,9 @@ pub struct AwsSettings {
     pub table: String,
     /// SQS work queue URL (`TASKLANE_QUEUE_URL`).
     pub queue_url: String,
+    /// SQS queue of webhook deliveries (`TASKLANE_DELIVERY_QUEUE_URL`), consumed by the
+    /// `deliver` function; `None`: deliveries travel on the work queue.
+    pub delivery_queue_url: Option<String>,
     /// S3 results bucket (`TASKLANE_BUCKET`).
     pub bucket: String,
     /// Core settings: defaults, then the shared `TASKLANE_*` variables.
@@ -85,6 +88,10 @@ impl AwsSettings {
         Ok(AwsSettings {
             table: env_required("TASKLANE_TABLE")?,
             queue_url: env_required("TASKLANE_QUEUE_URL")?,
+            delivery_queue_url: std::env::var("TASKLANE_DELIVERY_QUEUE_URL")
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty()),
             bucket: env_required("TASKLANE_BUCKET")?,
             core,
             models: match std::env::var("TASKLANE_MODELS") {
@@ -231,6 +238,8 @@ pub struct AwsBackends {
     pub store: DynamoStore,
     /// Work queue.
     pub queue: SqsQueue,
+    /// The queue of webhook deliveries, when it is not the work queue.
+    pub deliveries: Option<SqsQueue>,
     /// Results bucket.
     pub blobs: S3Blobs,
     /// The S3 client, for the model catalog.
@@ -296,18 +305,37 @@ impl AwsBackends {
             s3 = s3.interceptor(i);
         }
         let s3 = aws_sdk_s3::Client::from_conf(s3.build());
+        let sqs = aws_sdk_sqs::Client::from_conf(sqs.build());
         AwsBackends {
             store: DynamoStore::new(
                 aws_sdk_dynamodb::Client::from_conf(ddb.build()),
                 &settings.table,
             ),
-            queue: SqsQueue::new(
-                aws_sdk_sqs::Client::from_conf(sqs.build()),
-                &settings.queue_url,
-            ),
+            queue: SqsQueue::new(sqs.clone(), &settings.queue_url),
+            deliveries: settings
+                .delivery_queue_url
+                .as_ref()
+                .map(|url| SqsQueue::new(sqs.clone(), url)),
             blobs: S3Blobs::new(config, s3.clone(), &settings.bucket),
             s3,
         }
+    }
+
+    /// Where the core enqueues: webhook deliveries to their own queue when there is one,
+    /// everything else to the work queue.
+    pub fn work_queue(&self) -> Arc<dyn tasklane_core::ports::WorkQueue> {
+        match &self.deliveries {
+            Some(d) => Arc::new(tasklane_core::ports::LaneQueue::new(
+                Arc::new(self.queue.clone()),
+                Arc::new(d.clone()),
+            )),
+            None => Arc::new(self.queue.clone()),
+        }
+    }
+
+    /// The queue webhook deliveries are received from: their own, or the work queue.
+    pub fn delivery_queue(&self) -> &SqsQueue {
+        self.deliveries.as_ref().unwrap_or(&self.queue)
     }
 
     /// The core's shared dependencies over these adapters, with the built-in models.
@@ -319,7 +347,7 @@ impl AwsBackends {
     pub fn app_with(&self, core: Config, registry: Registry) -> Arc<App> {
         App::new(
             Arc::new(self.store.clone()),
-            Arc::new(self.queue.clone()),
+            self.work_queue(),
             Arc::new(self.blobs.clone()),
             registry,
             core,

@@ -73,7 +73,7 @@ impl Default for Config {
             sync_wait_cap: Duration::from_secs(25),
             result_url_ttl: Duration::from_secs(3600),
             callback_allow_private: false,
-            callback_timeout: Duration::from_secs(15),
+            callback_timeout: Duration::from_secs(10),
             callback_retry_schedule: standard_retry_schedule(),
             max_attempts: 3,
             lease: Duration::from_secs(60),

@@ -4,6 +4,7 @@
 //! store, queue and blob traits; providers ([`crate::providers`]) implement [`Generator`].
 //! The core never names a concrete backend or provider.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -254,6 +255,50 @@ impl WorkMessage {
 pub trait WorkQueue: Send + Sync {
     /// Enqueues `message`, visible after `delay`.
     async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()>;
+}
+
+/// The two lanes of work: generation (`Run`, `Check`) and webhook delivery (`Deliver`), each on
+/// a queue and workers of its own, so that receivers that answer slowly or not at all hold
+/// delivery workers only and never the workers that run tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// `Run` and `Check`.
+    Work,
+    /// `Deliver`.
+    Deliveries,
+}
+
+impl WorkMessage {
+    /// The lane the message travels in.
+    pub fn lane(&self) -> Lane {
+        match self {
+            WorkMessage::Deliver { .. } => Lane::Deliveries,
+            WorkMessage::Run { .. } | WorkMessage::Check { .. } => Lane::Work,
+        }
+    }
+}
+
+/// A [`WorkQueue`] that sends each message to the queue of its [`Lane`].
+pub struct LaneQueue {
+    work: Arc<dyn WorkQueue>,
+    deliveries: Arc<dyn WorkQueue>,
+}
+
+impl LaneQueue {
+    /// Generation work to `work`, webhook deliveries to `deliveries`.
+    pub fn new(work: Arc<dyn WorkQueue>, deliveries: Arc<dyn WorkQueue>) -> Self {
+        LaneQueue { work, deliveries }
+    }
+}
+
+#[async_trait]
+impl WorkQueue for LaneQueue {
+    async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
+        match message.lane() {
+            Lane::Work => self.work.enqueue(message, delay).await,
+            Lane::Deliveries => self.deliveries.enqueue(message, delay).await,
+        }
+    }
 }
 
 /// A message received from a [`MessageSource`], to settle with `ack` or `retry`.

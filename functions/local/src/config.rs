@@ -18,8 +18,12 @@ pub struct LocalConfig {
     pub dev_key: Option<String>,
     /// Starting credits of the development account (`TASKLANE_DEV_CREDITS`, default 10,000).
     pub dev_credits: u64,
-    /// In-process workers (`TASKLANE_WORKERS`, default: number of CPUs).
+    /// In-process workers that run tasks (`TASKLANE_WORKERS`, default: number of CPUs).
     pub workers: usize,
+    /// In-process workers that deliver webhooks, apart from those that run tasks
+    /// (`TASKLANE_DELIVERY_WORKERS`, default 4): each waits at most the webhook timeout on a
+    /// receiver.
+    pub delivery_workers: usize,
     /// Base of result URLs (`TASKLANE_PUBLIC_URL`, default `http://<bound address>`).
     pub public_url: Option<String>,
     /// Multiplier on the demo generators' simulated time (`TASKLANE_DEMO_TIME_SCALE`, default 1).
@@ -42,6 +46,7 @@ impl Default for LocalConfig {
             dev_key: None,
             dev_credits: 10_000,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            delivery_workers: 4,
             public_url: None,
             demo_time_scale: 1.0,
             models: None,
@@ -75,6 +80,10 @@ impl LocalConfig {
         if let Some(n) = env_parse::<usize>("TASKLANE_WORKERS")? {
             anyhow::ensure!(n >= 1, "TASKLANE_WORKERS must be at least 1");
             c.workers = n;
+        }
+        if let Some(n) = env_parse::<usize>("TASKLANE_DELIVERY_WORKERS")? {
+            anyhow::ensure!(n >= 1, "TASKLANE_DELIVERY_WORKERS must be at least 1");
+            c.delivery_workers = n;
         }
         c.public_url = std::env::var("TASKLANE_PUBLIC_URL")
             .ok()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rand::RngCore;
-use tasklane_core::ports::{WorkMessage, WorkQueue};
+use tasklane_core::ports::{Lane, LaneQueue, WorkMessage, WorkQueue};
 
 use crate::config::LocalConfig;
 use crate::files::FileBlobs;
@@ -24,7 +24,8 @@ pub(crate) async fn embedded(
 ) -> anyhow::Result<(Backends, FileBlobs)> {
     let db = Db::open(&cfg.data_dir.join("tasklane.db"))?;
     let sqlite = SqliteStore::new(db.clone());
-    let queue = SqliteQueue::new(db);
+    let queue = SqliteQueue::new(db.clone());
+    let deliveries = SqliteQueue::of(db, Lane::Deliveries);
     let public = cfg
         .public_url
         .clone()
@@ -51,8 +52,12 @@ pub(crate) async fn embedded(
     }
     let backends = Backends {
         store: Arc::new(sqlite),
-        queue: Arc::new(queue.clone()),
+        queue: Arc::new(LaneQueue::new(
+            Arc::new(queue.clone()),
+            Arc::new(deliveries.clone()),
+        )),
         source: Arc::new(queue),
+        delivery_source: Some(Arc::new(deliveries)),
         blobs: Arc::new(files.clone()),
         files: None,
     };

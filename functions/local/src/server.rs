@@ -85,6 +85,10 @@ pub struct Backends {
     pub queue: Arc<dyn WorkQueue>,
     /// Work queue, consuming side, polled by the in-process workers.
     pub source: Arc<dyn MessageSource>,
+    /// The queue of webhook deliveries, consuming side, polled by workers of their own
+    /// ([`LocalConfig::delivery_workers`]); `None` when `queue` sends deliveries to the work
+    /// queue.
+    pub delivery_source: Option<Arc<dyn MessageSource>>,
     /// Blob store; its URLs are served by whatever backs it.
     pub blobs: Arc<dyn BlobStore>,
     /// What answers the blob store's signed result URLs under `/v1/files/` (S3: a redirect);
@@ -133,17 +137,27 @@ pub async fn start_on(
     let (dev_account_id, dev_api_key) =
         crate::dev_account::dev_account(backends.store.as_ref(), &cfg).await?;
     let source = backends.source.clone();
+    let delivery_source = backends.delivery_source.clone();
     let app = compose(&cfg, backends, hooks, registry);
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let processor = Processor::new(app.clone());
-    for n in 0..cfg.workers {
-        let worker = tasklane_core::result_urls::with_base_url(
-            public_url.clone(),
-            run_worker(n, source.clone(), processor.clone(), stop_rx.clone()),
-        );
-        tasks.spawn(worker);
+    // Generation and webhook delivery each have workers of their own: a receiver that answers
+    // slowly or not at all holds a delivery worker, never one that runs tasks.
+    let lanes = [(source, cfg.workers)]
+        .into_iter()
+        .chain(delivery_source.map(|d| (d, cfg.delivery_workers)));
+    let mut n = 0;
+    for (from, count) in lanes {
+        for _ in 0..count {
+            let worker = tasklane_core::result_urls::with_base_url(
+                public_url.clone(),
+                run_worker(n, from.clone(), processor.clone(), stop_rx.clone()),
+            );
+            tasks.spawn(worker);
+            n += 1;
+        }
     }
     tasks.spawn(tasklane_core::result_urls::with_base_url(
         public_url.clone(),

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tasklane_core::account::Account;
 use tasklane_core::api::list_read_budget;
 use tasklane_core::ports::{
-    Delivery, IdempotencyClaim, ListQuery, MessageSource, PortError, PortResult, Reservation,
+    Delivery, IdempotencyClaim, Lane, ListQuery, MessageSource, PortError, PortResult, Reservation,
     TaskPage, TaskStore, WorkMessage, WorkQueue,
 };
 use tasklane_core::task::{Task, TaskStatus, Transition, apply};
@@ -55,9 +55,9 @@ CREATE TABLE IF NOT EXISTS queue (
     body TEXT NOT NULL,
     visible_at INTEGER NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
-    receipt TEXT
+    receipt TEXT,
+    lane TEXT NOT NULL DEFAULT 'work'
 );
-CREATE INDEX IF NOT EXISTS queue_visible ON queue (visible_at, id);
 CREATE TABLE IF NOT EXISTS slots (
     pool TEXT NOT NULL,
     slot INTEGER NOT NULL,
@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS slots (
 
 /// Indexes over columns a database from an earlier version may lack (added by [`migrate`]).
 const INDEXES: &str = "
+DROP INDEX IF EXISTS queue_visible;
+CREATE INDEX IF NOT EXISTS queue_lane_visible ON queue (lane, visible_at, id);
 DROP INDEX IF EXISTS tasks_due;
 CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (waiting_since) WHERE waiting_since IS NOT NULL;
 DROP INDEX IF EXISTS tasks_open;
@@ -101,6 +103,11 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
              UPDATE accounts SET open_tasks = (SELECT COUNT(*) FROM tasks
                  WHERE tasks.account_id = accounts.id AND tasks.status IN ('queued', 'processing'));",
         )?;
+    }
+    if !has_column(c, "queue", "lane")? {
+        // Messages queued before the lanes existed are generation work's (a `Deliver` among
+        // them is still handled there: every worker handles every kind).
+        c.execute_batch("ALTER TABLE queue ADD COLUMN lane TEXT NOT NULL DEFAULT 'work';")?;
     }
     c.execute_batch(INDEXES)
 }
@@ -629,27 +636,39 @@ impl TaskStore for SqliteStore {
 pub struct SqliteQueue {
     db: Db,
     wake: Arc<Notify>,
+    /// The lane's name in the `queue` table: `work` or `deliveries`.
+    lane: &'static str,
 }
 
 impl SqliteQueue {
-    /// A queue over `db`.
+    /// The queue of generation work over `db`.
     pub fn new(db: Db) -> Self {
+        Self::of(db, Lane::Work)
+    }
+
+    /// The queue of `lane` over `db`.
+    pub fn of(db: Db, lane: Lane) -> Self {
         SqliteQueue {
             db,
             wake: Arc::new(Notify::new()),
+            lane: match lane {
+                Lane::Work => "work",
+                Lane::Deliveries => "deliveries",
+            },
         }
     }
 
     async fn receive_batch(&self, max: usize, visibility: Duration) -> PortResult<Vec<Delivery>> {
+        let lane = self.lane;
         self.db
             .with(move |c| {
                 let now = now_ms();
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
                 let rows: Vec<(i64, String, i64)> = {
                     let mut st = tx
-                        .prepare("SELECT id, body, receive_count FROM queue WHERE visible_at <= ?1 ORDER BY visible_at, id LIMIT ?2")
+                        .prepare("SELECT id, body, receive_count FROM queue WHERE lane = ?3 AND visible_at <= ?1 ORDER BY visible_at, id LIMIT ?2")
                         .map_err(db_err)?;
-                    st.query_map(params![now, max as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    st.query_map(params![now, max as i64, lane], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                         .map_err(db_err)?
                         .collect::<Result<_, _>>()
                         .map_err(db_err)?
@@ -689,10 +708,15 @@ impl SqliteQueue {
 
     /// When the next message becomes visible, if any is queued.
     pub async fn next_visible_at(&self) -> PortResult<Option<DateTime<Utc>>> {
+        let lane = self.lane;
         self.db
-            .with(|c| {
+            .with(move |c| {
                 let ms: Option<i64> = c
-                    .query_row("SELECT MIN(visible_at) FROM queue", [], |r| r.get(0))
+                    .query_row(
+                        "SELECT MIN(visible_at) FROM queue WHERE lane = ?1",
+                        [lane],
+                        |r| r.get(0),
+                    )
                     .map_err(db_err)?;
                 Ok(ms.and_then(DateTime::from_timestamp_millis))
             })
@@ -757,11 +781,12 @@ impl MessageSource for SqliteQueue {
 impl WorkQueue for SqliteQueue {
     async fn enqueue(&self, message: &WorkMessage, delay: Duration) -> PortResult<()> {
         let body = serde_json::to_string(message).map_err(internal)?;
+        let lane = self.lane;
         self.db
             .with(move |c| {
                 c.execute(
-                    "INSERT INTO queue (body, visible_at) VALUES (?1, ?2)",
-                    params![body, now_ms() + dur_ms(delay)],
+                    "INSERT INTO queue (body, visible_at, lane) VALUES (?1, ?2, ?3)",
+                    params![body, now_ms() + dur_ms(delay), lane],
                 )
                 .map_err(db_err)?;
                 Ok(())

@@ -37,7 +37,7 @@ struct Args {
 }
 
 /// The baseline and the functions, as template.yaml names their binaries, with their memory.
-const BINARIES: [(&str, u32); 11] = [
+const BINARIES: [(&str, u32); 12] = [
     ("tasklane-hello-lambda", 256),
     ("submit", 256),
     ("status", 256),
@@ -45,6 +45,7 @@ const BINARIES: [(&str, u32); 11] = [
     ("sync-wait", 256),
     ("account", 256),
     ("processor", 256),
+    ("deliver", 256),
     ("dead-letter", 256),
     ("sweeper", 256),
     ("upstream", 512),
