@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -267,16 +266,10 @@ pub async fn aws_backends(
                 .expect("provisioning on the AWS emulator (is AWS_ENDPOINT_URL set? run scripts/test.sh)")
         }
     };
+    // DynamoDB requests reach moto through tasklane-dynamo-proxy (AWS_ENDPOINT_URL, started
+    // by scripts/test.sh), which makes its transactions atomic and answers conflicts as
+    // DynamoDB does.
     let b = tasklane_aws::AwsBackends::connect(&settings).await;
-    let emulator = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL is set");
-    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let ddb = aws_sdk_dynamodb::config::Builder::from(&config)
-        .endpoint_url(one_at_a_time(emulator).await)
-        .build();
-    let store = tasklane_aws::dynamo::DynamoStore::new(
-        aws_sdk_dynamodb::Client::from_conf(ddb),
-        &settings.table,
-    );
     // Result URLs signed by tasklane and redirected to short S3 presigned GETs, as the
     // template deploys them (ResultUrlSigningKey), built on the server's own address.
     let blobs = b.blobs.clone().with_signed_urls(
@@ -284,7 +277,7 @@ pub async fn aws_backends(
         None,
     );
     let backends = tasklane_local::Backends {
-        store: std::sync::Arc::new(store),
+        store: std::sync::Arc::new(b.store.clone()),
         queue: b.work_queue(),
         source: std::sync::Arc::new(b.queue.clone()),
         delivery_source: b.deliveries.clone().map(|d| {
@@ -296,76 +289,6 @@ pub async fn aws_backends(
     (backends, settings)
 }
 
-/// Forwards every request to `target`, one at a time.
-///
-/// The AWS emulator (moto) serves requests on threads without isolating them: a
-/// `TransactWriteItems` whose condition fails restores a snapshot of the whole table taken when
-/// it began, silently undoing writes other requests made meanwhile and were told succeeded
-/// (and its conditions are not checked atomically with its writes). Real DynamoDB isolates
-/// transactions, so the suites send the emulator their DynamoDB requests one at a time; every
-/// interleaving of the tasklane code between two requests (read, then conditional write) stays.
-async fn one_at_a_time(target: String) -> String {
-    use axum::extract::{Request, State};
-    use axum::response::Response;
-
-    struct Proxy {
-        target: String,
-        client: reqwest::Client,
-        lock: tokio::sync::Mutex<()>,
-    }
-    async fn forward(State(p): State<Arc<Proxy>>, req: Request) -> Response {
-        let (parts, body) = req.into_parts();
-        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut headers = parts.headers;
-        headers.remove(http::header::HOST);
-        headers.remove(http::header::CONTENT_LENGTH);
-        let answer = {
-            let _one = p.lock.lock().await;
-            let resp = p
-                .client
-                .request(parts.method, format!("{}{path}", p.target))
-                .headers(headers)
-                .body(body)
-                .send()
-                .await;
-            match resp {
-                Ok(r) => {
-                    let (status, headers) = (r.status(), r.headers().clone());
-                    r.bytes().await.map(|b| (status, headers, b))
-                }
-                Err(e) => Err(e),
-            }
-        };
-        match answer {
-            Ok((status, headers, bytes)) => {
-                let mut out = Response::new(axum::body::Body::from(bytes));
-                *out.status_mut() = status;
-                for (k, v) in &headers {
-                    if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING {
-                        out.headers_mut().append(k, v.clone());
-                    }
-                }
-                out
-            }
-            Err(e) => {
-                let mut out = Response::new(axum::body::Body::from(e.to_string()));
-                *out.status_mut() = http::StatusCode::BAD_GATEWAY;
-                out
-            }
-        }
-    }
-    let proxy = Arc::new(Proxy {
-        target: target.trim_end_matches('/').to_string(),
-        client: reqwest::Client::new(),
-        lock: tokio::sync::Mutex::new(()),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(forward).with_state(proxy);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
 
 fn ulid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
