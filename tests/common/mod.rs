@@ -289,7 +289,6 @@ pub async fn aws_backends(
     (backends, settings)
 }
 
-
 fn ulid_like() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

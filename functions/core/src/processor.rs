@@ -322,7 +322,6 @@ impl Processor {
             current: task.clone(),
             attempt: task.attempts,
             lease: self.app.config.lease,
-            last_pct: 0,
             last_write: Instant::now(),
             crashed: None,
         };
@@ -656,14 +655,16 @@ async fn handle_received(
     }
 }
 
-/// Writes progress to the store at most every 5 points or every second, renewing the lease.
+/// How often at most a running task's progress is written (and its lease renewed).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes progress to the store at most once per [`PROGRESS_EVERY`], renewing the lease.
 struct StoreProgress<'a> {
     store: &'a dyn TaskStore,
     /// The task as last written by this attempt.
     current: Task,
     attempt: u32,
     lease: Duration,
-    last_pct: u8,
     last_write: Instant,
     /// [`PortError::Halted`] met while reporting: the attempt stops and its message stays
     /// unsettled.
@@ -673,9 +674,10 @@ struct StoreProgress<'a> {
 #[async_trait]
 impl ProgressSink for StoreProgress<'_> {
     async fn report(&mut self, progress: u8) -> Result<(), Abort> {
-        if progress < self.last_pct.saturating_add(5)
-            && self.last_write.elapsed() < Duration::from_secs(1)
-        {
+        // Each write costs a write unit on DynamoDB: at most one a second (a third of the
+        // lease, when that is shorter, so that the lease is renewed in time).
+        let every = PROGRESS_EVERY.min(self.lease / 3);
+        if self.last_write.elapsed() < every {
             return Ok(());
         }
         let t = Transition::Progress {
@@ -686,7 +688,6 @@ impl ProgressSink for StoreProgress<'_> {
         match self.store.update_task_from(&self.current, &t).await {
             Ok(task) => {
                 self.current = task;
-                self.last_pct = progress;
                 self.last_write = Instant::now();
                 Ok(())
             }
