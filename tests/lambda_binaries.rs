@@ -35,7 +35,7 @@ use tasklane_core::task::{Callback, CallbackState, Task, TaskStatus, UpstreamRun
 use tasklane_testkit::cog::CogServer;
 use tasklane_testkit::runtime_api::{Invoked, Reply, RuntimeApi};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Every Lambda function binary, with its function in template.yaml and its memory size there.
 const FUNCTIONS: [(&str, &str, u32); 11] = [
@@ -140,23 +140,7 @@ impl Function {
             .expect("a function of template.yaml");
         let function_name = format!("tasklane-{function}-EXAMPLE1234");
         let runtime = RuntimeApi::start(&function_name).await;
-        let mut cmd = Command::new(crate::binary(binary));
-        cmd.env_clear()
-            .env("AWS_LAMBDA_RUNTIME_API", runtime.addr().to_string())
-            .env("AWS_LAMBDA_FUNCTION_NAME", &function_name)
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory.to_string())
-            .env(
-                "AWS_LAMBDA_LOG_GROUP_NAME",
-                format!("/aws/lambda/{function_name}"),
-            )
-            .env(
-                "AWS_LAMBDA_LOG_STREAM_NAME",
-                "2025/07/01/[$LATEST]0123456789abcdef0123456789abcdef",
-            )
-            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-            .env("AWS_LAMBDA_LOG_LEVEL", "INFO")
-            .env("AWS_EC2_METADATA_DISABLED", "true");
+        let mut cmd = runtime.command(crate::binary(binary), memory);
         for name in [
             "AWS_ENDPOINT_URL",
             "AWS_REGION",

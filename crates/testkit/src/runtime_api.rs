@@ -142,6 +142,32 @@ impl RuntimeApi {
             .expect("the emulator holds its own queue");
         (request_id, trace_id, rx)
     }
+    /// A command that starts the function binary at `path` as Lambda would behind this
+    /// Runtime API: nothing of the caller's environment, and the Lambda variables of a
+    /// function named as this API's with `memory` MB (JSON logs at INFO, no instance metadata).
+    /// The caller adds the function's own configuration.
+    pub fn command(
+        &self,
+        path: impl AsRef<std::ffi::OsStr>,
+        memory: u32,
+    ) -> tokio::process::Command {
+        let name = &self.state.function_name;
+        let mut cmd = tokio::process::Command::new(path);
+        cmd.env_clear()
+            .env("AWS_LAMBDA_RUNTIME_API", self.addr().to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", name)
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory.to_string())
+            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
+            .env(
+                "AWS_LAMBDA_LOG_STREAM_NAME",
+                "2025/07/01/[$LATEST]0123456789abcdef0123456789abcdef",
+            )
+            .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
+            .env("AWS_LAMBDA_LOG_LEVEL", "INFO")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        cmd
+    }
 
     /// Where it listens: the value of `AWS_LAMBDA_RUNTIME_API` for the function.
     pub fn addr(&self) -> SocketAddr {

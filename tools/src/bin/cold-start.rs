@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use tasklane_testkit::runtime_api::RuntimeApi;
 use tasklane_tools::{cells, latency};
-use tokio::process::Command;
 
 /// Cold start of each Lambda function against a baseline.
 #[derive(Parser)]
@@ -76,24 +75,8 @@ fn peak_rss_kb(pid: u32) -> u64 {
 async fn start_once(path: &Path, name: &str, memory: u32) -> Result<Start, String> {
     let function_name = format!("tasklane-{name}-COLDSTART");
     let runtime = RuntimeApi::start(&function_name).await;
-    let mut cmd = Command::new(path);
-    cmd.env_clear()
-        .env("AWS_LAMBDA_RUNTIME_API", runtime.addr().to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", &function_name)
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory.to_string())
-        .env(
-            "AWS_LAMBDA_LOG_GROUP_NAME",
-            format!("/aws/lambda/{function_name}"),
-        )
-        .env(
-            "AWS_LAMBDA_LOG_STREAM_NAME",
-            "2026/11/30/[$LATEST]0123456789abcdef",
-        )
-        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
-        .env("AWS_LAMBDA_LOG_LEVEL", "INFO")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ENDPOINT_URL", NOWHERE)
+    let mut cmd = runtime.command(path, memory);
+    cmd.env("AWS_ENDPOINT_URL", NOWHERE)
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "cold-start")
         .env("AWS_SECRET_ACCESS_KEY", "cold-start")
