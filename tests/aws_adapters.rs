@@ -2392,7 +2392,9 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
         .await
         .unwrap();
     assert_eq!(due_keys(&env, &waiting[1].id).await, (None, None));
-    // A processing task waits from its lease end: not due before it.
+    // A claim keeps the entry where the queued task had it (no index write), and so does
+    // progress renewing the lease.
+    let queued_key = due_keys(&env, &waiting[2].id).await;
     let lease_end = ms(Utc::now()) + TimeDelta::minutes(10);
     let processing = store
         .update_task(
@@ -2403,29 +2405,33 @@ async fn due_tasks_reads_every_gsi2_shard_and_returns_the_longest_waiting_first(
         )
         .await
         .unwrap();
-    assert_eq!(processing.waiting_since, Some(lease_end));
-    assert_eq!(
-        due_keys(&env, &waiting[2].id).await,
-        (
-            Some(format!("WAITING#{}", shard_of(&waiting[2].id))),
-            Some(waiting_sort_key(lease_end, &waiting[2].id))
-        )
-    );
-    // Progress renews the lease without moving the entry (no index write).
+    assert_eq!(processing.waiting_since, waiting[2].waiting_since);
+    assert_eq!(due_keys(&env, &waiting[2].id).await, queued_key);
     store
         .update_task(
             &waiting[2].id,
             &Transition::Progress {
                 attempt: 1,
                 progress: 30,
-                lease_until: lease_end + TimeDelta::minutes(5),
+                lease_until: lease_end,
             },
         )
         .await
         .unwrap();
+    assert_eq!(due_keys(&env, &waiting[2].id).await, queued_key);
+    // The sweeper finds it with its lease held and moves the entry to the lease end: then it is
+    // not due before that.
+    let reindexed = store
+        .update_task(&waiting[2].id, &Transition::Reindex { cutoff: now })
+        .await
+        .unwrap();
+    assert_eq!(reindexed.waiting_since, Some(lease_end));
     assert_eq!(
-        due_keys(&env, &waiting[2].id).await.1,
-        Some(waiting_sort_key(lease_end, &waiting[2].id))
+        due_keys(&env, &waiting[2].id).await,
+        (
+            Some(format!("WAITING#{}", shard_of(&waiting[2].id))),
+            Some(waiting_sort_key(lease_end, &waiting[2].id))
+        )
     );
     let due = store.due_tasks(now, 100).await.unwrap();
     assert_eq!(ids(&due), ids(&waiting[3..]));

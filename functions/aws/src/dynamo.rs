@@ -53,9 +53,9 @@ use tasklane_core::task::{Applied, Task, Transition, apply};
 pub const GSI1: &str = "GSI1";
 /// Name of the sparse index of tasks waiting on possibly lost work.
 pub const GSI2: &str = "GSI2";
-/// Partitions of [`GSI2`] per prefix: at 1,000 tasks a second, about 5,000 index writes a
-/// second (a task enters, moves and leaves the index), 300 a partition, under the 1,000 a
-/// partition takes. Items written when there were 8 are in partitions 0..8, still read.
+/// Partitions of [`GSI2`] per prefix: at 1,000 tasks a second, about 2,000 index writes a
+/// second (a task's entry appears at submit and goes at its end), 125 a partition, under the
+/// 1,000 a partition takes. Items written when there were 8 are in partitions 0..8, still read.
 const WAITING_SHARDS: u8 = 16;
 /// Partition prefixes of [`GSI2`]: `WAITING#<shard>`, and `DUE#<shard>`, which items written
 /// before the sweeper's clock had one name carry until their next write.
@@ -862,7 +862,7 @@ impl TaskStore for DynamoStore {
         let now_ms = now.timestamp_millis();
         let locked_until = now_ms + i64::try_from(in_flight.as_millis()).unwrap_or(i64::MAX / 4);
         let expires_at = now.timestamp() + i64::try_from(retain.as_secs()).unwrap_or(i64::MAX / 4);
-        let res = self
+        let reserve = self
             .client
             .put_item()
             .table_name(&self.table)
@@ -879,9 +879,9 @@ impl TaskStore for DynamoStore {
             )
             .expression_attribute_values(":now_s", n(now.timestamp()))
             .expression_attribute_values(":now_ms", n(now_ms))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        // The record is written in the submit's transaction too: wait out an ongoing one.
+        let res = retry_while(is_conflict, || reserve.clone().send()).await;
         match res {
             Ok(_) => Ok(Reservation::Reserved { token }),
             Err(e) => {
@@ -913,7 +913,7 @@ impl TaskStore for DynamoStore {
         token: &str,
     ) -> PortResult<()> {
         let (pk, sk) = idem_key(account_id, key);
-        let res = self
+        let release = self
             .client
             .delete_item()
             .table_name(&self.table)
@@ -921,9 +921,8 @@ impl TaskStore for DynamoStore {
             .key("SK", sk)
             .condition_expression("#t = :t AND attribute_not_exists(task_id)")
             .expression_attribute_names("#t", "token")
-            .expression_attribute_values(":t", s(token))
-            .send()
-            .await;
+            .expression_attribute_values(":t", s(token));
+        let res = retry_while(is_conflict, || release.clone().send()).await;
         // Already gone or completed: nothing to release.
         unless_condition_failed(res)
     }

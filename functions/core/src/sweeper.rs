@@ -17,10 +17,11 @@
 //! instead of one per sweep, while a task whose message was really lost is still sent one
 //! `sweep_after` after its wait began. Any other change to the task starts the count over.
 //!
-//! A processing task's wait is the end of the lease it started with: renewals (progress) do not
-//! move it, so they do not rewrite the store's index of waiting tasks. A sweep that finds such
-//! a task with its lease still held moves the wait to the lease end instead
-//! ([`Transition::Reindex`]) and enqueues nothing: one write per `sweep_after` of a long run.
+//! A processing task keeps the wait it had in the queue (or its lease end, if sooner): neither
+//! the claim nor renewals (progress) move it, so they do not rewrite the store's index of
+//! waiting tasks. A sweep that finds such a task with its lease still held moves the wait to
+//! the lease end instead ([`Transition::Reindex`]) and enqueues nothing: one write per
+//! `sweep_after` of a long run, none for a task that ends sooner.
 //!
 //! Locally the server runs [`sweep`] every [`crate::Config::sweep_interval`]; on AWS an
 //! EventBridge schedule invokes the `sweeper` function.

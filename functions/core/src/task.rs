@@ -220,7 +220,8 @@ pub struct Task {
     /// Optimistic-concurrency version, bumped on every write.
     pub version: u64,
     /// Since when the task has been waiting on work that may have been lost: its submit or
-    /// last re-enqueue while queued, its lease end while processing, its end while the first
+    /// last re-enqueue while queued, that wait or its lease end (the sooner) while processing
+    /// (moved to the lease end by [`Transition::Reindex`]), its end while the first
     /// webhook attempt is outstanding; `None` when nothing is owed. The sweeper
     /// ([`crate::sweeper`]) re-enqueues work for tasks that have waited too long. Kept by
     /// [`apply`]; never shown to clients. Stored tasks written before it had this name carry it
@@ -586,9 +587,9 @@ pub enum Transition {
     },
     /// The sweeper found a processing task whose recorded wait began by `cutoff` but whose
     /// lease is still held past it (its worker renewed it since): the wait moves to the lease
-    /// end, and nothing is owed. A processing task's [`Task::waiting_since`] is the end of the
-    /// lease it started with (or an earlier one) and is not moved by renewals, so a progress
-    /// write does not move the store's index of waiting tasks; the sweeper moves it instead,
+    /// end, and nothing is owed. A processing task's [`Task::waiting_since`] is the wait it had
+    /// in the queue (or its lease end, if sooner) and is moved by neither the claim nor renewals,
+    /// so they do not move the store's index of waiting tasks; the sweeper moves it instead,
     /// at most once per `sweep_after` of a long run. Refused with [`TransitionError::NotDue`]
     /// unless the task is processing, has waited since `cutoff` or earlier and holds a lease
     /// past `cutoff`.
@@ -679,9 +680,16 @@ pub fn apply(
         Ok(Inner::Changed { refund }) => {
             task.version += 1;
             if !matches!(t, Transition::Requeue { .. } | Transition::Reindex { .. }) {
-                let renewal = before.status == TaskStatus::Processing
-                    && !matches!(t, Transition::Start { .. });
-                task.waiting_since = next_waiting_since(task, renewal, now);
+                // A task that stays processing under the same attempt, or that a worker just
+                // claimed from the queue, keeps the wait it had (unless the lease ends sooner):
+                // neither a renewal nor a claim moves the store's index of waiting tasks. A
+                // retake of a lapsed lease starts from the new lease.
+                let retake = before.status == TaskStatus::Processing
+                    && matches!(t, Transition::Start { .. });
+                let keep = matches!(before.status, TaskStatus::Processing | TaskStatus::Queued)
+                    && task.status == TaskStatus::Processing
+                    && !retake;
+                task.waiting_since = next_waiting_since(task, keep, now);
                 task.requeues = 0;
             }
             Ok(Applied::Changed {
@@ -705,14 +713,15 @@ pub fn lease_held_past(task: &Task, t: DateTime<Utc>) -> bool {
     task.status == TaskStatus::Processing && task.lease_until.is_some_and(|l| l > t)
 }
 
-/// Since when `task`, just changed at `now`, waits on work that may have been lost. A
-/// `renewal` (a processing task that stays under the same attempt) keeps the earlier of the
-/// recorded wait and the new lease end: a lease that grows leaves the wait where it was (the
-/// sweeper moves it, [`Transition::Reindex`]), one that shrinks brings it forward.
-fn next_waiting_since(task: &Task, renewal: bool, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+/// Since when `task`, just changed at `now`, waits on work that may have been lost. With
+/// `keep` (a processing task renewed under the same attempt, or just claimed from the queue)
+/// the earlier of the recorded wait and the lease end: a lease that starts or grows leaves the
+/// wait where it was (the sweeper moves it if the task is still running then,
+/// [`Transition::Reindex`]), one that ends sooner brings it forward.
+fn next_waiting_since(task: &Task, keep: bool, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     match task.status {
         TaskStatus::Queued => task.waiting_since.or(Some(now)),
-        TaskStatus::Processing => match (renewal, task.waiting_since, task.lease_until) {
+        TaskStatus::Processing => match (keep, task.waiting_since, task.lease_until) {
             (true, Some(w), Some(l)) => Some(w.min(l)),
             (_, _, lease) => lease,
         },
@@ -1349,11 +1358,13 @@ pub(crate) mod tests {
         let fresh = with_callback(sample(TaskStatus::Queued));
         assert_eq!(next_waiting_since(&fresh, false, t1), Some(t1));
 
-        // Processing: the end of the lease it started with; a renewal that extends the lease
-        // leaves it (no index write), one that shortens it brings it forward.
+        // Processing: a claim keeps the wait the task had in the queue, and a renewal that
+        // extends the lease leaves it too (no index write); a lease ending sooner than the
+        // recorded wait brings it forward.
         let lease = t1 + Duration::seconds(60);
         apply(&mut task, &Transition::Start { lease_until: lease }, t1).unwrap();
-        assert_eq!(task.waiting_since, Some(lease));
+        assert_eq!(task.waiting_since, Some(t0));
+        assert_eq!(task.lease_until, Some(lease));
         let progress = |lease_until| Transition::Progress {
             attempt: 1,
             progress: 50,
@@ -1361,13 +1372,34 @@ pub(crate) mod tests {
         };
         let renewed = lease + Duration::seconds(5);
         apply(&mut task, &progress(renewed), t1).unwrap();
-        assert_eq!(task.waiting_since, Some(lease));
+        assert_eq!(task.waiting_since, Some(t0));
         assert_eq!(task.lease_until, Some(renewed));
-        let shorter = lease - Duration::seconds(30);
-        apply(&mut task, &progress(shorter), t1).unwrap();
-        assert_eq!(task.waiting_since, Some(shorter));
+        let sooner = t0 - Duration::seconds(1);
+        apply(&mut task, &progress(sooner), t1).unwrap();
+        assert_eq!(task.waiting_since, Some(sooner));
         apply(&mut task, &progress(renewed), t1).unwrap();
-        assert_eq!(task.waiting_since, Some(shorter));
+        assert_eq!(task.waiting_since, Some(sooner));
+        // A claim with no recorded wait (a task written before waits were recorded) waits
+        // from its lease end; so does a worker retaking a lapsed lease.
+        let mut unrecorded = sample(TaskStatus::Queued);
+        apply(
+            &mut unrecorded,
+            &Transition::Start { lease_until: lease },
+            t1,
+        )
+        .unwrap();
+        assert_eq!(unrecorded.waiting_since, Some(lease));
+        let later = lease + Duration::seconds(120);
+        let retaken = later + Duration::seconds(60);
+        apply(
+            &mut unrecorded,
+            &Transition::Start {
+                lease_until: retaken,
+            },
+            later,
+        )
+        .unwrap();
+        assert_eq!(unrecorded.waiting_since, Some(retaken));
 
         // Finished with the first webhook owed: the end; once attempted: nothing.
         let end = t1 + Duration::seconds(2);

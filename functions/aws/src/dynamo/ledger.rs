@@ -40,8 +40,10 @@ use super::{
 /// The most items an account's balance can be spread over (a rebalance writes them all in
 /// one transaction, which takes at most 100 items).
 pub const MAX_SHARDS: u32 = 100;
-/// Attempts of a write that keeps losing to ongoing transactions on its items.
-pub(super) const CONFLICT_ATTEMPTS: u32 = 10;
+/// Attempts of a write that keeps losing to ongoing transactions on its items: with the
+/// backoff below, about 3 seconds of trying on average (5 at most) before a `503`, enough for a
+/// burst of dozens of writes on one item.
+pub(super) const CONFLICT_ATTEMPTS: u32 = 16;
 /// How long a store trusts an account's shard count it read (a count only grows, and a
 /// stale, smaller count is still correct: it only uses fewer shards).
 const SHARDS_TTL: Duration = Duration::from_secs(60);
