@@ -617,8 +617,9 @@ async fn a_retry_further_off_than_the_queue_can_delay_is_sent_by_the_sweeper_not
         second >= due,
         "the retry came before it was due: {second} < {due}"
     );
-    // Two Deliver messages in all, neither delayed: the first attempt's, and the one the
-    // sweeper sent when the retry was due. No message was parked in the queue for it.
+    // No Deliver message was delayed or parked in the queue for the retry: the retry's message
+    // came from the sweeper when it was due. (On a slow machine the sweeper may also have sent
+    // a duplicate of the first attempt's; duplicates send nothing twice.)
     let delivers: Vec<(WorkMessage, Duration)> = sent
         .lock()
         .unwrap()
@@ -626,16 +627,23 @@ async fn a_retry_further_off_than_the_queue_can_delay_is_sent_by_the_sweeper_not
         .filter(|(m, _)| matches!(m, WorkMessage::Deliver { .. }))
         .cloned()
         .collect();
-    assert_eq!(delivers.len(), 2, "{delivers:?}");
     assert!(delivers.iter().all(|(_, d)| d.is_zero()), "{delivers:?}");
-    assert!(matches!(
-        delivers[1].0,
-        WorkMessage::Deliver {
-            attempt: 1,
-            not_before: None,
-            ..
-        }
-    ));
+    let retries: Vec<_> = delivers
+        .iter()
+        .filter(|(m, _)| matches!(m, WorkMessage::Deliver { attempt: 1, .. }))
+        .collect();
+    assert!(!retries.is_empty(), "{delivers:?}");
+    assert!(
+        retries.iter().all(|(m, _)| matches!(
+            m,
+            WorkMessage::Deliver {
+                not_before: None,
+                ..
+            }
+        )),
+        "{delivers:?}"
+    );
+    assert_eq!(r.received().len(), 2, "two attempts were sent");
     s.stop().await;
 }
 
