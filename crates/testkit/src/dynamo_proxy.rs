@@ -165,6 +165,7 @@ impl DynamoProxy {
 }
 
 /// Whether a request is a write transaction, a read transaction or a single-item write.
+#[derive(Clone, Copy)]
 enum Kind {
     WriteTransaction,
     ReadTransaction,
@@ -209,69 +210,89 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             Err(resp) => return resp,
         },
     };
-    // The request's turn at the emulator: only then is it ongoing (waiting behind other
-    // requests for the emulator is not time a transaction spends on DynamoDB).
-    let turn = shared.serial.lock().await;
-    // Claim the items, or answer the conflict as DynamoDB would.
-    {
-        let mut ongoing = shared.ongoing.lock().unwrap();
-        let busy: Vec<bool> = items
-            .iter()
-            .map(|k| match kind {
-                Kind::ReadTransaction => ongoing.writes.contains(k),
-                _ => ongoing.writes.contains(k) || ongoing.reads.contains_key(k),
-            })
-            .collect();
-        let refuse = match kind {
-            Kind::WriteTransaction | Kind::ReadTransaction => {
-                shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
-                busy.iter().any(|b| *b)
-            }
-            // A single write conflicts only with an ongoing write transaction.
-            Kind::SingleWrite => items.iter().any(|k| ongoing.writes.contains(k)),
-            Kind::Other => false,
-        };
-        if refuse {
-            shared.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-            return match kind {
-                Kind::SingleWrite => conflict_exception(),
-                _ => cancelled(&busy),
-            };
+    // DynamoDB finishes a transaction whether or not its client waits for the answer (an SDK
+    // attempt timeout drops this handler): the request runs to its end, ongoing window and
+    // all, in a task of its own.
+    let (method, headers) = (parts.method, parts.headers);
+    let run = tokio::spawn(async move {
+        // The request's turn at the emulator: only then is it ongoing (waiting behind other
+        // requests for the emulator is not time a transaction spends on DynamoDB).
+        let turn = shared.serial.lock().await;
+        if let Some(refused) = claim(&shared, kind, &items) {
+            return refused;
         }
-        match kind {
-            Kind::WriteTransaction => ongoing.writes.extend(items.iter().cloned()),
-            Kind::ReadTransaction => {
-                for k in &items {
-                    *ongoing.reads.entry(k.clone()).or_default() += 1;
-                }
+        let resp = pass(&shared, method, &path, &headers, body).await;
+        drop(turn);
+        if matches!(kind, Kind::WriteTransaction | Kind::ReadTransaction) {
+            if !shared.options.hold.is_zero() {
+                tokio::time::sleep(shared.options.hold).await;
             }
-            _ => {}
+            release(&shared, kind, &items);
         }
+        resp
+    });
+    match run.await {
+        Ok(resp) => resp,
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("proxy: {e}")).into_response(),
     }
-    let resp = pass(&shared, parts.method, &path, &parts.headers, body).await;
-    drop(turn);
-    if matches!(kind, Kind::WriteTransaction | Kind::ReadTransaction) {
-        if !shared.options.hold.is_zero() {
-            tokio::time::sleep(shared.options.hold).await;
+}
+
+/// Claims `items` for a request of `kind`, or answers the conflict as DynamoDB would.
+fn claim(shared: &Shared, kind: Kind, items: &[ItemKey]) -> Option<Response> {
+    let mut ongoing = shared.ongoing.lock().unwrap();
+    let busy: Vec<bool> = items
+        .iter()
+        .map(|k| match kind {
+            Kind::ReadTransaction => ongoing.writes.contains(k),
+            _ => ongoing.writes.contains(k) || ongoing.reads.contains_key(k),
+        })
+        .collect();
+    let refuse = match kind {
+        Kind::WriteTransaction | Kind::ReadTransaction => {
+            shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
+            busy.iter().any(|b| *b)
         }
-        let mut ongoing = shared.ongoing.lock().unwrap();
-        for k in &items {
-            match kind {
-                Kind::WriteTransaction => {
-                    ongoing.writes.remove(k);
-                }
-                _ => {
-                    if let Some(n) = ongoing.reads.get_mut(k) {
-                        *n -= 1;
-                        if *n == 0 {
-                            ongoing.reads.remove(k);
-                        }
+        // A single write conflicts only with an ongoing write transaction.
+        Kind::SingleWrite => items.iter().any(|k| ongoing.writes.contains(k)),
+        Kind::Other => false,
+    };
+    if refuse {
+        shared.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        return Some(match kind {
+            Kind::SingleWrite => conflict_exception(),
+            _ => cancelled(&busy),
+        });
+    }
+    match kind {
+        Kind::WriteTransaction => ongoing.writes.extend(items.iter().cloned()),
+        Kind::ReadTransaction => {
+            for k in items {
+                *ongoing.reads.entry(k.clone()).or_default() += 1;
+            }
+        }
+        _ => {}
+    }
+    None
+}
+
+/// Ends the ongoing window of a transaction of `kind` on `items`.
+fn release(shared: &Shared, kind: Kind, items: &[ItemKey]) {
+    let mut ongoing = shared.ongoing.lock().unwrap();
+    for k in items {
+        match kind {
+            Kind::WriteTransaction => {
+                ongoing.writes.remove(k);
+            }
+            _ => {
+                if let Some(n) = ongoing.reads.get_mut(k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        ongoing.reads.remove(k);
                     }
                 }
             }
         }
     }
-    resp
 }
 
 /// Sends the request on to the emulator as it came, and its answer back as it came.
