@@ -812,11 +812,12 @@ impl TaskStore for DynamoStore {
     }
 
     async fn set_key_hash(&self, account_id: &str, key_hash: &str) -> PortResult<()> {
-        let old = self
-            .account(account_id)
+        // Only the account item: a busy account's balance items have nothing to do with its key.
+        let item = self
+            .get(account_key(account_id))
             .await?
-            .ok_or(PortError::NotFound)?
-            .key_hash;
+            .ok_or(PortError::NotFound)?;
+        let old = get_s(&item, "key_hash")?.to_string();
         if old == key_hash {
             return Ok(());
         }
